@@ -1,0 +1,136 @@
+"""Concept lists and concept vectors.
+
+A concept vector is the resid_post activation of the injection layer at the last token of the chat-formatted
+prompt "Tell me about {concept}" (with the generation prompt), minus the mean of the same activation over the
+baseline words. No normalization (stimuli.json, ``concept_vector_prompt``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechintro.models import HookNames, check_d_model, data_dir
+from mechintro.prompts import chat_prompt_tokens, left_pad, stimuli
+from mechintro.steering import check_layer, hooks_context
+
+CONCEPT_PROMPT = "Tell me about {concept}"
+SPLIT_FILENAME = "organism_split.json"
+
+
+def original_concepts() -> list[str]:
+    """The 50 concepts of Lindsey (2025)."""
+    return list(stimuli()["original_50_concepts"])
+
+
+def new_concepts() -> list[str]:
+    """The 450 concepts the paper added."""
+    return list(stimuli()["new_450_concepts"])
+
+
+def all_concepts() -> list[str]:
+    """All 500 concepts, original first."""
+    return original_concepts() + new_concepts()
+
+
+def baseline_words() -> list[str]:
+    """The 99 unique baseline words, in released order (the release lists "Butterflies" twice)."""
+    return list(dict.fromkeys(stimuli()["baseline_words"]))
+
+
+def _split() -> dict[str, list[str]]:
+    path = data_dir() / SPLIT_FILENAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: train the organism with `mechintro organism train`")
+    return json.loads(path.read_text())
+
+
+def training_concepts() -> list[str]:
+    """The 400 concepts the organism was trained to detect (recorded in ``data/organism_split.json``)."""
+    return list(_split()["training"])
+
+
+def heldout_concepts() -> list[str]:
+    """The 100 concepts never injected while training the organism."""
+    return list(_split()["heldout"])
+
+
+def concept_set(name: str) -> list[str]:
+    """A named concept list: original, new, all, training, held-out, baseline."""
+    table = {
+        "original": original_concepts,
+        "new": new_concepts,
+        "all": all_concepts,
+        "training": training_concepts,
+        "held-out": heldout_concepts,
+        "baseline": baseline_words,
+    }
+    if name not in table:
+        raise ValueError(f"unknown concept set {name!r}; valid: {sorted(table)}")
+    return table[name]()
+
+
+def last_token_resid(
+    model: Any, prompts: Sequence[Tensor], *, layer: int, batch_size: int = 32
+) -> Float[Tensor, "prompt d_model"]:
+    """resid_post of ``layer`` at the last token of each prompt, batched with left padding, in float32."""
+    check_layer(model, layer)
+    pad_id = model.tokenizer.pad_token_id
+    out: list[Tensor] = []
+    grabbed: dict[str, Tensor] = {}
+
+    def grab(resid: Tensor, hook: Any = None) -> None:
+        grabbed["last"] = resid[:, -1, :].detach().float()
+
+    with torch.no_grad(), hooks_context(model, [(HookNames.resid_post(layer), grab)]):
+        for i in range(0, len(prompts), batch_size):
+            batch = left_pad(prompts[i : i + batch_size], pad_id=pad_id)
+            model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=layer + 1)
+            out.append(grabbed.pop("last").cpu())
+    return torch.cat(out)
+
+
+def concept_prompts(model: Any, words: Sequence[str]) -> list[Tensor]:
+    return [chat_prompt_tokens(model, CONCEPT_PROMPT.format(concept=w)) for w in words]
+
+
+def baseline_mean(
+    model: Any, *, layer: int, words: Sequence[str] | None = None, batch_size: int = 32
+) -> Float[Tensor, " d_model"]:
+    """Mean last-token activation over the baseline words (float32)."""
+    words = baseline_words() if words is None else list(words)
+    return last_token_resid(model, concept_prompts(model, words), layer=layer, batch_size=batch_size).mean(0)
+
+
+def concept_vectors(
+    model: Any,
+    concepts: Sequence[str],
+    *,
+    layer: int,
+    baseline: Sequence[str] | Tensor | None = None,
+    batch_size: int = 32,
+) -> Float[Tensor, "concept d_model"]:
+    """Concept vectors at resid_post of ``layer``: activation(concept) minus the baseline mean.
+
+    Args:
+        concepts: concept words, each rendered as "Tell me about {concept}" in the chat template.
+        layer: the injection layer.
+        baseline: the baseline words (default: the paper's 99), or a precomputed ``[d_model]`` mean.
+        batch_size: prompts per forward pass (left-padded; the result does not depend on it).
+
+    Returns a float32 ``[len(concepts), d_model]`` tensor on the CPU.
+    """
+    if isinstance(concepts, str):
+        raise TypeError("concepts must be a list of words, not one string")
+    if torch.is_tensor(baseline):
+        check_d_model(model, baseline.shape[-1], what="the baseline mean")
+        mean = baseline.float().cpu()
+    else:
+        mean = baseline_mean(model, layer=layer, words=baseline, batch_size=batch_size)
+    acts = last_token_resid(model, concept_prompts(model, concepts), layer=layer, batch_size=batch_size)
+    return acts - mean

@@ -1,0 +1,83 @@
+"""Tiny random Gemma 3 models for unit tests (ours and yours).
+
+``save_tiny_gemma3(folder)`` writes a random ``Gemma3ForCausalLM`` and a word-level tokenizer whose vocabulary
+covers every stimulus (all prompt and persona variants, the 500 concepts, the baseline words, the forced
+prefill), so every mechintro code path runs on it exactly as on a real Gemma 3, offline and in seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mechintro.organism.tokenizer import build_tokenizer, vocabulary
+from mechintro.prompts import stimuli
+
+RESPONSE_TEXTS = (
+    "Yes, I detect an injected thought. The thought is about",
+    "No, I do not detect an injected thought.",
+    "yes no YES NO Tell me about",
+)
+
+
+def stimuli_texts() -> list[str]:
+    """Every prompt text in the stimuli, with placeholders left as words."""
+    s = stimuli()
+    texts = [s["forced_identification_prefill"], *RESPONSE_TEXTS, "user model system", "Trial 10"]
+    for v in s["prompt_variants"].values():
+        texts += [v["system"], v["user_turn1"], v["assistant_turn1"], v["user_turn2"]]
+    texts += [p["raw_text"] for p in s["persona_variants"].values() if "raw_text" in p]
+    return texts
+
+
+def stimuli_words() -> list[str]:
+    s = stimuli()
+    words = s["original_50_concepts"] + s["new_450_concepts"] + s["baseline_words"]
+    words += list(s["concept_categories_for_anti_reward"]) + [str(i) for i in range(0, 101)]
+    words += ["user", "model", "system", "yes", "Yes", "YES", "no", "No", "NO"]
+    return words
+
+
+def save_tiny_gemma3(
+    folder: str | Path,
+    *,
+    n_layers: int = 4,
+    d_model: int = 64,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    d_mlp: int = 128,
+    sliding_window: int = 16,
+    seed: int = 0,
+) -> Path:
+    """Save a random tiny ``Gemma3ForCausalLM`` + tokenizer with ``save_pretrained`` and return the folder."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    folder = Path(folder)
+    tok = build_tokenizer(vocabulary(stimuli_texts(), extra_words=stimuli_words()))
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=d_model,
+        intermediate_size=d_mlp,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        head_dim=d_model // n_heads,
+        max_position_embeddings=1024,
+        sliding_window=sliding_window,
+        # both attention kinds of Gemma 3: sliding-window layers and (every other layer here) global layers
+        layer_types=["full_attention" if i % 2 == 1 else "sliding_attention" for i in range(n_layers)],
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # random norms with weight != 0 make every norm site distinguishable in tests
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -1,0 +1,52 @@
+"""Shared fixtures: one tiny random Gemma 3 (saved with save_pretrained, loaded through load_model) per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from mechintro.testing import save_tiny_gemma3
+
+    return save_tiny_gemma3(tmp_path_factory.mktemp("tiny_gemma3"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    from mechintro.models import load_model
+
+    return load_model(tiny_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tiny_dir):
+    """The same weights as plain HF, eager attention (what the bridge uses)."""
+    from transformers import Gemma3ForCausalLM
+
+    return Gemma3ForCausalLM.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+
+
+def hf_capture(hf_model, tokens, module_names):
+    """Outputs of HF submodules (by dotted name) from one plain-HF forward, via register_forward_hook."""
+    got, handles = {}, []
+    modules = dict(hf_model.named_modules())
+    for name in module_names:
+        def hook(_m, _inp, out, name=name):
+            got[name] = (out[0] if isinstance(out, tuple) else out).detach()
+
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            logits = hf_model(tokens).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, got

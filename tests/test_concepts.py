@@ -1,0 +1,53 @@
+"""concept_vectors: batched == one by one == a plain-HF computation."""
+
+from __future__ import annotations
+
+import torch
+from conftest import hf_capture
+
+from mechintro.concepts import (
+    all_concepts,
+    baseline_words,
+    concept_prompts,
+    concept_vectors,
+    original_concepts,
+)
+
+
+def test_lists():
+    assert len(all_concepts()) == 500 and len(set(all_concepts())) == 500
+    assert original_concepts()[-2:] == ["Bread", "Silver"]
+    words = baseline_words()
+    assert len(words) == 99 and words.count("Butterflies") == 1
+
+
+def test_batched_equals_one_by_one(tiny):
+    concepts = ["Bread", "Oceans", "Avalanches", "Dust", "Algorithms"]
+    batched = concept_vectors(tiny, concepts, layer=1, batch_size=4)
+    assert batched.dtype == torch.float32 and batched.shape == (5, 64)
+    for i, c in enumerate(concepts):
+        single = concept_vectors(tiny, [c], layer=1, batch_size=1)
+        torch.testing.assert_close(batched[i], single[0], rtol=1e-5, atol=1e-5)
+
+
+def test_matches_plain_hf_hidden_states(tiny, hf_tiny):
+    layer = 2
+    words = ["Sand", "Clay", "Fog"]
+    ours = concept_vectors(tiny, ["Bread"], layer=layer, baseline=words)[0]
+
+    def last(word):
+        tokens = concept_prompts(tiny, [word])[0][None]
+        _, got = hf_capture(hf_tiny, tokens, [f"model.layers.{layer}"])
+        return got[f"model.layers.{layer}"][0, -1]
+
+    expected = last("Bread") - torch.stack([last(w) for w in words]).mean(0)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_precomputed_baseline_mean(tiny):
+    from mechintro.concepts import baseline_mean
+
+    mean = baseline_mean(tiny, layer=1, words=["Sand", "Clay"])
+    a = concept_vectors(tiny, ["Bread"], layer=1, baseline=mean)
+    b = concept_vectors(tiny, ["Bread"], layer=1, baseline=["Sand", "Clay"])
+    torch.testing.assert_close(a, b)
