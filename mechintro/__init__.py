@@ -12,14 +12,25 @@ from mechintro.concepts import (
     original_concepts,
     training_concepts,
 )
+from mechintro.judges import LLMJudge, LogitJudge, RuleJudge
+from mechintro.metrics import detection_metrics
 from mechintro.models import HookNames, ModelSpec, load_model, spec_for
 from mechintro.prompts import PERSONAS, VARIANTS, TrialPrompt, forced_prefill, left_pad, trial_prompt
 from mechintro.sampling import sample
 from mechintro.steering import inject
+from mechintro.store import TrialStore
 from mechintro.transcoders import encode_at, load_transcoders
+from mechintro.trials import run_trials, sweep
 
 __all__ = [
     "HookNames",
+    "LLMJudge",
+    "LogitJudge",
+    "RuleJudge",
+    "TrialStore",
+    "detection_metrics",
+    "run_trials",
+    "sweep",
     "ModelSpec",
     "PERSONAS",
     "TrialPrompt",

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 __all__ = [
+    "LogitJudge",
     "FORCED_PREFILL",
     "JUDGE_PROMPTS",
     "JUDGE_SYSTEM",
@@ -815,3 +816,54 @@ def _write_cache(path: Path, entry: dict[str, str]) -> None:
 # ========================================================================================================
 # LogitJudge goes here (written by the lead engineer): the Yes/No logit-gap judge.
 # ========================================================================================================
+
+
+@dataclass(frozen=True)
+class LogitJudge:
+    """Judges logits, not texts: the Yes-vs-No logit gap at the first response position. Nothing is generated.
+
+    Pass it to :func:`mechintro.trials.run_trials` (or ``sweep``) as the judge: each trial then costs one
+    injected forward pass instead of sampling, and its verdict comes from the logits at the first
+    response position (see :func:`mechintro.trials.logit_scores` for the raw numbers):
+
+    * ``detected`` (injection and control rows): ``gap > threshold``, where ``gap`` = logsumexp over the
+      Yes-token logits minus logsumexp over the No-token logits (:func:`mechintro.readout.yes_no_gap`);
+    * ``forced_identified`` (forced rows): ``P(concept's first token) >= p_threshold`` right after the
+      forced prefill;
+    * ``identified`` is None: identification needs a generated answer, so the logit judge gives TPR, FPR
+      and forced identification, not the introspection rate.
+
+    This is the cheap metric the mechanism analyses reuse. Its :meth:`judge` (texts in) refuses to run.
+    """
+
+    threshold: float = 0.0
+    """A trial counts as detected when its Yes-minus-No logit gap exceeds this."""
+    p_threshold: float = 0.5
+    """A forced trial counts as identified when P(concept's first token) is at least this."""
+
+    @property
+    def name(self) -> str:
+        """``"logit"`` with the default thresholds, else ``"logit:gap>{threshold},p>={p_threshold}"``."""
+        if (self.threshold, self.p_threshold) == (0.0, 0.5):
+            return "logit"
+        return f"logit:gap>{self.threshold:g},p>={self.p_threshold:g}"
+
+    def verdicts(
+        self, *, gaps: Sequence[float], p_concepts: Sequence[float], forced: Sequence[bool]
+    ) -> list[Verdict]:
+        """One verdict per row from its logit gap (unforced rows) or concept probability (forced rows)."""
+        _check_rows(list(gaps), list(p_concepts), list(forced))
+        return [
+            Verdict(None, None, bool(p >= self.p_threshold)) if f else Verdict(bool(g > self.threshold), None, None)
+            for g, p, f in zip(gaps, p_concepts, forced, strict=True)
+        ]
+
+    def judge(
+        self, *, responses: Sequence[str], concepts: Sequence[str], forced: Sequence[bool]
+    ) -> list[Verdict]:
+        """Not available: a logit judge reads logits. Use ``run_trials(..., judge=LogitJudge())``."""
+        raise TypeError(
+            "LogitJudge scores logits, not texts: pass it as judge= to mechintro.trials.run_trials or sweep "
+            "(which then run one forward pass per batch instead of sampling), or call "
+            "mechintro.trials.logit_scores; to judge texts use RuleJudge or LLMJudge"
+        )

@@ -268,3 +268,37 @@ def encode_at(
             acts = tc.encode(inputs[layer].to(tc.W_enc.dtype))
             out[layer] = acts.to_sparse() if sparse else acts
     return out
+
+
+def replacement_hooks(model: Any, transcoders: Transcoders) -> list[tuple[str, Any]]:
+    """Hooks that replace each layer's MLP output by its transcoder's prediction from the MLP input.
+
+    The transcoder reads ``ln2.hook_out`` and its output overwrites ``hook_mlp_out`` of the same layer in the
+    same call, so the replacement also holds position by position during KV-cached generation.
+    """
+    for layer, tc in transcoders.items():
+        check_transcoder(model, tc, layer=layer)
+    seen: dict[int, Tensor] = {}
+
+    def read(layer: int):
+        def hook(x: Tensor, hook: Any = None) -> None:
+            seen[layer] = x
+
+        return hook
+
+    def write(layer: int):
+        tc = transcoders[layer]
+
+        def hook(y: Tensor, hook: Any = None) -> Tensor:
+            x = seen.pop(layer)
+            return tc(x.to(tc.W_enc.dtype)).to(y.dtype)
+
+        return hook
+
+    hooks = [(HookNames.transcoder_in(layer), read(layer)) for layer in transcoders]
+    return hooks + [(HookNames.transcoder_out(layer), write(layer)) for layer in transcoders]
+
+
+def replace_mlps(model: Any, transcoders: Transcoders) -> Any:
+    """Context manager: run the model with every given layer's MLP replaced by its transcoder."""
+    return hooks_context(model, replacement_hooks(model, transcoders))

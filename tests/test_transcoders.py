@@ -183,3 +183,25 @@ def test_transcoders_for_another_gemma_are_refused(tiny_dir, offline_hub):
     })
     with pytest.raises(TranscoderMismatchError, match="for google/gemma-3-270m-it, but the model is google/gemma-3-1b-it"):
         load_transcoders(model, [0], source=release, id_pattern=pattern)
+
+
+def test_replace_mlps_substitutes_the_transcoder_output(tiny, hf_tiny, raw_folder):
+    from mechintro.steering import hooks_context
+    from mechintro.transcoders import replace_mlps
+
+    tcs = load_transcoders(tiny, [1, 2], source=raw_folder)
+    tokens = trial_prompt(tiny, trial=3).tokens[None]
+    got = {}
+
+    def grab(name):
+        return lambda x, hook: got.__setitem__(name, x.detach().clone())
+
+    names = [HookNames.transcoder_in(1), HookNames.transcoder_out(1)]
+    with torch.no_grad(), replace_mlps(tiny, tcs), hooks_context(tiny, [(n, grab(n)) for n in names]):
+        replaced = tiny(tokens)
+    torch.testing.assert_close(got[HookNames.transcoder_out(1)], tcs[1](got[HookNames.transcoder_in(1)]))
+    with torch.no_grad():
+        clean = tiny(tokens)
+    assert not torch.allclose(clean, replaced, atol=1e-3)
+    with torch.no_grad():  # hooks are gone afterwards
+        torch.testing.assert_close(tiny(tokens), clean)

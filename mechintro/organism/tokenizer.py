@@ -40,32 +40,32 @@ CHAT_TEMPLATE = (
 _PUNCT = r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~]"""
 
 
-def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+def _pre_tokenizer(prepend: str = "never") -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence(
         [
             # newlines are tokens of their own
             pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
-            # spaces become a "▁" prefix on the following word; no prefix at the start of a piece
-            pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never", split=True),
+            # spaces become a "▁" prefix on the following word; at the start of a piece only with "always"
+            pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme=prepend, split=True),
             # every punctuation mark is its own token
             pre_tokenizers.Split(Regex(_PUNCT), behavior="isolated"),
         ]
     )
 
 
-def pieces(text: str) -> list[str]:
+def pieces(text: str, *, prepend: str = "never") -> list[str]:
     """The word pieces ``text`` splits into (before vocabulary lookup)."""
-    return [p for p, _ in _pre_tokenizer().pre_tokenize_str(text)]
+    return [p for p, _ in _pre_tokenizer(prepend).pre_tokenize_str(text)]
 
 
-def vocabulary(texts: Iterable[str], *, extra_words: Iterable[str] = ()) -> list[str]:
+def vocabulary(texts: Iterable[str], *, extra_words: Iterable[str] = (), prepend: str = "never") -> list[str]:
     """Every piece seen in ``texts`` plus ``extra_words`` in both the bare and ``▁``-prefixed form.
 
     The order is deterministic: special tokens, then pieces sorted.
     """
     seen: set[str] = set()
     for text in texts:
-        seen.update(pieces(text))
+        seen.update(pieces(text, prepend=prepend))
     for word in extra_words:
         seen.update({word, SPACE + word})
     seen.difference_update(SPECIAL_TOKENS)
@@ -73,15 +73,20 @@ def vocabulary(texts: Iterable[str], *, extra_words: Iterable[str] = ()) -> list
     return list(SPECIAL_TOKENS) + sorted(seen)
 
 
-def build_tokenizer(vocab: list[str]) -> PreTrainedTokenizerFast:
-    """A ``PreTrainedTokenizerFast`` over ``vocab`` (special tokens first), with the Gemma-style chat template."""
+def build_tokenizer(vocab: list[str], *, prepend: str = "never") -> PreTrainedTokenizerFast:
+    """A ``PreTrainedTokenizerFast`` over ``vocab`` (special tokens first), with the Gemma-style chat template.
+
+    ``prepend="never"`` is Gemma-like (a word after a newline has no ``▁``); ``"always"`` gives every word the
+    marker, so each word is one token wherever it stands (the organism's choice: a concept that opens an answer
+    and one inside a sentence are the same token).
+    """
     if list(vocab[: len(SPECIAL_TOKENS)]) != list(SPECIAL_TOKENS):
         raise ValueError(f"vocab must start with the special tokens {SPECIAL_TOKENS}")
     if len(set(vocab)) != len(vocab):
         raise ValueError("vocab has duplicate entries")
     core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
-    core.pre_tokenizer = _pre_tokenizer()
-    core.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme="never", split=True)
+    core.pre_tokenizer = _pre_tokenizer(prepend)
+    core.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme=prepend, split=True)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token="<bos>",

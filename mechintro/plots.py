@@ -1,0 +1,279 @@
+"""Figures: one plotly builder per figure, one shared style. Builders return a ``Figure``; nothing is saved.
+
+Inputs are the tidy metric tables of :func:`mechintro.metrics.detection_metrics` (one row per group; each
+rate with ``_lo``/``_hi`` 95% Wilson bounds). :func:`save_figure` writes ``<name>.html`` and ``<name>.png``.
+
+* :func:`layer_sweep_figure`: TPR, FPR, introspection and forced identification vs injection layer, one line
+  (with a CI band) per strength; a second column shows the paper's Gemma3-27B-IT series
+  (:func:`paper_layer_metrics`).
+* :func:`variants_figure` / :func:`personas_figure`: TPR and FPR bars with CI error bars per prompt variant /
+  persona variant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import sample_colorscale
+from plotly.subplots import make_subplots
+
+from mechintro.models import data_dir
+from mechintro.prompts import PERSONAS, VARIANTS
+
+__all__ = [
+    "METRICS",
+    "STYLE",
+    "Style",
+    "layer_sweep_figure",
+    "paper_layer_metrics",
+    "personas_figure",
+    "save_figure",
+    "variants_figure",
+]
+
+METRICS: dict[str, str] = {
+    "tpr": "TPR: P(detect | injected)",
+    "fpr": "FPR: P(detect | control)",
+    "introspection": "Introspection: P(detect & identify | injected)",
+    "forced_id": "Forced identification",
+}
+"""The rates the figures show (columns of detection_metrics) and their axis labels."""
+
+PAPER_FIG1 = "paper_metrics/fig1_metrics_cache.parquet"
+PAPER_COLUMNS = {
+    "detection_hit_rate": "tpr",
+    "detection_false_alarm_rate": "fpr",
+    "combined_detection_and_identification_rate": "introspection",
+    "forced_identification_accuracy": "forced_id",
+}
+"""The paper's released metric names -> ours."""
+
+
+@dataclass(frozen=True)
+class Style:
+    """The look shared by every figure."""
+
+    template: str = "plotly_white"
+    """plotly template."""
+    font: str = "Helvetica, Arial, sans-serif"
+    """Font family."""
+    font_size: int = 13
+    """Base font size."""
+    colorscale: str = "Viridis"
+    """Sequential colorscale for strengths (low strength = dark)."""
+    bar_colors: tuple[str, str] = ("#1f77b4", "#d62728")
+    """TPR and FPR bar colors."""
+    band_opacity: float = 0.18
+    """Opacity of CI bands."""
+    panel_height: int = 230
+    """Height in px of one row of panels."""
+    width: int = 1100
+    """Figure width in px."""
+
+
+STYLE = Style()
+
+
+def _apply_style(fig: go.Figure, *, title: str, height: int, style: Style = STYLE) -> go.Figure:
+    fig.update_layout(
+        template=style.template, title={"text": title, "x": 0.01}, height=height, width=style.width,
+        font={"family": style.font, "size": style.font_size}, legend={"tracegroupgap": 2},
+        margin={"l": 70, "r": 30, "t": 90, "b": 60},
+    )  # fmt: skip
+    return fig
+
+
+def _rgba(color: str, alpha: float) -> str:
+    """A plotly color string ("rgb(...)" or "#rrggbb") with opacity ``alpha``."""
+    if color.startswith("#"):
+        r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+    else:
+        r, g, b = (int(float(v)) for v in color[color.index("(") + 1 : color.index(")")].split(",")[:3])
+    return f"rgba({r}, {g}, {b}, {alpha})"
+
+
+def _strength_colors(strengths: Sequence[float], style: Style = STYLE) -> dict[float, str]:
+    """One color per strength, evenly spaced along the colorscale (darkest = weakest)."""
+    values = sorted(set(strengths))
+    if len(values) == 1:
+        return {values[0]: sample_colorscale(style.colorscale, [0.35])[0]}
+    return dict(zip(values, sample_colorscale(style.colorscale, [0.9 * i / (len(values) - 1) for i in
+                                                                   range(len(values))]), strict=True))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def paper_layer_metrics(path: str | Path | None = None) -> pd.DataFrame:
+    """The paper's Gemma3-27B-IT metrics per (layer, strength), with our column names.
+
+    Reads ``data/paper_metrics/fig1_metrics_cache.parquet`` (62 layers x strengths 1..5) and returns
+    columns layer, strength, and for each of tpr, fpr, introspection, forced_id the rate and its ``_lo`` /
+    ``_hi`` 95% bounds, plus n_injection, n_control, n_forced.
+    """
+    raw = pd.read_parquet(Path(path) if path else data_dir() / PAPER_FIG1)
+    bounds = [f"{c}_ci_{s}" for c in PAPER_COLUMNS for s in ("lower", "upper")]
+    needed = ["layer_idx", "strength", *PAPER_COLUMNS, *bounds]
+    missing = [c for c in needed if c not in raw.columns]
+    if missing:
+        raise ValueError(f"{path or PAPER_FIG1} lacks the columns {missing}")
+    out = pd.DataFrame({"layer": raw["layer_idx"].astype(int), "strength": raw["strength"].astype(float)})
+    for theirs, ours in PAPER_COLUMNS.items():
+        out[ours] = raw[theirs].astype(float)
+        out[f"{ours}_lo"] = raw[f"{theirs}_ci_lower"].astype(float)
+        out[f"{ours}_hi"] = raw[f"{theirs}_ci_upper"].astype(float)
+    for n in ("n_injection", "n_control", "n_forced"):
+        out[n] = raw[n].astype(int)
+    return out.sort_values(["strength", "layer"]).reset_index(drop=True)
+
+
+def _check_metrics(metrics: pd.DataFrame, keys: Sequence[str], *, what: str) -> pd.DataFrame:
+    """``metrics`` with one row per ``keys``; raise naming the offending extra grouping otherwise."""
+    needed = [*keys, *(f"{m}{s}" for m in METRICS for s in ("", "_lo", "_hi"))]
+    missing = [c for c in needed if c not in metrics.columns]
+    if missing:
+        raise ValueError(f"{what} needs detection_metrics output; missing columns {missing}")
+    if metrics.duplicated(list(keys)).any():
+        raise ValueError(
+            f"{what} needs one metrics row per {list(keys)}; filter the trials first (or group by {list(keys)})"
+        )
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------- layer sweep
+
+
+def _band(x: Sequence, lo: Sequence, hi: Sequence, *, color: str, group: str) -> go.Scatter:
+    """A filled CI band between ``lo`` and ``hi`` (gaps where a bound is NaN are bridged)."""
+    return go.Scatter(
+        x=[*x, *x[::-1]], y=[*hi, *lo[::-1]], fill="toself", fillcolor=_rgba(color, STYLE.band_opacity),
+        mode="lines", line={"width": 0}, hoverinfo="skip", showlegend=False, legendgroup=group,
+    )  # fmt: skip
+
+
+def _add_series(
+    fig: go.Figure, metrics: pd.DataFrame, *, col: int, source: str, colors: dict[float, str]
+) -> None:
+    """Lines with CI bands of every metric (rows) and strength (colors) into column ``col``."""
+    for strength, rows in metrics.sort_values("layer").groupby("strength", sort=True):
+        color, group = colors[strength], f"{source} {strength:g}"
+        x = rows["layer"].tolist()
+        for row, metric in enumerate(METRICS, start=1):
+            lo, hi = rows[f"{metric}_lo"].tolist(), rows[f"{metric}_hi"].tolist()
+            fig.add_trace(_band(x, lo, hi, color=color, group=group), row=row, col=col)
+            fig.add_trace(
+                go.Scatter(
+                    x=x, y=rows[metric], mode="lines+markers", marker={"size": 4}, line={"color": color},
+                    name=f"{source}: strength {strength:g}", legendgroup=group, showlegend=row == 1,
+                    customdata=list(zip(lo, hi, strict=True)),
+                    hovertemplate=f"layer %{{x}}<br>{metric} %{{y:.3f}} [%{{customdata[0]:.3f}}, "
+                    "%{customdata[1]:.3f}]<extra>" + f"{source}, strength {strength:g}</extra>",
+                ),
+                row=row, col=col,
+            )  # fmt: skip
+
+
+def layer_sweep_figure(
+    metrics: pd.DataFrame,
+    *,
+    paper: pd.DataFrame | None = None,
+    model_name: str = "ours",
+    title: str = "Detection and identification vs injection layer",
+) -> go.Figure:
+    """TPR, FPR, introspection and forced identification (rows) vs layer, one line per strength.
+
+    Args:
+        metrics: ``detection_metrics(df, by=("layer", "strength"))`` of one model, variant and persona
+            (one row per layer and strength; FPR-only rows with no injection trials are dropped).
+        paper: the second column's data; default :func:`paper_layer_metrics` (the paper's Gemma3-27B-IT).
+        model_name: names the first column.
+
+    Bands are 95% Wilson intervals. The two columns have their own layer axes (62 layers vs ours).
+    """
+    ours = _check_metrics(metrics, ("layer", "strength"), what="layer_sweep_figure")
+    if {"n_injection", "n_forced"} <= set(ours.columns):
+        ours = ours[(ours["n_injection"] > 0) | (ours["n_forced"] > 0)]
+    paper = paper_layer_metrics() if paper is None else paper
+    fig = make_subplots(
+        rows=len(METRICS), cols=2, shared_yaxes=True, vertical_spacing=0.05, horizontal_spacing=0.04,
+        column_titles=[f"Ours: {model_name}", "Paper: Gemma3-27B-IT (released Fig. 1 metrics)"],
+    )  # fmt: skip
+    colors = _strength_colors([*ours["strength"], *paper["strength"]])  # one color per strength in both
+    _add_series(fig, ours, col=1, source="ours", colors=colors)
+    _add_series(fig, paper, col=2, source="paper", colors=colors)
+    for row, label in enumerate(METRICS.values(), start=1):
+        fig.update_yaxes(title_text=label.split(":")[0], range=[-0.02, 1.02], row=row, col=1)
+    fig.update_xaxes(title_text="injection layer (resid_post)", row=len(METRICS))
+    if len(ours) and ours["layer"].nunique() <= 24:
+        fig.update_xaxes(dtick=1, col=1)
+    title += "<br><sup>lines: rate; bands: 95% Wilson intervals</sup>"
+    return _apply_style(fig, title=title, height=STYLE.panel_height * len(METRICS) + 120)
+
+
+# ----------------------------------------------------------------------------------------------- bars
+
+
+def _rate_bars(metrics: pd.DataFrame, column: str, order: Sequence[str], *, title: str) -> go.Figure:
+    """TPR and FPR bars per value of ``column`` with 95% CI error bars."""
+    rows = _check_metrics(metrics, (column,), what=f"the {column} figure")
+    rank = {v: i for i, v in enumerate(order)}
+    rows = rows.assign(_rank=rows[column].map(lambda v: rank.get(v, len(rank))))
+    rows = rows.sort_values(["_rank", column])
+    fig = go.Figure()
+    for metric, color in zip(("tpr", "fpr"), STYLE.bar_colors, strict=True):
+        value = rows[metric]
+        fig.add_bar(
+            x=rows[column], y=value, name=METRICS[metric], marker_color=color,
+            error_y={"type": "data", "array": rows[f"{metric}_hi"] - value,
+                     "arrayminus": value - rows[f"{metric}_lo"], "thickness": 1.2, "color": "#333333"},
+        )  # fmt: skip
+    fig.update_layout(barmode="group", yaxis={"title": "rate", "range": [0, 1.05]}, xaxis={"title": column})
+    return _apply_style(fig, title=title, height=460)
+
+
+def variants_figure(metrics: pd.DataFrame, *, title: str = "Prompt variants: detection") -> go.Figure:
+    """TPR and FPR per prompt variant (bars, 95% Wilson CIs); ``metrics`` from ``by=("variant",)``."""
+    return _rate_bars(metrics, "variant", VARIANTS, title=title)
+
+
+def personas_figure(metrics: pd.DataFrame, *, title: str = "Persona variants: detection") -> go.Figure:
+    """TPR and FPR per persona variant (bars, 95% Wilson CIs); ``metrics`` from ``by=("persona",)``."""
+    return _rate_bars(metrics, "persona", PERSONAS, title=title)
+
+
+# ----------------------------------------------------------------------------------------------- saving
+
+
+def save_figure(
+    fig: go.Figure, name: str, out_dir: str | Path = "figures", *, formats: Sequence[str] = ("html", "png")
+) -> list[Path]:
+    """Write ``fig`` as ``<out_dir>/<name>.html`` and ``.png`` (PNG through kaleido); return the paths.
+
+    PNG export needs a Chrome/Chromium that kaleido can find (``plotly_get_chrome``, or a system
+    ``chromium``); without one this raises with that advice after writing the HTML.
+    """
+    valid = ("html", "png", "svg", "pdf")
+    bad = [f for f in formats if f not in valid]
+    if bad:
+        raise ValueError(f"unknown figure formats {bad}; valid: {list(valid)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        path = out / f"{name}.{fmt}"
+        if fmt == "html":
+            fig.write_html(path, include_plotlyjs="cdn")
+        else:
+            try:
+                fig.write_image(path, scale=2 if fmt == "png" else 1)
+            except (RuntimeError, ValueError) as err:
+                raise RuntimeError(
+                    f"could not write {path}: kaleido needs Chrome or Chromium (run `plotly_get_chrome`, or "
+                    f"install a system chromium): {err}"
+                ) from err
+        paths.append(path)
+    return paths

@@ -1,0 +1,87 @@
+"""The mechintro command: evaluate, sweep and figures on the tiny random Gemma 3; argument errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechintro.cli import main, parse_concepts, parse_judge
+from mechintro.judges import LLMJudge, LogitJudge, MissingAPIKeyError, RuleJudge
+from mechintro.store import TrialStore
+
+torch.set_num_threads(1)
+
+RUN = ["--concepts", "Bread,Oceans", "--n-trials", "2", "--max-new-tokens", "4", "--quiet", "--threads", "1"]
+
+
+def test_evaluate_prints_a_metrics_table(tiny_dir, tmp_path, capsys):
+    store = tmp_path / "runs.sqlite"
+    argv = ["evaluate", "--model", str(tiny_dir), "--layer", "1", "--strength", "4", "--judge", "rule",
+            "--store", str(store), "--forced", *RUN]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "tpr" in line).split()
+    assert header[:4] == ["layer", "strength", "variant", "persona"]
+    assert {"n_injection", "n_control", "n_forced", "tpr", "fpr", "introspection", "forced_id"} <= set(header)
+    assert "original" in out and "[" in out  # a row with a rate and its interval
+    with TrialStore(store) as s:
+        assert len(s) == 2 * 2 * 3
+
+
+def test_evaluate_defaults_come_from_the_spec(tiny, tiny_dir, tmp_path, capsys):
+    from mechintro.models import spec_for
+
+    spec = spec_for(tiny)
+    assert main(["evaluate", "--model", str(tiny_dir), "--store", str(tmp_path / "s.sqlite"), *RUN]) == 0
+    with TrialStore(tmp_path / "s.sqlite") as s:
+        df = s.load(condition="injection")
+    assert set(df.layer) == {spec.injection_layer} and set(df.strength) == {spec.strength}
+
+
+def test_sweep_then_figures(tiny_dir, tmp_path, capsys):
+    store = tmp_path / "runs.sqlite"
+    argv = ["sweep", "--model", str(tiny_dir), "--layers", "0,2", "--strengths", "1,8", "--store", str(store),
+            "--judge", "logit", *RUN]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("original") == 4  # 2 layers x 2 strengths
+    argv = ["figures", "--store", str(store), "--out", str(tmp_path / "figs"), "--formats", "html"]
+    assert main(argv) == 0
+    assert (tmp_path / "figs" / "layer_sweep.html").stat().st_size > 10_000
+
+
+def test_bad_arguments_exit_naming_the_choices(tiny_dir, capsys, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    for argv, needle in [
+        (["evaluate", "--model", str(tiny_dir), "--judge", "gpt4", *RUN], "rule, logit, llm:<model>"),
+        (["evaluate", "--model", str(tiny_dir), "--judge", "llm:gpt-4o", *RUN], "OPENAI_API_KEY"),
+        (["evaluate", "--model", str(tiny_dir), "--layer", "9", *RUN], "valid layers are 0..3"),
+        (["sweep", "--model", str(tiny_dir), "--concepts", "heldout"], "held-out"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert needle in capsys.readouterr().err
+
+
+def test_parse_judge_and_concepts(monkeypatch):
+    assert isinstance(parse_judge("rule"), RuleJudge) and isinstance(parse_judge("logit"), LogitJudge)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test")
+    judge = parse_judge("anthropic:claude-haiku-4-5")
+    assert isinstance(judge, LLMJudge) and judge.name == "llm:claude-haiku-4-5"
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(MissingAPIKeyError):
+        parse_judge("llm:gpt-4o")
+    with pytest.raises(ValueError, match="valid: rule"):
+        parse_judge("llm:")
+    assert len(parse_concepts("original")) == 50
+    assert parse_concepts("Bread, Oceans,") == ["Bread", "Oceans"]
+    with pytest.raises(ValueError, match="concept set"):
+        parse_concepts("originals")
+
+
+def test_demo_still_parses():
+    from mechintro.cli import build_parser
+
+    assert build_parser().parse_args(["demo"]).func.__name__ == "_demo"
+    assert build_parser().parse_args(["reproduce"]).func.__name__ == "_reproduce"

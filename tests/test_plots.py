@@ -1,0 +1,84 @@
+"""Figures build from small synthetic trial tables; the paper panel has the paper's data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mechintro import plots
+from mechintro.metrics import detection_metrics
+from mechintro.prompts import PAPER_VARIANTS, PERSONAS
+
+
+def synthetic_trials(*, layers=(0, 1, 2), strengths=(1.0, 4.0), variants=("original",),
+                     personas=("standard_assistant",), n=20, seed=0) -> pd.DataFrame:  # fmt: skip
+    """Trial rows in the store's format with random verdicts (detection more likely with strength)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for layer in layers:
+        for variant in variants:
+            for persona in personas:
+                settings = [("control", 0.0)] + [(c, s) for s in strengths for c in ("injection", "forced")]
+                for condition, strength in settings:
+                    for i in range(n):
+                        hit = bool(rng.random() < 0.05 + 0.1 * strength)
+                        forced = condition == "forced"
+                        rows.append({
+                            "model": "synthetic", "judge": "rule", "concept": f"c{i % 5}", "trial": i % 10 + 1,
+                            "sample": i // 10, "condition": condition, "layer": layer, "strength": strength,
+                            "variant": variant, "persona": persona, "detected": None if forced else hit,
+                            "identified": None if forced else hit and bool(rng.random() < 0.5),
+                            "forced_identified": hit if forced else None, "judge_error": None,
+                        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_layer_sweep_figure_has_our_series_and_the_papers():
+    metrics = detection_metrics(synthetic_trials(), by=("layer", "strength"))
+    fig = plots.layer_sweep_figure(metrics, model_name="synthetic")
+    lines = [t for t in fig.data if t.mode == "lines+markers"]
+    ours = [t for t in lines if t.name.startswith("ours")]
+    paper = [t for t in lines if t.name.startswith("paper")]
+    assert len(ours) == 2 * len(plots.METRICS)  # strengths x metric rows
+    assert len(paper) == 5 * len(plots.METRICS)  # the paper's strengths 1..5
+    assert all(len(t.x) == 62 and np.isfinite(np.asarray(t.y, dtype=float)).any() for t in paper)
+    assert any(max(t.y) > 0.4 for t in paper if t.xaxis == "x2")  # the paper's TPR peak, about 0.5
+    bands = [t for t in fig.data if t.fill == "toself"]
+    assert len(bands) == len(lines)
+    titles = [a.text for a in fig.layout.annotations]
+    assert any("Paper: Gemma3-27B-IT" in t for t in titles) and "Ours: synthetic" in titles
+
+
+def test_paper_metrics_are_read_and_checked():
+    paper = plots.paper_layer_metrics()
+    assert len(paper) == 62 * 5 and set(paper.strength) == {1.0, 2.0, 3.0, 4.0, 5.0}
+    for m in plots.METRICS:
+        assert (paper[f"{m}_lo"] <= paper[m] + 1e-9).all() and (paper[m] <= paper[f"{m}_hi"] + 1e-9).all()
+    assert paper.loc[paper.strength == 4.0, "tpr"].max() == pytest.approx(0.5, abs=0.1)
+
+
+def test_variant_and_persona_bars():
+    trials = synthetic_trials(layers=(1,), strengths=(4.0,), variants=PAPER_VARIANTS)
+    fig = plots.variants_figure(detection_metrics(trials, by=("variant",)))
+    assert [t.name.split(":")[0] for t in fig.data] == ["TPR", "FPR"]
+    assert list(fig.data[0].x) == list(PAPER_VARIANTS)
+    assert (np.asarray(fig.data[0].error_y.array) >= 0).all()
+    trials = synthetic_trials(layers=(1,), strengths=(4.0,), personas=PERSONAS)
+    fig = plots.personas_figure(detection_metrics(trials, by=("persona",)))
+    assert list(fig.data[1].x) == list(PERSONAS)
+
+
+def test_figures_refuse_ambiguous_metrics():
+    metrics = detection_metrics(synthetic_trials(variants=("original", "skeptical")))
+    with pytest.raises(ValueError, match="one metrics row per"):
+        plots.layer_sweep_figure(metrics)
+
+
+def test_save_figure_writes_html(tmp_path):
+    fig = plots.variants_figure(detection_metrics(synthetic_trials(layers=(1,), variants=PAPER_VARIANTS),
+                                                  by=("variant",)))  # fmt: skip
+    paths = plots.save_figure(fig, "variants", tmp_path / "figs", formats=("html",))
+    assert paths == [tmp_path / "figs" / "variants.html"] and paths[0].stat().st_size > 1000
+    with pytest.raises(ValueError, match="valid"):
+        plots.save_figure(fig, "variants", tmp_path, formats=("gif",))

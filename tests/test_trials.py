@@ -1,0 +1,254 @@
+"""run_trials / sweep / logit_scores on the tiny random Gemma 3: rows, injection, seeds, store, crash-resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass, field
+
+import pandas as pd
+import pytest
+import torch
+
+from mechintro.judges import LLMJudge, LogitJudge, MissingAPIKeyError, RuleJudge, Verdict
+from mechintro.metrics import detection_metrics
+from mechintro.store import COLUMNS, KEY_COLUMNS, TrialStore
+from mechintro.trials import logit_scores, run_trials, sweep, trial_seed
+
+torch.set_num_threads(1)
+
+CONCEPTS = ["Bread", "Oceans"]
+FAST = {"max_new_tokens": 4, "progress": False}
+
+
+@dataclass
+class CountingJudge:
+    """RuleJudge verdicts, counting rows judged; ``error_on`` concepts get an error verdict instead."""
+
+    error_on: tuple[str, ...] = ()
+    rows: int = 0
+    calls: int = 0
+    name: str = "rule"
+    inner: RuleJudge = field(default_factory=RuleJudge)
+
+    def judge(self, *, responses, concepts, forced):
+        self.calls += 1
+        self.rows += len(responses)
+        verdicts = self.inner.judge(responses=responses, concepts=concepts, forced=forced)
+        return [Verdict(None, None, None, error="judge API down") if c in self.error_on else v
+                for v, c in zip(verdicts, concepts, strict=True)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def vecs(tiny):
+    from mechintro.concepts import concept_vectors
+
+    return concept_vectors(tiny, CONCEPTS, layer=1)
+
+
+def test_rows_columns_and_trial_numbering(tiny, vecs):
+    df = run_trials(tiny, CONCEPTS, layer=1, strength=4.0, n_trials=12, judge=RuleJudge(), forced=True,
+                    vectors=vecs, **FAST)  # fmt: skip
+    assert list(df.columns) == list(COLUMNS)
+    assert len(df) == 2 * 3 * 12
+    assert df.groupby(["concept", "condition"]).size().eq(12).all()
+    one = df[(df.concept == "Bread") & (df.condition == "injection")]
+    assert sorted(zip(one.trial, one["sample"], strict=True)) == sorted(
+        [(t, 0) for t in range(1, 11)] + [(1, 1), (2, 1)]
+    )
+    assert set(df[df.condition == "control"].strength) == {0.0}
+    assert set(df[df.condition != "control"].strength) == {4.0}
+    assert df[["layer", "variant", "persona", "seed", "judge"]].drop_duplicates().values.tolist() == [
+        [1, "original", "standard_assistant", 0, "rule"]
+    ]
+    assert df[df.condition == "forced"].detected.isna().all()
+    assert df[df.condition == "forced"].forced_identified.notna().all()
+    assert df[df.condition != "forced"].detected.notna().all()
+    assert not df.duplicated(list(KEY_COLUMNS)).any()
+    assert (df.n_new_tokens <= 4).all() and df.response.map(lambda r: isinstance(r, str)).all()
+
+
+def test_no_store_and_store_give_the_same_frame(tiny, vecs, tmp_path):
+    kw = {"layer": 1, "strength": 4.0, "n_trials": 2, "judge": RuleJudge(), "vectors": vecs, **FAST}
+    a = run_trials(tiny, CONCEPTS, **kw)
+    b = run_trials(tiny, CONCEPTS, store=tmp_path / "s.sqlite", **kw)
+    pd.testing.assert_frame_equal(a.drop(columns="created_at"), b.drop(columns="created_at"))
+
+
+def test_injection_reaches_the_logits(tiny, vecs):
+    strong = logit_scores(tiny, CONCEPTS, layer=1, strength=50.0, trials=[1, 2], forced=True, vectors=vecs)
+    assert set(strong.condition) == {"injection", "control", "forced"} and len(strong) == 2 * 2 * 3
+    pivot = strong.pivot_table(index=["concept", "trial"], columns="condition", values="gap")
+    assert (pivot["injection"] - pivot["control"]).abs().min() > 1e-3
+    assert strong[strong.condition == "forced"].gap.isna().all()
+    assert strong[strong.condition == "forced"].p_concept.between(0, 1).all()
+    zero = logit_scores(tiny, CONCEPTS, layer=1, strength=0.0, trials=[1, 2], vectors=vecs)
+    pivot = zero.pivot_table(index=["concept", "trial"], columns="condition", values="gap")
+    assert (pivot["injection"] == pivot["control"]).all()
+
+
+def test_logit_judge_runs_without_generating(tiny, vecs, monkeypatch):
+    import mechintro.trials as trials
+
+    monkeypatch.setattr(trials, "sample", lambda *a, **k: pytest.fail("the logit judge must not sample"))
+    df = run_trials(tiny, CONCEPTS, layer=1, strength=50.0, n_trials=30, judge=LogitJudge(threshold=-100.0),
+                    forced=True, vectors=vecs, **FAST)  # fmt: skip
+    assert len(df) == 2 * 3 * 10  # deterministic: one sample per trial number
+    assert set(df.judge) == {"logit:gap>-100,p>=0.5"} and set(df.max_new_tokens) == {0}
+    assert df[df.condition != "forced"].detected.all() and df.response.isna().all()
+    with pytest.raises(TypeError, match="scores logits, not texts"):
+        LogitJudge().judge(responses=["Yes"], concepts=["Bread"], forced=[False])
+
+
+def test_trial_result_does_not_depend_on_batch_composition(tiny, vecs):
+    kw = {"layer": 1, "strength": 8.0, "n_trials": 3, "judge": RuleJudge(), "forced": True, "vectors": vecs,
+          "max_new_tokens": 6, "progress": False}  # fmt: skip
+    alone = run_trials(tiny, CONCEPTS, batch_size=1, **kw)
+    mixed = run_trials(tiny, CONCEPTS, batch_size=7, **kw)
+    assert alone.response.tolist() == mixed.response.tolist()
+    assert alone.response.nunique() > len(alone) // 2  # distinct seeds give distinct samples
+
+
+def test_trial_seed_is_a_stable_hash():
+    assert trial_seed(0, "Bread", 1, 0, "injection") == trial_seed(0, "Bread", 1, 0, "injection")
+    seeds = {trial_seed(s, c, t, k, cond) for s in (0, 1) for c in CONCEPTS for t in (1, 2) for k in (0, 1)
+             for cond in ("injection", "control", "forced")}  # fmt: skip
+    assert len(seeds) == 2 * 2 * 2 * 2 * 3 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_store_resume_skips_done_trials(tiny, vecs, tmp_path):
+    path = tmp_path / "runs.sqlite"
+    kw = {"layer": 1, "strength": 4.0, "vectors": vecs, "store": path, **FAST}
+    judge = CountingJudge()
+    first = run_trials(tiny, CONCEPTS, n_trials=2, judge=judge, **kw)
+    assert judge.rows == len(first) == 8
+    again = run_trials(tiny, CONCEPTS, n_trials=2, judge=judge, **kw)
+    assert judge.rows == 8  # nothing re-generated or re-judged
+    pd.testing.assert_frame_equal(first, again)
+    more = run_trials(tiny, CONCEPTS, n_trials=3, judge=judge, **kw)
+    assert judge.rows == 8 + 4 and len(more) == 12
+    with TrialStore(path) as store:
+        assert len(store) == 12
+
+
+def test_sweep_shares_controls_across_strengths(tiny, tmp_path):
+    judge = CountingJudge()
+    df = sweep(tiny, CONCEPTS, layers=[0, 2], strengths=[1.0, 4.0], variants=["original", "anti_reward"],
+               n_trials=2, judge=judge, store=tmp_path / "s.sqlite", batch_size=16, **FAST)  # fmt: skip
+    per_setting = 2 * 2  # concepts x trials
+    assert (df.condition == "control").sum() == 2 * 2 * per_setting  # layers x variants, not x strengths
+    assert (df.condition == "injection").sum() == 2 * 2 * 2 * per_setting
+    assert judge.rows == len(df)
+    m = detection_metrics(df)
+    assert len(m) == 2 * 2 * 2 and (m.n_control == per_setting).all()
+
+
+def test_judge_errors_are_kept_as_errors(tiny, vecs):
+    df = run_trials(tiny, CONCEPTS, layer=1, strength=4.0, n_trials=2, judge=CountingJudge(error_on=("Oceans",)),
+                    vectors=vecs, **FAST)  # fmt: skip
+    bad = df[df.concept == "Oceans"]
+    assert (bad.judge_error == "judge API down").all() and bad.detected.isna().all()
+    assert bad.response.map(lambda r: isinstance(r, str)).all()  # the generation is kept
+    assert df[df.concept == "Bread"].judge_error.isna().all()
+    m = detection_metrics(df)
+    assert m.n_errors.iloc[0] == len(bad) and m.n_injection.iloc[0] == 2
+
+
+def test_missing_api_key_fails_before_any_model_work(tiny, monkeypatch, tmp_path):
+    import mechintro.trials as trials
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    judge = LLMJudge(cache_dir=None)
+    monkeypatch.delenv("OPENAI_API_KEY")
+    monkeypatch.setattr(trials, "sample", lambda *a, **k: pytest.fail("generated before checking the key"))
+    monkeypatch.setattr(trials, "concept_vectors", lambda *a, **k: pytest.fail("ran the model first"))
+    with pytest.raises(MissingAPIKeyError, match="OPENAI_API_KEY"):
+        run_trials(
+            tiny, CONCEPTS, layer=1, strength=4.0, n_trials=1, judge=judge, store=tmp_path / "s.sqlite"
+        )
+    assert not (tmp_path / "s.sqlite").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"layer": 4}, ValueError, r"valid layers are 0\.\.3"),
+        ({"strength": math.nan}, ValueError, "finite"),
+        ({"strength": math.inf}, ValueError, "finite"),
+        ({"judge": object()}, TypeError, "judge"),
+        ({"variant": "nope"}, ValueError, "valid"),
+        ({"persona": "simulated_user", "variant": "skeptical"}, ValueError, "original variant only"),
+        ({"n_trials": 0}, ValueError, "n_trials"),
+        ({"vectors": torch.zeros(3, 64)}, ValueError, "n_concepts=2"),
+        ({"temperature": -1.0}, ValueError, "temperature"),
+    ],
+)
+def test_bad_settings_fail_before_generation(tiny, monkeypatch, change, error, match):
+    import mechintro.trials as trials
+
+    monkeypatch.setattr(trials, "sample", lambda *a, **k: pytest.fail("generated before validating"))
+    kw = {"layer": 1, "strength": 4.0, "n_trials": 1, "judge": RuleJudge(), "progress": False} | change
+    with pytest.raises(error, match=match):
+        run_trials(tiny, CONCEPTS, **kw)
+
+
+CRASH_SCRIPT = textwrap.dedent(
+    """
+    import sys, time, torch
+    torch.set_num_threads(1)
+    from mechintro.judges import RuleJudge
+    from mechintro.models import load_model
+    from mechintro.trials import sweep
+
+    class StallingJudge:
+        name = "rule"
+        calls = 0
+        def judge(self, **rows):
+            self.calls += 1
+            if self.calls == 3:  # two batches are stored; the third is in flight when the parent kills us
+                print("STALLED", flush=True)
+                time.sleep(120)
+            return RuleJudge().judge(**rows)
+
+    model = load_model(sys.argv[1], device="cpu")
+    sweep(model, ["Bread", "Oceans"], layers=[1], strengths=[2.0, 8.0], n_trials=3, judge=StallingJudge(),
+          store=sys.argv[2], batch_size=2, max_new_tokens=4, progress=False)
+    print("FINISHED", flush=True)
+    """
+)
+
+
+def test_killed_sweep_resumes_with_nothing_lost_or_doubled(tiny, tiny_dir, tmp_path):
+    path = tmp_path / "crash.sqlite"
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_SCRIPT)
+    env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script), str(tiny_dir), str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if line.strip() in ("STALLED", "FINISHED"):
+                break
+        assert line.strip() == "STALLED"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    with TrialStore(path) as store:
+        assert len(store) == 4  # two batches of two written before the kill; the third lost in flight
+
+    kw = {"layers": [1], "strengths": [2.0, 8.0], "n_trials": 3, "batch_size": 2, **FAST}
+    judge = CountingJudge()
+    resumed = sweep(tiny, CONCEPTS, judge=judge, store=path, **kw)
+    expected = 2 * 3 * (1 + 2)  # concepts x trials x (control + 2 strengths)
+    assert len(resumed) == expected and judge.rows == expected - 4
+    assert not resumed.duplicated(list(KEY_COLUMNS)).any()
+    with TrialStore(path) as store:
+        assert len(store) == expected
+    clean = sweep(tiny, CONCEPTS, judge=RuleJudge(), store=tmp_path / "clean.sqlite", **kw)
+    cols = [*KEY_COLUMNS, "response", "detected"]
+    assert resumed[cols].equals(clean[cols])  # the same trials, the same samples
