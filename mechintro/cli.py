@@ -317,6 +317,24 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")  # fmt: skip
 
 
+def _organism_train(args: argparse.Namespace) -> int:
+    from mechintro.models import data_dir
+    from mechintro.organism import build
+    from mechintro.organism.evaluate import EvalConfig
+    from mechintro.organism.train import OrganismConfig
+
+    out = Path(args.out) if args.out else data_dir()
+    cfg = OrganismConfig.quick(seed=args.seed) if args.quick else OrganismConfig(seed=args.seed)
+    eval_cfg = EvalConfig.quick() if args.quick else EvalConfig()
+    print(f"training the organism ({'quick' if args.quick else 'full'}, seed {args.seed}) into {out}")
+    report = build(out, cfg=cfg, evaluate=not args.no_eval, eval_cfg=eval_cfg)
+    if (out / "organism_report.md").exists() and not args.no_eval:
+        print((out / "organism_report.md").read_text())
+    t = report["timings"]
+    print(f"training took {t['seconds_training_total'] / 60:.1f} min; artifacts in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mechintro", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -346,6 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--judge", default=None, help="judge name as stored, when the store holds several")
     fg.add_argument("--formats", type=name_list, default=["html", "png"], help="comma-separated (default html,png)")
     fg.set_defaults(func=_figures)
+
+    org = sub.add_parser("organism", help="the model organism").add_subparsers(dest="organism_command", required=True)
+    tr = org.add_parser("train", help="regenerate the organism, its transcoders and its report from a seed")
+    tr.add_argument("--out", default=None, help="output folder (default: the project's data/)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--quick", action="store_true", help="the few-minute version the tests run")
+    tr.add_argument("--no-eval", action="store_true", help="skip the measurements")
+    tr.set_defaults(func=_organism_train)
     return parser
 
 
