@@ -81,3 +81,30 @@ def save_tiny_gemma3(
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def save_random_transcoders(
+    folder: str | Path, *, d_model: int = 64, d_sae: int = 96, n_layers: int = 4, seed: int = 0, skip: bool = True
+) -> Path:
+    """Save random JumpReLU (skip) transcoders in Google's raw Gemma Scope 2 format, one ``layer_{L}`` folder each.
+
+    Load them with ``load_transcoders(model, source=folder)``. Scales are chosen so that a tiny random Gemma 3
+    activates a good share of the features.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    for layer in range(n_layers):
+        g = torch.Generator().manual_seed(seed * 1000 + layer)
+        params = {
+            "w_enc": torch.randn(d_model, d_sae, generator=g) * 0.3,
+            "w_dec": torch.randn(d_sae, d_model, generator=g) * 0.3,
+            "b_enc": torch.randn(d_sae, generator=g) * 0.1,
+            "b_dec": torch.randn(d_model, generator=g) * 0.1,
+            "threshold": torch.rand(d_sae, generator=g) * 0.5,
+        }
+        if skip:
+            params["affine_skip_connection"] = torch.randn(d_model, d_model, generator=g) * 0.1
+        (folder / f"layer_{layer}").mkdir(parents=True, exist_ok=True)
+        save_file(params, str(folder / f"layer_{layer}" / "params.safetensors"))
+    return folder

@@ -1,0 +1,28 @@
+"""Figure: the top gate candidates by direct logit attribution (promoting "No" when unsteered), and the top
+gate's inverted-V activation against injection strength.
+
+    python analyses/fig_gates.py --model organism
+    python analyses/fig_gates.py --model tiny --concepts Bread,Oceans,Dust --judge logit --n-trials 1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import _mechanism as mech
+
+from mechintro.plots_mechanism import gates_figure
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = mech.parser(__doc__)
+    p.add_argument("--gate", default=None, help="the gate whose activation is shown (default: rank 1)")
+    args = p.parse_args(argv)
+    s = mech.load(args)
+    grid, gates = mech.grid_and_gates(s, mech.behaviour(s))
+    print(gates.head(20).to_string(index=False))
+    mech.save(gates_figure(gates, grid, gate=args.gate), "gates", args.out, [("gates", gates)])
+
+
+if __name__ == "__main__":
+    main()

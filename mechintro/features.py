@@ -1,0 +1,648 @@
+"""Transcoder features over (concept x strength) grids: gate candidates, dose-strength statistics, carriers.
+
+The pipeline of the paper's feature analysis:
+
+1. :func:`feature_grid` -- transcoder activations at the last prompt token for every (concept, strength),
+   one batched forward per chunk of rows (rows = concepts x strengths, each with its own injection strength),
+   every layer captured in that pass, kept sparse (a 262k-wide Gemma Scope layer fits in memory).
+2. :func:`dla_scores` / :func:`find_gates` -- gate candidates by direct logit attribution in unsteered trial
+   prompts: ``score = (unit decoder direction . (mean Yes unembedding - mean No unembedding)) x activation``,
+   with no final-norm scaling (Gemma ties its embeddings; see :func:`mechintro.readout.yes_no_direction`).
+   Candidates are the ``k`` most negative scores, the features that promote "No".
+3. :func:`feature_stats` -- per-feature statistics: dose-strength Spearman correlations on each side of zero,
+   the inverted-V score, and correlations with each concept's detection and forced-identification rates.
+4. :func:`find_evidence_carriers` -- for one gate, the features of the layers between the injection layer and
+   the gate's layer that suppress it (negative attribution ``virtual weight x activation``).
+
+Features are named ``"L{layer} F{index}"`` (:func:`feature_name`, :func:`parse_feature`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechintro._stats import pearson_columns, spearman_columns
+from mechintro.concepts import concept_vectors
+from mechintro.models import HookNames, spec_for
+from mechintro.prompts import trial_prompt
+from mechintro.readout import yes_no_direction
+from mechintro.steering import check_layer, hooks_context, inject
+
+__all__ = [
+    "STRENGTH_MULTIPLES",
+    "FeatureGrid",
+    "concept_rates",
+    "default_strengths",
+    "dla_scores",
+    "dose_spearman",
+    "encode_features",
+    "feature_grid",
+    "feature_name",
+    "feature_stats",
+    "find_evidence_carriers",
+    "find_gates",
+    "grid_from_frame",
+    "inverted_v",
+    "parse_feature",
+    "virtual_weights",
+]
+
+STRENGTH_MULTIPLES = (-2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0)
+"""Default grid strengths as multiples of the model's default strength (the paper's -8..8 at strength 4)."""
+
+_NAME = re.compile(r"^L(\d+) F(\d+)$")
+
+# ----------------------------------------------------------------------------------------------- naming
+
+
+def feature_name(layer: int, index: int) -> str:
+    """``"L{layer} F{index}"``."""
+    return f"L{int(layer)} F{int(index)}"
+
+
+def parse_feature(feature: str | tuple[int, int]) -> tuple[int, int]:
+    """``(layer, index)`` from ``"L3 F12"`` or ``(3, 12)``."""
+    if isinstance(feature, str):
+        match = _NAME.match(feature.strip())
+        if match is None:
+            raise ValueError(f"a feature name looks like 'L3 F12', got {feature!r}")
+        return int(match.group(1)), int(match.group(2))
+    layer, index = feature
+    return int(layer), int(index)
+
+
+def parse_features(features: Any) -> list[tuple[int, int]]:
+    """Features from names, ``(layer, index)`` pairs, or a DataFrame with a ``feature`` column (in its order)."""
+    if isinstance(features, pd.DataFrame):
+        if "feature" not in features.columns:
+            raise ValueError(f"a feature table needs a 'feature' column; it has {list(features.columns)}")
+        features = features["feature"].tolist()
+    if isinstance(features, str):
+        features = [features]
+    return [parse_feature(f) for f in features]
+
+
+# ----------------------------------------------------------------------------------------------- encoding
+
+
+def encode_features(tc: Any, x: Float[Tensor, "... d_in"], indices: Int[Tensor, " n"]) -> Float[Tensor, "... n"]:
+    """``tc.encode(x)[..., indices]`` without the full ``d_sae``-wide product.
+
+    Supports sae-lens's ReLU and JumpReLU (skip) transcoders: ``relu(pre)``, times ``pre > threshold`` for
+    JumpReLU, with ``pre = process_sae_in(x) @ W_enc[:, indices] + b_enc[indices]``.
+    """
+    arch = str(tc.cfg.architecture())
+    if "topk" in arch:
+        raise ValueError(f"per-feature encoding needs a ReLU or JumpReLU transcoder, not {arch!r}")
+    idx = torch.as_tensor(indices, dtype=torch.long, device=tc.W_enc.device)
+    sae_in = tc.process_sae_in(x.to(tc.W_enc.device))
+    pre = sae_in @ tc.W_enc[:, idx] + tc.b_enc[idx]
+    acts = torch.relu(pre)
+    threshold = getattr(tc, "threshold", None)
+    if threshold is not None:
+        acts = acts * (pre > threshold[idx]).to(acts.dtype)
+    return acts
+
+
+# ----------------------------------------------------------------------------------------------- the grid
+
+
+@dataclass(frozen=True)
+class FeatureGrid:
+    """Transcoder activations at one prompt position for every (concept, strength), stored sparse."""
+
+    concepts: tuple[str, ...]
+    """The concepts (first dimension)."""
+    strengths: tuple[float, ...]
+    """The injection strengths (second dimension), sorted ascending."""
+    acts: dict[int, Tensor]
+    """``{layer: coalesced sparse COO float32 [concept, strength, d_sae]}``; only nonzero activations stored."""
+    injection_layer: int
+    """The layer the concept vectors were injected at (resid_post)."""
+    default_strength: float
+    """The strength used for detection correlations and carrier attributions (one of ``strengths``)."""
+    trial: int = 1
+    """The trial number of the prompt."""
+    position: str | int = "last"
+    """``"last"`` (the last prompt token) or an absolute token index."""
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.acts)
+
+    def d_sae(self, layer: int) -> int:
+        return int(self._layer(layer).shape[2])
+
+    def _layer(self, layer: int) -> Tensor:
+        if layer not in self.acts:
+            raise ValueError(f"the grid has no layer {layer}; its layers are {self.layers}")
+        return self.acts[layer]
+
+    def strength_index(self, strength: float) -> int:
+        """Index of ``strength`` in :attr:`strengths` (raises naming the valid ones)."""
+        for i, s in enumerate(self.strengths):
+            if math.isclose(s, float(strength), rel_tol=1e-9, abs_tol=1e-9):
+                return i
+        raise ValueError(f"strength {strength} is not in the grid; its strengths are {list(self.strengths)}")
+
+    def dense(self, layer: int, features: Sequence[int] | Tensor | None = None) -> Float[Tensor, "c s f"]:
+        """Dense activations ``[concept, strength, feature]`` of ``features`` (default: all) of ``layer``."""
+        acts = self._layer(layer)
+        if features is not None:
+            acts = torch.index_select(acts, 2, torch.as_tensor(features, dtype=torch.long))
+        return acts.to_dense()
+
+    def active(self, layer: int, *, strength: float | None = None) -> Int[Tensor, " n"]:
+        """Sorted indices of the features of ``layer`` active for any concept (at ``strength``, or any)."""
+        acts = self._layer(layer)
+        idx, values = acts.indices(), acts.values()
+        keep = values != 0
+        if strength is not None:
+            keep &= idx[1] == self.strength_index(strength)
+        return torch.unique(idx[2, keep])
+
+    def unsteered(self, layer: int) -> Float[Tensor, " d_sae"]:
+        """Mean activation over concepts at strength 0 (every concept shares the unsteered prompt)."""
+        zero = self.strength_index(0.0)
+        acts = self._layer(layer)
+        idx, values = acts.indices(), acts.values()
+        keep = idx[1] == zero
+        out = torch.zeros(acts.shape[2], dtype=values.dtype)
+        out.index_add_(0, idx[2, keep], values[keep])
+        return out / len(self.concepts)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy nonzero activations: concept, strength, layer, index, feature, activation (metadata in attrs)."""
+        frames = []
+        for layer in self.layers:
+            acts = self.acts[layer]
+            c, s, f = acts.indices().numpy()
+            frames.append(pd.DataFrame({
+                "concept": np.asarray(self.concepts, dtype=object)[c],
+                "strength": np.asarray(self.strengths)[s],
+                "layer": layer,
+                "index": f,
+                "activation": acts.values().numpy(),
+            }))  # fmt: skip
+        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+            columns=["concept", "strength", "layer", "index", "activation"]
+        )
+        df.insert(4, "feature", [feature_name(la, i) for la, i in zip(df["layer"], df["index"], strict=True)])
+        df.attrs = {
+            "concepts": list(self.concepts), "strengths": list(self.strengths),
+            "d_sae": {int(la): self.d_sae(la) for la in self.layers}, "injection_layer": self.injection_layer,
+            "default_strength": self.default_strength, "trial": self.trial, "position": self.position,
+        }  # fmt: skip
+        return df
+
+
+def grid_from_frame(df: pd.DataFrame, **meta: Any) -> FeatureGrid:
+    """Rebuild a :class:`FeatureGrid` from :meth:`FeatureGrid.to_frame` (metadata from ``df.attrs`` or ``meta``)."""
+    info = dict(df.attrs) | meta
+    missing = [k for k in ("concepts", "strengths", "d_sae", "injection_layer", "default_strength") if k not in info]
+    if missing:
+        raise ValueError(f"grid_from_frame needs {missing} (in df.attrs or as keyword arguments)")
+    concepts, strengths = tuple(info["concepts"]), tuple(float(s) for s in info["strengths"])
+    c_of = {c: i for i, c in enumerate(concepts)}
+    s_of = {s: i for i, s in enumerate(strengths)}
+    acts = {}
+    for layer, d_sae in info["d_sae"].items():
+        rows = df[df["layer"] == int(layer)]
+        idx = torch.tensor(np.stack([
+            rows["concept"].map(c_of).to_numpy(dtype=np.int64),
+            rows["strength"].astype(float).map(s_of).to_numpy(dtype=np.int64),
+            rows["index"].to_numpy(dtype=np.int64),
+        ]).reshape(3, -1))  # fmt: skip
+        values = torch.tensor(rows["activation"].to_numpy(dtype=np.float32))
+        shape = (len(concepts), len(strengths), int(d_sae))
+        acts[int(layer)] = torch.sparse_coo_tensor(idx, values, shape, check_invariants=True).coalesce()
+    return FeatureGrid(
+        concepts=concepts, strengths=strengths, acts=acts, injection_layer=int(info["injection_layer"]),
+        default_strength=float(info["default_strength"]), trial=int(info.get("trial", 1)),
+        position=info.get("position", "last"),
+    )  # fmt: skip
+
+
+def default_strengths(model: Any) -> tuple[float, ...]:
+    """:data:`STRENGTH_MULTIPLES` times the model's default strength (-8..8 for the paper's strength 4)."""
+    base = spec_for(model).strength
+    return tuple(float(base * m) for m in STRENGTH_MULTIPLES)
+
+
+def _capture_hooks(layers: Sequence[int], position: int, got: dict[int, Tensor]) -> list[tuple[str, Any]]:
+    def grab(layer: int):
+        def hook(x: Tensor, hook: Any = None) -> None:
+            got[layer] = x[:, position, :].detach()
+
+        return hook
+
+    return [(HookNames.transcoder_in(layer), grab(layer)) for layer in layers]
+
+
+def _grid_layers(model: Any, transcoders: Mapping[int, Any], layers: Sequence[int] | None) -> list[int]:
+    layers = sorted(transcoders) if layers is None else sorted(layers)
+    missing = [layer for layer in layers if layer not in transcoders]
+    if missing:
+        raise ValueError(f"no transcoder for layers {missing}; transcoders are loaded for {sorted(transcoders)}")
+    for layer in layers:
+        check_layer(model, layer)
+    if not layers:
+        raise ValueError("feature_grid needs at least one layer")
+    return layers
+
+
+def _prompt_position(position: str | int, seq: int) -> int:
+    if position == "last":
+        return seq - 1
+    if isinstance(position, int) and not isinstance(position, bool) and -seq <= position < seq:
+        return position % seq
+    raise ValueError(f"position must be 'last' or a token index in [-{seq}, {seq}), got {position!r}")
+
+
+def _grid_chunk(
+    model: Any, prompt: Any, *, pos: int, vectors: Tensor, strengths: Tensor, injection_layer: int,
+    layers: Sequence[int], prefix_cache: bool,
+) -> dict[int, Float[Tensor, "rows d_model"]]:  # fmt: skip
+    """Transcoder inputs at ``pos`` of every layer for rows with their own injection, in one batched pass.
+
+    With ``prefix_cache`` the prompt before ``split = min(injection start, pos)`` -- identical in every row,
+    since nothing is injected there -- runs once (one row) and its KV cache is repeated for every row; only
+    the rest of the prompt runs batched. The injection hook sees the suffix call as a fresh forward, so its
+    start is given relative to the split.
+    """
+    device, n = model.cfg.device, vectors.shape[0]
+    split = min(prompt.injection_start, pos) if prefix_cache else 0
+    cache = None
+    if split > 0:
+        _, cache = model(prompt.tokens[None, :split].to(device), use_cache=True, return_type="logits_and_cache")
+        cache.batch_repeat_interleave(n)
+    tokens = prompt.tokens[None, split:].expand(n, -1).to(device)
+    got: dict[int, Tensor] = {}
+    kw = {"past_key_values": cache, "use_cache": True} if cache is not None else {}
+    with inject(model, vectors, layer=injection_layer, strength=strengths, start=prompt.injection_start - split), \
+            hooks_context(model, _capture_hooks(layers, pos - split, got)):  # fmt: skip
+        model(tokens, stop_at_layer=max(layers) + 1, **kw)
+    return got
+
+
+@torch.no_grad()
+def feature_grid(
+    model: Any,
+    transcoders: Mapping[int, Any],
+    concepts: Sequence[str],
+    *,
+    vectors: Float[Tensor, "concept d_model"] | None = None,
+    strengths: Sequence[float] | None = None,
+    layers: Sequence[int] | None = None,
+    position: str | int = "last",
+    injection_layer: int | None = None,
+    default_strength: float | None = None,
+    trial: int = 1,
+    variant: str = "original",
+    batch_size: int = 64,
+    prefix_cache: bool = True,
+) -> FeatureGrid:
+    """Transcoder activations at one prompt position for every (concept, strength), kept sparse.
+
+    Rows are the (concept, strength) pairs, strength-major, in chunks of ``batch_size``: each chunk is one
+    batched forward of the trial prompt with a per-row injection (vector and strength of its row, from the
+    injection start), and every layer's transcoder input is captured in that same pass and encoded; only the
+    nonzero activations are kept.
+
+    Args:
+        concepts: concept words (the grid's first dimension).
+        vectors: ``[concept, d_model]`` concept vectors; computed at ``injection_layer`` when None.
+        strengths: injection strengths (default :func:`default_strengths`: -8..8 scaled to the model).
+        layers: transcoder layers to record (default: every loaded transcoder).
+        position: ``"last"`` (the last prompt token) or an absolute token index of the prompt.
+        injection_layer / default_strength: default: the model's spec.
+        trial / variant: the trial prompt.
+        batch_size: rows per forward (results do not depend on it).
+        prefix_cache: run the prompt before the injection start once per chunk and share its KV cache
+            (exact: nothing is injected there); False runs the whole prompt for every row.
+    """
+    spec = spec_for(model)
+    injection_layer = spec.injection_layer if injection_layer is None else check_layer(model, injection_layer)
+    strengths = tuple(sorted(float(s) for s in (default_strengths(model) if strengths is None else strengths)))
+    default_strength = spec.strength if default_strength is None else float(default_strength)
+    layers = _grid_layers(model, transcoders, layers)
+    if vectors is None:
+        vectors = concept_vectors(model, list(concepts), layer=injection_layer)
+    vectors = torch.as_tensor(vectors).float()
+    if vectors.shape[0] != len(concepts):
+        raise ValueError(f"vectors has {vectors.shape[0]} rows for {len(concepts)} concepts")
+    prompt = trial_prompt(model, trial=trial, variant=variant)
+    pos = _prompt_position(position, len(prompt.tokens))
+    pairs = torch.tensor([(c, s) for s in range(len(strengths)) for c in range(len(concepts))])
+    all_strengths = torch.tensor(strengths, dtype=torch.float32)
+    found: dict[int, list[tuple[Tensor, Tensor]]] = {layer: [] for layer in layers}
+    for rows in pairs.split(batch_size):
+        got = _grid_chunk(
+            model, prompt, pos=pos, vectors=vectors[rows[:, 0]], strengths=all_strengths[rows[:, 1]],
+            injection_layer=injection_layer, layers=layers, prefix_cache=prefix_cache,
+        )  # fmt: skip
+        for layer in layers:
+            tc = transcoders[layer]
+            acts = tc.encode(got[layer].to(tc.W_enc.dtype)).float().cpu()
+            nz = acts.nonzero(as_tuple=True)
+            found[layer].append((torch.stack([rows[nz[0], 0], rows[nz[0], 1], nz[1]]), acts[nz]))
+    shape = (len(concepts), len(strengths))
+    acts_by_layer = {
+        layer: torch.sparse_coo_tensor(
+            torch.cat([f[0] for f in found[layer]], dim=1),
+            torch.cat([f[1] for f in found[layer]]),
+            (*shape, int(transcoders[layer].cfg.d_sae)),
+            check_invariants=True,
+        ).coalesce()
+        for layer in layers
+    }
+    return FeatureGrid(
+        concepts=tuple(concepts), strengths=strengths, acts=acts_by_layer, injection_layer=injection_layer,
+        default_strength=default_strength, trial=trial, position=position,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+
+def dose_spearman(
+    acts: Float[np.ndarray, "concept strength feature"], strengths: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dose-strength Spearman correlations ``(positive side, negative side)``, each ``[feature]``.
+
+    Positive side: pairs (concept, s) with ``s >= 0``, activation against ``s``. Negative side: pairs with
+    ``s <= 0``, activation against the dose ``|s|``. Both pool every concept (zero included on both sides),
+    so a gate suppressed by injection of either sign has both correlations negative, and a feature that
+    grows with a positive injection has a positive ``positive side``. NaN where the activation is constant.
+    """
+    acts = np.asarray(acts, dtype=np.float64)
+    s = np.asarray(strengths, dtype=np.float64)
+    n_concepts, _, n_features = acts.shape
+    out = []
+    for side in (s >= 0, s <= 0):
+        dose = np.tile(np.abs(s[side]), n_concepts)
+        out.append(spearman_columns(dose, acts[:, side, :].reshape(-1, n_features)))
+    return out[0], out[1]
+
+
+def inverted_v(
+    acts: Float[np.ndarray, "concept strength feature"], strengths: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inverted-V score and whether the peak is at zero, each ``[feature]``.
+
+    With ``m(s)`` the mean activation over concepts at strength ``s``::
+
+        inverted_v = (m(0) - max(m(s_min), m(s_max))) / m(0)
+
+    the drop from the unsteered activation to the larger of the two ends of the sweep, relative to the
+    unsteered activation. It is 1 when the feature is silenced at both signs, positive only when it is
+    suppressed at both ends, and at most 0 when either sign leaves it as active as unsteered (or more).
+    NaN when ``m(0) = 0``. ``peak_at_zero`` is True when ``m(0) > 0`` and ``m(0) >= m(s)`` for every ``s``.
+    """
+    acts = np.asarray(acts, dtype=np.float64)
+    s = np.asarray(strengths, dtype=np.float64)
+    zero = np.flatnonzero(np.isclose(s, 0.0))
+    if len(zero) == 0:
+        raise ValueError(f"the inverted-V score needs strength 0 among the strengths {list(strengths)}")
+    mean = acts.mean(axis=0)  # [strength, feature]
+    m0 = mean[zero[0]]
+    ends = np.maximum(mean[int(np.argmin(s))], mean[int(np.argmax(s))])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        score = np.where(m0 > 0, (m0 - ends) / m0, np.nan)
+    peak = (m0 > 0) & (m0[None, :] >= mean - 1e-12 * np.abs(mean).max(initial=1.0)).all(axis=0)
+    return score, peak
+
+
+def concept_rates(
+    behaviour: Any, *, strength: float | None = None, layer: int | None = None
+) -> pd.DataFrame:
+    """Per-concept detection and forced-identification rates from the behavioural store.
+
+    Args:
+        behaviour: a :class:`~mechintro.store.TrialStore`, a trial DataFrame (columns concept, condition,
+            detected, forced_identified, optionally judge_error, strength, layer), or a per-concept table
+            that already has ``detection_rate`` and ``forced_id_rate``.
+        strength / layer: keep only trials run at this strength / injection layer.
+
+    Returns columns concept, detection_rate (P(detected | injection)), forced_id_rate
+    (P(forced_identified | forced)), n_injection, n_forced. Judge errors are left out of the denominators.
+    """
+    df = behaviour.load() if hasattr(behaviour, "load") else behaviour
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"behaviour must be a TrialStore or a DataFrame, got {type(behaviour).__name__}")
+    if {"detection_rate", "forced_id_rate"} <= set(df.columns):
+        return df
+    need = {"concept", "condition", "detected", "forced_identified"}
+    if missing := sorted(need - set(df.columns)):
+        raise ValueError(f"the trial table lacks {missing}; it has {sorted(df.columns)}")
+    if "judge_error" in df.columns:
+        df = df[df["judge_error"].isna() | (df["judge_error"].astype("string").str.strip() == "")]
+    for column, value in (("strength", strength), ("layer", layer)):
+        if value is not None and column in df.columns:
+            df = df[np.isclose(df[column].astype(float), float(value))]
+    inj = df[df["condition"] == "injection"].dropna(subset=["detected"])
+    forced = df[df["condition"] == "forced"].dropna(subset=["forced_identified"])
+    det = inj.groupby("concept")["detected"].agg(detection_rate=lambda x: x.astype(float).mean(), n_injection="size")
+    fid = forced.groupby("concept")["forced_identified"].agg(
+        forced_id_rate=lambda x: x.astype(float).mean(), n_forced="size"
+    )
+    out = det.join(fid, how="outer").reset_index()
+    return out[["concept", "detection_rate", "forced_id_rate", "n_injection", "n_forced"]]
+
+
+def _behaviour_corr(grid: FeatureGrid, default_acts: np.ndarray, rates: pd.DataFrame | None) -> dict[str, Any]:
+    """Across concepts: activation at the default strength vs detection / forced-identification rate."""
+    n = default_acts.shape[1]
+    if rates is None:
+        return {"detection_corr": np.full(n, np.nan), "forced_corr": np.full(n, np.nan)}
+    table = rates.set_index("concept")
+    out = {}
+    for name, column in (("detection_corr", "detection_rate"), ("forced_corr", "forced_id_rate")):
+        rate = table[column].reindex(list(grid.concepts)).to_numpy(dtype=np.float64)
+        ok = np.isfinite(rate)
+        out[name] = pearson_columns(rate[ok], default_acts[ok]) if ok.sum() >= 3 else np.full(n, np.nan)
+    return out
+
+
+def feature_stats(
+    grid: FeatureGrid, features: Sequence[tuple[int, int]] | Sequence[str], *, behaviour: Any = None
+) -> pd.DataFrame:
+    """Every per-feature statistic of the paper, one row per feature (in the given order).
+
+    Columns: feature, layer, index; ``activation_unsteered`` (concept mean at strength 0);
+    ``activation_default`` (concept mean at the grid's default strength); ``spearman_pos`` and
+    ``spearman_neg`` (:func:`dose_spearman`); ``inverted_v`` and ``peak_at_zero`` (:func:`inverted_v`);
+    ``detection_corr`` and ``forced_corr``: Pearson correlation across concepts between the activation at the
+    default strength and the concept's detection / forced-identification rate (:func:`concept_rates` of
+    ``behaviour``, from its trials at the grid's default strength; NaN without behaviour or with fewer than
+    3 concepts that have a rate). ``behaviour`` may also be a per-concept rates table, used as it is.
+    """
+    parsed = [parse_feature(f) for f in features]
+    rates = None if behaviour is None else concept_rates(behaviour, strength=grid.default_strength)
+    zero, default = grid.strength_index(0.0), grid.strength_index(grid.default_strength)
+    frames = []
+    for layer in sorted({la for la, _ in parsed}):
+        idx = [i for la, i in parsed if la == layer]
+        acts = grid.dense(layer, idx).double().numpy()
+        pos, neg = dose_spearman(acts, grid.strengths)
+        score, peak = inverted_v(acts, grid.strengths)
+        frame = pd.DataFrame({
+            "feature": [feature_name(layer, i) for i in idx], "layer": layer, "index": idx,
+            "activation_unsteered": acts[:, zero].mean(0), "activation_default": acts[:, default].mean(0),
+            "spearman_pos": pos, "spearman_neg": neg, "inverted_v": score, "peak_at_zero": peak,
+        })  # fmt: skip
+        for name, values in _behaviour_corr(grid, acts[:, default], rates).items():
+            frame[name] = values
+        frames.append(frame)
+    columns = ["feature", "layer", "index", "activation_unsteered", "activation_default", "spearman_pos",
+               "spearman_neg", "inverted_v", "peak_at_zero", "detection_corr", "forced_corr"]  # fmt: skip
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    order = {feature_name(la, i): k for k, (la, i) in enumerate(parsed)}
+    out = pd.concat(frames, ignore_index=True)
+    return out.sort_values("feature", key=lambda s: s.map(order)).reset_index(drop=True)[columns]
+
+
+# ----------------------------------------------------------------------------------------------- gates
+
+
+def _unit_rows(w: Tensor) -> Tensor:
+    return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def dla_scores(
+    model: Any, transcoders: Mapping[int, Any], grid: FeatureGrid, *, layers: Sequence[int] | None = None
+) -> pd.DataFrame:
+    """Direct logit attribution to Yes-minus-No of every feature active in the unsteered trial prompt.
+
+    ``dla_weight = (W_dec[f] / |W_dec[f]|) . (mean Yes unembedding - mean No unembedding)`` (no final-norm
+    scaling, tied embeddings: :func:`mechintro.readout.yes_no_direction`), ``activation_unsteered`` = the
+    feature's activation at strength 0 (the same prompt for every concept), ``dla_score`` = their product.
+    Negative scores promote "No". Columns: feature, layer, index, activation_unsteered, dla_weight, dla_score.
+    """
+    direction = yes_no_direction(model, spec_for(model)).float().cpu()
+    frames = []
+    for layer in grid.layers if layers is None else layers:
+        a0 = grid.unsteered(layer)
+        idx = torch.nonzero(a0, as_tuple=True)[0]
+        w_dec = transcoders[layer].W_dec.detach().float().cpu()[idx]
+        weight = _unit_rows(w_dec) @ direction
+        frames.append(pd.DataFrame({
+            "feature": [feature_name(layer, i) for i in idx.tolist()], "layer": layer, "index": idx.numpy(),
+            "activation_unsteered": a0[idx].numpy(), "dla_weight": weight.numpy(),
+            "dla_score": (weight * a0[idx]).numpy(),
+        }))  # fmt: skip
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def find_gates(
+    model: Any,
+    transcoders: Mapping[int, Any],
+    grid: FeatureGrid,
+    *,
+    behaviour: Any = None,
+    k: int = 200,
+    layers: Sequence[int] | None = None,
+) -> pd.DataFrame:
+    """Gate candidates: the ``k`` features with the most negative DLA score (promoting "No" unsteered).
+
+    Only layers after the injection layer can respond to the injection, so ``layers`` defaults to the grid's
+    layers above ``grid.injection_layer``. Returns one row per candidate, ranked (``rank`` 1 = most negative
+    score), with the columns of :func:`dla_scores` and of :func:`feature_stats` (dose-strength Spearman,
+    inverted-V, behaviour correlations).
+    """
+    if layers is None:
+        layers = [la for la in grid.layers if la > grid.injection_layer]
+    scores = dla_scores(model, transcoders, grid, layers=layers)
+    if scores.empty:
+        return scores
+    top = scores[scores["dla_score"] < 0].sort_values("dla_score", kind="stable").head(k)
+    stats = feature_stats(grid, top["feature"].tolist(), behaviour=behaviour)
+    out = top.merge(stats.drop(columns=["layer", "index", "activation_unsteered"]), on="feature", how="left")
+    return out.reset_index(drop=True).assign(rank=lambda d: np.arange(1, len(d) + 1))
+
+
+# ----------------------------------------------------------------------------------------------- carriers
+
+
+def virtual_weights(
+    transcoders: Mapping[int, Any], gate: str | tuple[int, int], layer: int, indices: Sequence[int] | Tensor
+) -> Float[Tensor, " n"]:
+    """``W_enc[:, gate] . W_dec[f]`` for features ``indices`` of ``layer``: the gate pre-activation per unit.
+
+    Raw (not unit-normalized) decoder rows, and no normalization of the gate layer's input norm.
+    """
+    gate_layer, gate_index = parse_feature(gate)
+    enc = transcoders[gate_layer].W_enc.detach().float().cpu()[:, gate_index]
+    dec = transcoders[layer].W_dec.detach().float().cpu()[torch.as_tensor(indices, dtype=torch.long)]
+    return dec @ enc
+
+
+def _roles(df: pd.DataFrame, *, use_behaviour: bool, min_abs_corr: float) -> pd.Series:
+    """carrier / suppressor / other (see :func:`find_evidence_carriers`)."""
+    ok = df["spearman_pos"] > 0
+    if use_behaviour:
+        ok &= (df["detection_corr"].abs() > min_abs_corr) & (df["forced_corr"].abs() > min_abs_corr)
+    role = np.where(ok & (df["attribution"] < 0), "carrier", np.where(ok & (df["attribution"] > 0), "suppressor", "other"))
+    return pd.Series(role, index=df.index)
+
+
+def find_evidence_carriers(
+    model: Any,
+    transcoders: Mapping[int, Any],
+    grid: FeatureGrid,
+    gate: str | tuple[int, int],
+    *,
+    behaviour: Any = None,
+    min_abs_corr: float = 0.0,
+    include_other: bool = False,
+) -> pd.DataFrame:
+    """Evidence carriers of ``gate``: features between the injection layer and the gate that suppress it.
+
+    Candidates are the features of grid layers ``injection_layer < layer < gate layer`` that are active at the
+    default strength for some concept. For each: ``virtual_weight`` = gate encoder . carrier decoder
+    (:func:`virtual_weights`), ``attribution`` = virtual_weight x ``activation_default`` (the concept-mean
+    activation at the grid's default strength), and every statistic of :func:`feature_stats`.
+
+    Roles: a **carrier** has ``spearman_pos > 0`` (grows with the injection), ``|detection_corr|`` and
+    ``|forced_corr|`` above ``min_abs_corr`` (not NaN; this criterion is skipped when ``behaviour`` is None)
+    and ``attribution < 0`` (it suppresses the gate). A **suppressor** meets the same dose and behaviour
+    criteria with ``attribution > 0``. Returns carriers ranked by attribution (most negative first), then
+    suppressors (most positive first), then, if ``include_other``, everything else; ``rank`` counts within
+    a role.
+    """
+    gate_layer, gate_index = parse_feature(gate)
+    if gate_layer not in transcoders:
+        raise ValueError(f"no transcoder for the gate's layer {gate_layer}; loaded: {sorted(transcoders)}")
+    layers = [la for la in grid.layers if grid.injection_layer < la < gate_layer and la in transcoders]
+    frames = []
+    for layer in layers:
+        idx = grid.active(layer, strength=grid.default_strength)
+        if len(idx) == 0:
+            continue
+        stats = feature_stats(grid, [(layer, int(i)) for i in idx], behaviour=behaviour)
+        weight = virtual_weights(transcoders, (gate_layer, gate_index), layer, idx).numpy()
+        frames.append(stats.assign(virtual_weight=weight, attribution=weight * stats["activation_default"]))
+    if not frames:
+        return pd.DataFrame(columns=["feature", "layer", "index", "virtual_weight", "attribution", "role", "rank"])
+    df = pd.concat(frames, ignore_index=True)
+    df["role"] = _roles(df, use_behaviour=behaviour is not None, min_abs_corr=min_abs_corr)
+    if not include_other:
+        df = df[df["role"] != "other"]
+    order = {"carrier": 0, "suppressor": 1, "other": 2}
+    key = np.where(df["role"] == "suppressor", -df["attribution"], df["attribution"])
+    df = df.assign(_r=df["role"].map(order), _k=key).sort_values(["_r", "_k"], kind="stable")
+    df["rank"] = df.groupby("role").cumcount() + 1
+    df = df.drop(columns=["_r", "_k"]).reset_index(drop=True)
+    first = ["feature", "layer", "index", "role", "rank", "attribution", "virtual_weight"]
+    return df[first + [c for c in df.columns if c not in first]]

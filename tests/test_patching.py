@@ -1,0 +1,138 @@
+"""patching: exact identities (no-op ablation, full patching = steered) and batched = one-at-a-time."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from mechintro.concepts import concept_vectors
+from mechintro.models import spec_for
+from mechintro.patching import (
+    PatchingConfig,
+    Replacement,
+    capture_sites,
+    component_patching,
+    replacement_hooks,
+    summarize_patching,
+)
+from mechintro.prompts import trial_prompt
+from mechintro.readout import yes_no_gap
+from mechintro.steering import hooks_context, inject
+
+CONCEPTS = ["Bread", "Oceans", "Dust"]
+INJ = 1  # inject early so that layers 2 and 3 are patched
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: the tiny model is many times slower with two on a shared, loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def vecs(tiny):
+    return concept_vectors(tiny, CONCEPTS, layer=INJ)
+
+
+def _sites(first: int, n_layers: int = 4) -> list[tuple[int, str]]:
+    return [(layer, comp) for layer in range(first, n_layers) for comp in ("attn", "mlp")]
+
+
+def test_ablating_with_the_steered_runs_own_values_is_a_no_op(tiny, vecs):
+    p = trial_prompt(tiny, trial=1)
+    pos = slice(p.injection_start, len(p.tokens))
+    tokens = p.tokens[None].expand(3, -1)
+    kw = dict(layer=INJ, strength=6.0, start=p.injection_start)
+    with inject(tiny, vecs, **kw):
+        own, steered = capture_sites(tiny, tokens, _sites(INJ + 1), positions=pos)
+    rows = torch.arange(3)
+    for site in _sites(INJ + 1):  # one site at a time, and all at once
+        with torch.no_grad(), inject(tiny, vecs, **kw), hooks_context(
+            tiny, replacement_hooks({site: Replacement(rows, own[site])}, positions=pos)
+        ):
+            torch.testing.assert_close(tiny(tokens)[:, -1].float(), steered, rtol=1e-5, atol=1e-5)
+    every = {site: Replacement(rows, own[site]) for site in _sites(INJ + 1)}
+    with torch.no_grad(), inject(tiny, vecs, **kw), hooks_context(tiny, replacement_hooks(every, positions=pos)):
+        torch.testing.assert_close(tiny(tokens)[:, -1].float(), steered, rtol=1e-5, atol=1e-5)
+
+
+def test_patching_every_component_reproduces_the_steered_logits(tiny, vecs):
+    """Unsteered run + every attn/mlp output after the injection layer patched from the steered run: the
+    residual stream differs from the steered one by exactly the injection's direct path (strength x v), so
+    adding that path at the last layer's resid_post gives the steered logits."""
+    p = trial_prompt(tiny, trial=2)
+    pos = slice(p.injection_start, len(p.tokens))
+    tokens = p.tokens[None].expand(3, -1)
+    strength = torch.tensor([4.0, -8.0, 8.0])
+    with inject(tiny, vecs, layer=INJ, strength=strength, start=p.injection_start):
+        steered_values, _ = capture_sites(tiny, tokens, _sites(0), positions=pos)
+        with torch.no_grad():
+            steered = tiny(tokens)
+    every = {site: Replacement(torch.arange(3), steered_values[site]) for site in _sites(0)}
+    with torch.no_grad(), hooks_context(tiny, replacement_hooks(every, positions=pos)):
+        components_only = tiny(tokens)
+        with inject(tiny, vecs, layer=3, strength=strength, start=p.injection_start):  # the direct path
+            patched = tiny(tokens)
+    torch.testing.assert_close(patched, steered, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(components_only[:, -1], steered[:, -1], atol=1e-3)
+
+
+def test_batched_component_patching_equals_one_forward_per_intervention(tiny, vecs):
+    cfg = PatchingConfig(injection_layer=INJ, strength=8.0, trials=(1,), batch_size=4)
+    df = component_patching(tiny, CONCEPTS, vectors=vecs, config=cfg)
+    spec = spec_for(tiny)
+    p = trial_prompt(tiny, trial=1)
+    pos = slice(p.injection_start, len(p.tokens))
+    clean, clean_logits = capture_sites(tiny, p.tokens[None], _sites(INJ + 1), positions=pos)
+    got = df[(df["experiment"] == "ablation") & (df["kind"] == "intervention")]
+    assert len(got) == len(_sites(INJ + 1)) * len(CONCEPTS)
+    for row in got.sample(5, random_state=0).itertuples():
+        site, c = (int(row.layer), row.component), CONCEPTS.index(row.concept)
+        with torch.no_grad(), inject(tiny, vecs[c], layer=INJ, strength=8.0, start=p.injection_start), hooks_context(
+            tiny, replacement_hooks({site: Replacement(torch.tensor([0]), clean[site])}, positions=pos)
+        ):
+            alone = yes_no_gap(tiny(p.tokens[None])[0, -1].float(), spec)
+        assert row.value == pytest.approx(float(alone), abs=1e-4)
+    base = df[df["kind"] == "unsteered"]
+    assert base["value"][base["metric"] == "gap"].tolist() == pytest.approx(
+        [float(yes_no_gap(clean_logits[0], spec))] * 2 * len(CONCEPTS), abs=1e-5
+    )
+    assert set(df["experiment"]) == {"ablation", "patching", "forced_ablation"}
+    assert set(df.loc[df["experiment"] == "forced_ablation", "metric"]) == {"p_concept"}
+    # interventions start after the injection layer
+    patch = df[(df["experiment"] == "patching") & (df["kind"] == "intervention")]
+    assert patch["layer"].dropna().astype(int).min() == INJ + 1
+
+
+def test_positions_reference_and_summary(tiny, vecs):
+    base = dict(injection_layer=INJ, strength=8.0, experiments=("ablation",), layers=(2,))
+    last = component_patching(tiny, CONCEPTS[:2], vectors=vecs[:2], config=PatchingConfig(positions="last", **base))
+    full = component_patching(tiny, CONCEPTS[:2], vectors=vecs[:2], config=PatchingConfig(**base))
+    assert not torch.allclose(torch.tensor(last["value"].to_numpy()), torch.tensor(full["value"].to_numpy()))
+    matched = component_patching(tiny, CONCEPTS[:2], vectors=vecs[:2], config=PatchingConfig(trials=(1, 2), **base))
+    mean = component_patching(
+        tiny, CONCEPTS[:2], vectors=vecs[:2], config=PatchingConfig(trials=(1, 2), reference="trial_mean", **base)
+    )
+    assert len(matched) == len(mean)
+    summary = summarize_patching(full)
+    row = summary[(summary["kind"] == "intervention") & (summary["component"] == "mlp")].iloc[0]
+    values = full[(full["kind"] == "intervention") & (full["component"] == "mlp")]["value"]
+    assert row["mean"] == pytest.approx(values.mean()) and row["n"] == 2 and row["lo"] < row["mean"] < row["hi"]
+    with pytest.raises(ValueError, match=r"valid: \['attn', 'mlp'\]"):
+        PatchingConfig(components=("resid",))
+    with pytest.raises(ValueError, match=r"valid: \['from_start', 'last'\]"):
+        PatchingConfig(positions="all")
+
+
+def test_summary_averages_trials_within_a_concept_first():
+    df = pd.DataFrame({
+        "experiment": "ablation", "kind": "intervention", "layer": 3, "component": "mlp", "metric": "gap",
+        "concept": ["A", "A", "B"], "trial": [1, 2, 1], "value": [1.0, 3.0, 4.0],
+    })  # fmt: skip
+    row = summarize_patching(df).iloc[0]
+    assert row["mean"] == 3.0 and row["n"] == 2  # (2 + 4) / 2
+    assert row["hi"] - row["mean"] == pytest.approx(12.7062047 * 1.0)  # t(0.975, 1) x sem (=1)
