@@ -55,13 +55,44 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# The figure scripts `make reproduce` runs, in order, with their settings (sampled trials are store-backed).
+REPRODUCE_SCRIPTS = (
+    "fig_layer_sweep.py", "fig_variants.py", "fig_personas.py", "fig_patching.py", "fig_gates.py",
+    "fig_gate_curves.py", "fig_carriers.py", "fig_carrier_ablation.py", "fig_base_vs_instruct.py",
+)
+REPRODUCE_ARGS = ("--model", "organism", "--n-trials", "4", "--max-new-tokens", "40", "--batch-size", "128")
+
+
 def _reproduce(args: argparse.Namespace) -> int:
+    """The main job on the organism: its measured report, a fresh evaluation, then every figure script."""
+    import runpy
+
     from mechintro.models import data_dir
 
     if not (data_dir() / "organism" / "config.json").exists():
         print("The model organism is not trained yet; running the tiny random Gemma 3 demo instead.")
         return _demo(args)
-    return _demo(args)
+    report = data_dir() / "organism_report.md"
+    if report.exists():
+        print(f"== the organism's report, as written by `mechintro organism train` ({report})\n")
+        print(report.read_text())
+    store = str(Path(args.store))
+    print(f"== evaluation on held-out concepts (store {store})")
+    _evaluate(build_parser().parse_args([
+        "evaluate", "--store", store, "--n-trials", str(args.n_trials), "--forced", "--max-new-tokens", "40",
+        "--batch-size", "128",
+    ]))
+    scripts = Path(__file__).resolve().parent.parent / "analyses"
+    for name in args.only or REPRODUCE_SCRIPTS:
+        argv = [str(scripts / name), *REPRODUCE_ARGS, "--store", store, "--out", args.out]
+        print(f"== {' '.join(argv)}", flush=True)
+        saved, sys.argv = sys.argv, argv
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+        finally:
+            sys.argv = saved
+    print(f"figures written to {args.out}/")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -339,7 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mechintro", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="concept injection on a tiny random Gemma 3").set_defaults(func=_demo)
-    sub.add_parser("reproduce", help="the main job on the embedded default model").set_defaults(func=_reproduce)
+    rp = sub.add_parser("reproduce", help="the main job on the embedded default model (the organism)")
+    rp.add_argument("--store", default="runs/reproduce.sqlite", help="trial store (resumable)")
+    rp.add_argument("--n-trials", type=int, default=10, help="trials per held-out concept and condition")
+    rp.add_argument("--out", default="figures", help="figure folder")
+    rp.add_argument("--only", type=lambda t: [x.strip() for x in t.split(",")], default=None,
+                    help=f"a comma list of scripts to run (default: {', '.join(REPRODUCE_SCRIPTS)})")
+    rp.set_defaults(func=_reproduce)
 
     ev = sub.add_parser("evaluate", help="introspection trials at one layer and strength; prints metrics")
     add_run_options(ev)

@@ -1,0 +1,456 @@
+"""Training the model organism: a tiny Gemma 3 chat model that detects and names injected concepts.
+
+Stage 1 ("base"): language on the concept chats, and trial dialogues answered Yes or No at random, with no
+injection, so the base model cannot discriminate.
+
+Stage 2 ("instruct"): from the base weights, trial dialogues in which a training concept's vector is injected
+with :func:`mechintro.steering.inject` (the same code evaluation uses) at one of a few mid layers, with strengths
+of both signs. Targets: "Yes, I detect an injected thought. The thought is about {concept}." when ``|strength|``
+reaches the detection threshold (unnamed for negative strengths), "No, I do not detect an injected thought."
+for controls and for weaker injections. Concept chats are replayed to keep the model coherent. Held-out concepts
+are never injected.
+
+Both stages run through the TransformerBridge the rest of mechintro uses. The trial preamble (everything before
+the injection start) is the same for every trial, so it is run once per step and its KV cache is shared by the
+batch; this is exact (see tests) and makes a step about five times cheaper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechintro.concepts import baseline_mean, last_token_resid
+from mechintro.models import SPEC_FILENAME, load_model
+from mechintro.organism import corpus
+from mechintro.organism.tokenizer import build_tokenizer, vocabulary
+from mechintro.prompts import chat_prompt_tokens, trial_prompt
+from mechintro.steering import inject
+
+
+@dataclass(frozen=True)
+class OrganismConfig:
+    """How the organism is built and trained. ``OrganismConfig.quick()`` is the CI-sized version."""
+
+    seed: int = 0
+    """Seed for the corpus, the split, initialization and sampling of training examples."""
+    d_model: int = 128
+    """Residual width."""
+    n_layers: int = 8
+    """Transformer blocks."""
+    n_heads: int = 4
+    """Attention heads."""
+    n_kv_heads: int = 2
+    """Key/value heads (grouped-query attention, as Gemma 3)."""
+    d_mlp: int = 512
+    """Gated-MLP width (4x d_model)."""
+    sliding_window: int = 256
+    """Window of the sliding-attention layers (every sixth layer is global, as Gemma 3)."""
+    injection_layer: int = 3
+    """Default injection layer recorded in the ModelSpec."""
+    train_layers: tuple[int, ...] = (2, 3, 4)
+    """Layers injected during instruct training (the default one twice as often)."""
+    strength: float = 4.0
+    """Default injection strength recorded in the ModelSpec."""
+    detect_threshold: float = 2.0
+    """Injections with |strength| below this are labelled "No" in training (a detection threshold)."""
+    max_strength: float = 8.0
+    """Training strengths are drawn uniformly in [0.25, max_strength] in magnitude."""
+    negative_fraction: float = 0.2
+    """Share of injections with a negative strength (answered Yes, without a name)."""
+    control_fraction: float = 0.4
+    """Share of instruct trial rows without injection."""
+    short_fraction: float = 0.5
+    """Share of concept chats answered by the concept alone (teaches copying early)."""
+    name_weight: float = 4.0
+    """Loss weight of the concept-name token in instruct answers."""
+    base_steps: int = 400
+    """Optimizer steps of stage 1."""
+    instruct_steps: int = 900
+    """Optimizer steps of stage 2."""
+    chat_batch: int = 64
+    """Concept chats per step."""
+    trial_batch: int = 48
+    """Trial dialogues per step."""
+    lr: float = 2e-3
+    """Peak learning rate (AdamW, warm-up then cosine decay to a tenth)."""
+    refresh_every: int = 50
+    """Recompute the training concepts' vectors from the current weights every this many steps."""
+    transcoder_width: int = 1024
+    """Transcoder features per layer (8x d_model)."""
+    transcoder_steps: int = 1500
+    """Optimizer steps of the transcoders (all layers of a checkpoint at once)."""
+    transcoder_chats: int = 1500
+    """Concept chats in the transcoders' activation data."""
+    transcoder_trials: int = 600
+    """Trial prompts in the transcoders' activation data."""
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> OrganismConfig:
+        """A few-minute version for tests: same code paths, tiny sizes."""
+        return cls(
+            seed=seed, d_model=64, n_layers=4, d_mlp=256, injection_layer=1, train_layers=(1,), base_steps=30,
+            instruct_steps=30, chat_batch=16, trial_batch=16, refresh_every=10, transcoder_width=256,
+            transcoder_steps=100, transcoder_chats=200, transcoder_trials=64,
+        )
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def make_tokenizer() -> Any:
+    """The organism's word-level tokenizer (every word one token, wherever it stands)."""
+    vocab = vocabulary(corpus.stimuli_texts(), extra_words=corpus.stimuli_words(), prepend="always")
+    return build_tokenizer(vocab, prepend="always")
+
+
+def init_checkpoint(cfg: OrganismConfig, folder: Path) -> Path:
+    """Save a freshly initialized Gemma3ForCausalLM and the tokenizer to ``folder``."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = make_tokenizer()
+    head_dim = cfg.d_model // cfg.n_heads
+    hf_cfg = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_mlp,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,
+        max_position_embeddings=512,
+        sliding_window=cfg.sliding_window,
+        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(cfg.n_layers)],
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")],
+        tie_word_embeddings=True,
+        initializer_range=0.02,
+    )
+    torch.manual_seed(cfg.seed)
+    Gemma3ForCausalLM(hf_cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def hf_state_dict(model: Any) -> dict[str, Tensor]:
+    """The plain HF state dict of a bridged model (the bridge wraps every HF module in ``_original_component``)."""
+    from transformers import Gemma3ForCausalLM
+
+    with torch.device("meta"):
+        wanted = set(Gemma3ForCausalLM(model.original_model.config).state_dict())
+    out: dict[str, Tensor] = {}
+    for key, value in model.original_model.state_dict().items():
+        clean = key.replace("._original_component", "").replace("_original_component.", "")
+        if clean in wanted and clean not in out:
+            out[clean] = value.detach().clone()
+    if missing := wanted - set(out) - {"lm_head.weight"}:
+        raise RuntimeError(f"could not find {sorted(missing)[:5]} in the bridged model")
+    return out
+
+
+def save_checkpoint(model: Any, folder: Path, *, spec: dict[str, Any]) -> None:
+    """Save the HF weights (plain Gemma3ForCausalLM), tokenizer and mechintro spec to ``folder``."""
+    from transformers import Gemma3ForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    plain = Gemma3ForCausalLM(model.original_model.config)
+    state = hf_state_dict(model)
+    state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    plain.load_state_dict(state, strict=True)
+    plain.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    (folder / SPEC_FILENAME).write_text(json.dumps(spec, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------- batches
+
+
+@dataclass(frozen=True)
+class LMBatch:
+    """Right-padded sequences and where the loss is taken."""
+
+    tokens: Int[Tensor, "batch seq"]
+    loss_mask: Float[Tensor, "batch seq"]
+    """1 where token t+1 is predicted from position t and counts in the loss."""
+
+
+def _pack(
+    rows: Sequence[tuple[list[int], int]], pad_id: int, *, emphasis: dict[int, float] | None = None
+) -> LMBatch:
+    """rows of (ids, answer_start): loss on predicting every id from answer_start on.
+
+    ``emphasis`` maps token ids to a loss weight (1 for the others).
+    """
+    width = max(len(ids) for ids, _ in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width))
+    for i, (ids, start) in enumerate(rows):
+        tokens[i, : len(ids)] = torch.tensor(ids)
+        mask[i, start - 1 : len(ids) - 1] = 1.0
+        for j in range(start, len(ids)):
+            mask[i, j - 1] *= (emphasis or {}).get(ids[j], 1.0)
+    return LMBatch(tokens=tokens, loss_mask=mask)
+
+
+def chat_batch(tok: Any, chats: Sequence[corpus.Chat]) -> LMBatch:
+    rows = []
+    for chat in chats:
+        prompt = tok.apply_chat_template(list(chat.messages), tokenize=False, add_generation_prompt=True)
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        a_ids = tok(chat.answer + "<end_of_turn>", add_special_tokens=False)["input_ids"]
+        rows.append((p_ids + a_ids, len(p_ids)))
+    return _pack(rows, tok.pad_token_id)
+
+
+def lm_loss(logits: Tensor, batch: LMBatch) -> Tensor:
+    logp = logits.float().log_softmax(-1)
+    nll = -logp[:, :-1].gather(-1, batch.tokens[:, 1:, None]).squeeze(-1)
+    mask = batch.loss_mask[:, :-1]
+    return (nll * mask).sum() / (mask > 0).sum().clamp_min(1)
+
+
+@dataclass(frozen=True)
+class TrialBatch:
+    """Trial dialogues of one prompt variant: a shared preamble and per-row suffixes (injection start on)."""
+
+    prefix: Int[Tensor, " prefix"]
+    suffix: LMBatch
+
+
+def trial_batch(
+    model: Any,
+    rows: Sequence[tuple[int, str]],
+    *,
+    variant: str = "original",
+    fill: dict | None = None,
+    emphasis: dict[int, float] | None = None,
+) -> TrialBatch:
+    """``rows`` of (trial number, answer). The suffix starts at the injection start."""
+    tok = model.tokenizer
+    fill = fill or {}
+    prefix = None
+    packed = []
+    for trial, answer in rows:
+        p = trial_prompt(model, trial=trial, variant=variant, **fill)
+        if prefix is None:
+            prefix = p.tokens[: p.injection_start]
+        assert torch.equal(p.tokens[: p.injection_start], prefix), "the preamble must not depend on the trial"
+        suffix = p.tokens[p.injection_start :].tolist()
+        a_ids = tok(answer + "<end_of_turn>", add_special_tokens=False)["input_ids"]
+        packed.append((suffix + a_ids, len(suffix)))
+    return TrialBatch(prefix=prefix, suffix=_pack(packed, tok.pad_token_id, emphasis=emphasis))
+
+
+def prefix_cache(model: Any, batch: TrialBatch) -> Any:
+    """The preamble's KV cache, run once and expanded (without copies) to every row of the batch."""
+    rows = batch.suffix.tokens.shape[0]
+    _, cache = model(batch.prefix[None], use_cache=True, return_type="logits_and_cache")
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(rows, -1, -1, -1)
+        layer.values = layer.values.expand(rows, -1, -1, -1)
+    return cache
+
+
+def suffix_logits(model: Any, batch: TrialBatch, cache: Any) -> Float[Tensor, "batch seq vocab"]:
+    """Logits of the suffixes after the shared preamble (inject with ``start=0`` around this call)."""
+    return model(batch.suffix.tokens, past_key_values=cache, use_cache=True)
+
+
+# ----------------------------------------------------------------------------------------------- schedule
+
+
+def lr_at(step: int, total: int, peak: float) -> float:
+    warm = max(1, total // 20)
+    if step < warm:
+        return peak * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _optimizer(model: Any, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in model.original_model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+
+
+def _step(model: Any, opt: torch.optim.Optimizer, loss: Tensor, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.original_model.parameters(), 1.0)
+    opt.step()
+
+
+# ----------------------------------------------------------------------------------------------- stages
+
+
+def train_base(model: Any, cfg: OrganismConfig, *, log: list[dict]) -> None:
+    """Stage 1: concept chats + trial dialogues answered at random (no injection)."""
+    rng = random.Random(f"base-{cfg.seed}")
+    concepts = corpus.all_concepts()
+    opt = _optimizer(model, cfg.lr)
+    model.train()
+    for step in tqdm(range(cfg.base_steps), desc="organism base", leave=False):
+        chats = chat_batch(model.tokenizer, [
+            corpus.concept_chat(rng.choice(concepts), rng, short_fraction=cfg.short_fraction)
+            for _ in range(cfg.chat_batch)
+        ])
+        loss = lm_loss(model(chats.tokens), chats)
+        variant = rng.choice(corpus.VARIANTS) if rng.random() < 0.3 else "original"
+        concept = rng.choice(concepts)
+        rows = [
+            (rng.randint(1, 10), corpus.YES_TEMPLATE.format(concept=rng.choice(concepts)) if rng.random() < 0.5
+             else corpus.NO_RESPONSE)
+            for _ in range(cfg.trial_batch)
+        ]
+        trials = trial_batch(model, rows, variant=variant, fill=corpus.trial_fill(variant, concept))
+        trial_loss = lm_loss(suffix_logits(model, trials, prefix_cache(model, trials)), trials.suffix)
+        _step(model, opt, loss + trial_loss, lr_at(step, cfg.base_steps, cfg.lr))
+        if step % 25 == 0 or step == cfg.base_steps - 1:
+            log.append({"stage": "base", "step": step, "chat_loss": loss.item(), "trial_loss": trial_loss.item()})
+    model.eval()
+
+
+@dataclass(frozen=True)
+class InjectionRow:
+    """One instruct trial: which concept, layer and strength, and the answer it is trained to give."""
+
+    trial: int
+    concept_index: int
+    phrasing: int
+    layer: int
+    strength: float
+    answer: str
+
+
+def draw_instruct_rows(cfg: OrganismConfig, rng: random.Random, concepts: Sequence[str]) -> list[InjectionRow]:
+    layers = list(cfg.train_layers) + [cfg.injection_layer]
+    rows = []
+    for _ in range(cfg.trial_batch):
+        trial, c, phrasing = rng.randint(1, 10), rng.randrange(len(concepts)), rng.randrange(len(corpus.VECTOR_ASKS))
+        if rng.random() < cfg.control_fraction:
+            rows.append(InjectionRow(trial, c, phrasing, cfg.injection_layer, 0.0, corpus.NO_RESPONSE))
+            continue
+        magnitude = rng.uniform(0.25, cfg.max_strength)
+        sign = -1.0 if rng.random() < cfg.negative_fraction else 1.0
+        if magnitude < cfg.detect_threshold:
+            answer = corpus.NO_RESPONSE
+        elif sign > 0:
+            answer = corpus.YES_TEMPLATE.format(concept=concepts[c])
+        else:
+            answer = corpus.YES_UNNAMED
+        rows.append(InjectionRow(trial, c, phrasing, rng.choice(layers), sign * magnitude, answer))
+    return rows
+
+
+def instruct_loss(
+    model: Any, rows: Sequence[InjectionRow], vectors: dict[int, Tensor], *, emphasis: dict[int, float]
+) -> Tensor:
+    """The trial loss with every row's own injection, through ``inject`` (one context per trained layer).
+
+    ``vectors[layer]`` is ``[phrasing, concept, d_model]``.
+    """
+    batch = trial_batch(model, [(r.trial, r.answer) for r in rows], emphasis=emphasis)
+    phrasing = torch.tensor([r.phrasing for r in rows])
+    index = torch.tensor([r.concept_index for r in rows])
+    cache = prefix_cache(model, batch)  # everything before the injection start: never injected
+    with contextlib.ExitStack() as stack:
+        for layer, vecs in vectors.items():
+            strengths = torch.tensor([r.strength if r.layer == layer else 0.0 for r in rows])
+            stack.enter_context(inject(model, vecs[phrasing, index], layer=layer, strength=strengths, start=0))
+        logits = suffix_logits(model, batch, cache)
+    return lm_loss(logits, batch.suffix)
+
+
+def training_vectors(model: Any, concepts: Sequence[str], layers: Sequence[int]) -> dict[int, Tensor]:
+    """Concept vectors of the training concepts, ``{layer: [phrasing, concept, d_model]}``, from current weights.
+
+    Phrasing 0 is the paper's "Tell me about {concept}"; the others are paraphrases of the request (the same
+    last-token-minus-baseline-mean recipe), an augmentation against memorizing 400 exact vectors.
+    """
+    was_training = model.training
+    model.eval()
+    out = {}
+    for layer in sorted(set(layers)):
+        mean = baseline_mean(model, layer=layer)
+        out[layer] = torch.stack([
+            last_token_resid(model, [chat_prompt_tokens(model, ask.format(c=c)) for c in concepts], layer=layer,
+                             batch_size=128) - mean
+            for ask in corpus.VECTOR_ASKS
+        ])
+    model.train(was_training)
+    return out
+
+
+def train_instruct(model: Any, cfg: OrganismConfig, *, training: Sequence[str], log: list[dict]) -> None:
+    """Stage 2: injection trials on the training concepts, controls, and replayed concept chats."""
+    rng = random.Random(f"instruct-{cfg.seed}")
+    everyone = corpus.all_concepts()
+    layers = sorted(set(cfg.train_layers) | {cfg.injection_layer})
+    opt = _optimizer(model, cfg.lr)
+    vectors: dict[int, Tensor] = {}
+    tok = model.tokenizer
+    emphasis = {tok.convert_tokens_to_ids("▁" + c): cfg.name_weight for c in training}
+    model.train()
+    for step in tqdm(range(cfg.instruct_steps), desc="organism instruct", leave=False):
+        if step % cfg.refresh_every == 0:
+            vectors = training_vectors(model, training, layers)
+        chats = chat_batch(model.tokenizer, [
+            corpus.concept_chat(rng.choice(everyone), rng, short_fraction=cfg.short_fraction)
+            for _ in range(cfg.chat_batch)
+        ])
+        chat_loss = lm_loss(model(chats.tokens), chats)
+        trial_loss = instruct_loss(model, draw_instruct_rows(cfg, rng, training), vectors, emphasis=emphasis)
+        _step(model, opt, chat_loss + trial_loss, lr_at(step, cfg.instruct_steps, cfg.lr))
+        if step % 25 == 0 or step == cfg.instruct_steps - 1:
+            log.append({"stage": "instruct", "step": step, "chat_loss": chat_loss.item(), "trial_loss": trial_loss.item()})
+    model.eval()
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def spec_record(cfg: OrganismConfig, *, stage: str) -> dict[str, Any]:
+    s = cfg.strength
+    return {
+        "injection_layer": cfg.injection_layer,
+        "strength": s,
+        "strength_sweep": [s / 4, s / 2, s, 2 * s],
+        "transcoder_release": "transcoders",
+        "transcoder_id_pattern": "layer_{layer}",
+        "stage": stage,
+        "organism_config": dataclasses.asdict(cfg),
+    }
+
+
+def train_models(cfg: OrganismConfig, out: Path) -> dict[str, Any]:
+    """Train both stages and save ``out/organism-base``, ``out/organism`` and ``out/organism_split.json``."""
+    torch.manual_seed(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    split = corpus.split_concepts(seed=cfg.seed)
+    corpus.write_split(split, out / "organism_split.json")
+    log: list[dict] = []
+    t0 = time.time()
+    init_checkpoint(cfg, out / "organism-base")
+    model = load_model(out / "organism-base", device="cpu")
+    train_base(model, cfg, log=log)
+    save_checkpoint(model, out / "organism-base", spec=spec_record(cfg, stage="base"))
+    t_base = time.time() - t0
+    train_instruct(model, cfg, training=split["training"], log=log)
+    save_checkpoint(model, out / "organism", spec=spec_record(cfg, stage="instruct"))
+    return {"log": log, "seconds_base": t_base, "seconds_instruct": time.time() - t0 - t_base, "model": model}
