@@ -57,16 +57,53 @@ def _demo(args: argparse.Namespace) -> int:
 
 # The figure scripts `make reproduce` runs, in order, with their settings (sampled trials are store-backed).
 REPRODUCE_SCRIPTS = (
-    "fig_layer_sweep.py", "fig_variants.py", "fig_personas.py", "fig_patching.py", "fig_gates.py",
+    "fig_organism_profile.py", "fig_layer_sweep.py", "fig_variants.py", "fig_personas.py", "fig_patching.py", "fig_gates.py",
     "fig_gate_curves.py", "fig_carriers.py", "fig_carrier_ablation.py", "fig_base_vs_instruct.py",
 )
 REPRODUCE_ARGS = ("--model", "organism", "--n-trials", "4", "--max-new-tokens", "40", "--batch-size", "128")
+# Sweeps over many cells use fewer concepts so that `make reproduce` stays in minutes on a laptop CPU.
+REPRODUCE_EXTRA = {
+    "fig_layer_sweep.py": ("--concepts", "held-out:25", "--n-trials", "2"),
+    "fig_variants.py": ("--concepts", "held-out:50", "--n-trials", "2"),
+    "fig_personas.py": ("--concepts", "held-out:50", "--n-trials", "2"),
+}
+
+
+def analyses_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "analyses"
+
+
+def run_script(name: str, argv: Sequence[str]) -> None:
+    """Run ``analyses/<name>`` as ``__main__`` with ``argv`` (the scripts import their shared ``_mechanism``)."""
+    import runpy
+
+    path = analyses_dir() / name
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: the analyses/ scripts come with the repository checkout")
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    sys.argv, sys.path[:0] = [str(path), *argv], [str(path.parent)]
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+
+
+SCRIPT_COMMANDS = {
+    "gates": ("top gate candidates by DLA and the top gate's inverted-V", ("fig_gates.py",)),
+    "carriers": ("evidence carriers and suppressors of a gate", ("fig_carriers.py",)),
+    "curves": ("progressive gate ablation/patching curves and carrier-ablation curves",
+               ("fig_gate_curves.py", "fig_carrier_ablation.py")),
+}
+
+
+def _script_command(args: argparse.Namespace) -> int:
+    for name in SCRIPT_COMMANDS[args.command][1]:
+        run_script(name, args.script_args)
+    return 0
 
 
 def _reproduce(args: argparse.Namespace) -> int:
     """The main job on the organism: its measured report, a fresh evaluation, then every figure script."""
-    import runpy
-
     from mechintro.models import data_dir
 
     if not (data_dir() / "organism" / "config.json").exists():
@@ -82,15 +119,10 @@ def _reproduce(args: argparse.Namespace) -> int:
         "evaluate", "--store", store, "--n-trials", str(args.n_trials), "--forced", "--max-new-tokens", "40",
         "--batch-size", "128",
     ]))
-    scripts = Path(__file__).resolve().parent.parent / "analyses"
     for name in args.only or REPRODUCE_SCRIPTS:
-        argv = [str(scripts / name), *REPRODUCE_ARGS, "--store", store, "--out", args.out]
-        print(f"== {' '.join(argv)}", flush=True)
-        saved, sys.argv = sys.argv, argv
-        try:
-            runpy.run_path(argv[0], run_name="__main__")
-        finally:
-            sys.argv = saved
+        argv = [*REPRODUCE_ARGS, "--store", store, "--out", args.out, *REPRODUCE_EXTRA.get(name, ())]
+        print(f"== analyses/{name} {' '.join(argv)}", flush=True)
+        run_script(name, argv)
     print(f"figures written to {args.out}/")
     return 0
 
@@ -123,11 +155,14 @@ def tiny_model_folder() -> Path:
 
 
 def parse_concepts(text: str) -> list[str]:
-    """A concept-set name (original, new, all, training, held-out, baseline) or a comma-separated list."""
+    """A concept-set name (original, new, all, training, held-out, baseline), optionally ``name:N`` for its
+    first N concepts, or a comma-separated list."""
     from mechintro.concepts import all_concepts, baseline_words, concept_set
 
-    if text in CONCEPT_SETS:
-        return concept_set(text)
+    name, _, count = text.partition(":")
+    if name in CONCEPT_SETS and (not count or count.isdigit()):
+        words = concept_set(name)
+        return words[: int(count)] if count else words
     words = [w.strip() for w in text.split(",") if w.strip()]
     if not words or ("," not in text and words[0] not in {*all_concepts(), *baseline_words()}):
         raise ValueError(
@@ -402,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--formats", type=name_list, default=["html", "png"], help="comma-separated (default html,png)")
     fg.set_defaults(func=_figures)
 
+    for command, (text, scripts) in SCRIPT_COMMANDS.items():
+        sc = sub.add_parser(command, help=f"{text} (runs analyses/{', '.join(scripts)}; see its --help)",
+                            add_help=False)
+        sc.add_argument("script_args", nargs=argparse.REMAINDER)
+        sc.set_defaults(func=_script_command)
+
     org = sub.add_parser("organism", help="the model organism").add_subparsers(dest="organism_command", required=True)
     tr = org.add_parser("train", help="regenerate the organism, its transcoders and its report from a seed")
     tr.add_argument("--out", default=None, help="output folder (default: the project's data/)")
@@ -417,7 +458,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mechintro.judges import MissingAPIKeyError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SCRIPT_COMMANDS:  # everything after the command goes to the script, --help included
+        args = argparse.Namespace(command=argv[0], script_args=argv[1:], func=_script_command)
+    else:
+        args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, MissingAPIKeyError, FileNotFoundError) as err:

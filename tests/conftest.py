@@ -50,3 +50,12 @@ def hf_capture(hf_model, tokens, module_names):
         for h in handles:
             h.remove()
     return logits, got
+
+
+@pytest.fixture(scope="module")
+def tcs(tiny, tmp_path_factory):
+    """Random JumpReLU skip transcoders (seed 3) for every layer of the tiny model."""
+    from mechintro.testing import save_random_transcoders
+    from mechintro.transcoders import load_transcoders
+
+    return load_transcoders(tiny, source=save_random_transcoders(tmp_path_factory.mktemp("tcs"), seed=3))

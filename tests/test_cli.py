@@ -85,3 +85,17 @@ def test_demo_still_parses():
 
     assert build_parser().parse_args(["demo"]).func.__name__ == "_demo"
     assert build_parser().parse_args(["reproduce"]).func.__name__ == "_reproduce"
+
+
+def test_mechanism_commands_hand_their_arguments_to_the_analyses_scripts(capsys):
+    import pytest
+
+    from mechintro.cli import SCRIPT_COMMANDS, analyses_dir, main
+
+    for command, (_, scripts) in SCRIPT_COMMANDS.items():
+        for script in scripts:
+            assert (analyses_dir() / script).exists(), script
+        with pytest.raises(SystemExit) as stop:
+            main([command, "--help"])
+        assert stop.value.code == 0
+        assert scripts[0] in capsys.readouterr().out

@@ -22,26 +22,10 @@ from mechintro.models import spec_for
 from mechintro.prompts import trial_prompt
 from mechintro.readout import yes_no_gap
 from mechintro.steering import inject
-from mechintro.testing import save_random_transcoders
-from mechintro.transcoders import load_transcoders
 
 CONCEPTS = ["Bread", "Oceans"]
 GATES = ["L3 F5", "L3 F17", "L3 F40", "L2 F7"]
 INJ = 1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: the tiny model is many times slower with two on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tcs(tiny, tmp_path_factory):
-    return load_transcoders(tiny, source=save_random_transcoders(tmp_path_factory.mktemp("tcs"), seed=3))
 
 
 @pytest.fixture(scope="module")

@@ -35,15 +35,6 @@ CONCEPTS = ["Bread", "Oceans", "Dust"]
 STRENGTHS = (-4.0, 0.0, 2.0, 4.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: the tiny model is many times slower with two on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tcs(tiny, tmp_path_factory):
     return load_transcoders(tiny, source=save_random_transcoders(tmp_path_factory.mktemp("tcs")))

@@ -11,24 +11,9 @@ from mechintro.models import HookNames, spec_for
 from mechintro.prompts import left_pad, trial_prompt
 from mechintro.sampling import sample
 from mechintro.steering import hooks_context, inject
-from mechintro.testing import save_random_transcoders
-from mechintro.transcoders import load_transcoders, transcoder_inputs
+from mechintro.transcoders import transcoder_inputs
 
 FEATURES = ["L3 F5", "L3 F17", "L3 F40"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: the tiny model is many times slower with two on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tcs(tiny, tmp_path_factory):
-    return load_transcoders(tiny, source=save_random_transcoders(tmp_path_factory.mktemp("tcs"), seed=3))
 
 
 @pytest.fixture(scope="module")

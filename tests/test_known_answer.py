@@ -33,15 +33,6 @@ CONCEPTS = ["Bread", "Oceans", "Dust", "Trumpets", "Avalanches"]
 GATE = "L3 F0"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: the tiny model is many times slower with two on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def planted(tiny, tmp_path_factory):
     """Random small transcoders for every layer, with the planted gate as feature 0 of the last layer."""

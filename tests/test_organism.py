@@ -123,3 +123,19 @@ def test_shipped_organism_detects_heldout_injections():
     m = detection_metrics(df, by=["layer", "strength"]).iloc[0]
     assert m["n_injection"] >= 300 and m["n_control"] >= 300
     assert m["tpr"] > m["fpr"] + 0.4, m
+
+
+@pytest.mark.slow
+def test_full_training_reaches_the_targets(tmp_path):
+    """The full recipe from scratch (about 30 minutes on 2 cores): run with `pytest -m slow`."""
+    from mechintro.organism.evaluate import EvalConfig
+
+    report = build(tmp_path, cfg=OrganismConfig(), eval_cfg=EvalConfig())
+    held, base = report["instruct_heldout"], report["base_heldout"]
+    assert held["n_injection"] >= 2000 and held["n_control"] >= 2000
+    assert held["tpr"] >= 0.60 and held["fpr"] <= 0.05
+    assert held["introspection"] >= 0.30 and held["forced_id"] >= 0.50
+    assert base["tpr"] - base["fpr"] <= 0.10
+    by_strength = report["profile"]["tpr_by_strength_at_default_layer"]
+    assert by_strength[min(by_strength)] <= 0.30
+    assert report["profile"]["best_minus_worst_layer"] >= 0.30

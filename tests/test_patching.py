@@ -24,15 +24,6 @@ CONCEPTS = ["Bread", "Oceans", "Dust"]
 INJ = 1  # inject early so that layers 2 and 3 are patched
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: the tiny model is many times slower with two on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def vecs(tiny):
     return concept_vectors(tiny, CONCEPTS, layer=INJ)

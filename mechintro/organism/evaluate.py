@@ -38,7 +38,7 @@ class EvalConfig:
     """Injection (and control, and forced) trials per concept for the headline numbers (100 concepts -> 2000)."""
     n_training_concepts: int = 100
     """Training concepts measured for comparison."""
-    profile_trials: int = 4
+    profile_trials: int = 3
     """Trials per concept and cell of the layer x strength profile."""
     profile_concepts: int = 50
     """Held-out concepts in the profile."""

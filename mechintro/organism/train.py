@@ -91,7 +91,7 @@ class OrganismConfig:
     """Recompute the training concepts' vectors from the current weights every this many steps."""
     transcoder_width: int = 1024
     """Transcoder features per layer (8x d_model)."""
-    transcoder_steps: int = 1500
+    transcoder_steps: int = 600
     """Optimizer steps of the transcoders (all layers of a checkpoint at once)."""
     transcoder_chats: int = 1500
     """Concept chats in the transcoders' activation data."""

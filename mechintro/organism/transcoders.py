@@ -46,7 +46,7 @@ class TranscoderConfig:
     """Positions per step."""
     lr: float = 2e-3
     """Adam learning rate."""
-    target_l0: float = 16.0
+    target_l0: float = 24.0
     """The L0 the sparsity coefficient is steered towards."""
     bandwidth: float = 0.05
     """Width of the straight-through kernel, in standardized units."""
@@ -56,6 +56,8 @@ class TranscoderConfig:
     """Trial prompts (half with injection) in the activation data."""
     seed: int = 0
     """Seed for data and initialization."""
+    resample_every: int = 50
+    """Re-initialize features that did not fire in the last this-many steps (until 85% of training)."""
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -211,20 +213,40 @@ def fit_transcoders(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     lam = torch.full((len(layers),), 1e-3)
     g = torch.Generator().manual_seed(cfg.seed)
+    fired = torch.zeros(len(layers), cfg.width, dtype=torch.bool)
     for step in tqdm(range(cfg.steps), desc="transcoders", leave=False, disable=not progress):
         idx = torch.randint(0, n, (cfg.batch,), generator=g)
         xb, yb = x[:, idx], y[:, idx]
-        pred, _, l0 = model(xb, cfg.bandwidth)
+        pred, acts, l0 = model(xb, cfg.bandwidth)
+        fired |= (acts > 0).any(1).detach()
         fvu = (pred - yb).pow(2).sum(-1).mean(-1) / var
         warm = min(1.0, step / (0.2 * cfg.steps))
         loss = (fvu + warm * lam * l0).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if (step + 1) % cfg.resample_every == 0:
+            if step < 0.85 * cfg.steps:
+                _resample(model, ~fired, xb, g)
+            fired.zero_()
         with torch.no_grad():
             lam *= torch.exp(0.02 * torch.sign(l0.detach() - cfg.target_l0)) if step > 0.2 * cfg.steps else 1.0
             lam.clamp_(1e-6, 1.0)
     return model, {"sx": sx, "sy": sy}
+
+
+@torch.no_grad()
+def _resample(model: StackedTranscoders, dead: Tensor, xb: Tensor, g: torch.Generator) -> None:
+    """Point each dead feature's encoder at a random input of the batch, with a fresh small decoder row."""
+    for layer, feats in enumerate(dead):
+        idx = feats.nonzero().squeeze(-1)
+        if len(idx) == 0:
+            continue
+        rows = xb[layer, torch.randint(0, xb.shape[1], (len(idx),), generator=g)]
+        model.W_enc[layer][:, idx] = (rows / rows.norm(dim=-1, keepdim=True)).T * 0.5
+        model.W_dec[layer][idx] = torch.randn(len(idx), xb.shape[-1], generator=g) * 0.01
+        model.b_enc[layer, 0, idx] = 0.0
+        model.log_theta[layer, 0, idx] = -2.0
 
 
 def to_sae_lens(model: StackedTranscoders, scales: dict[str, Tensor], layers: Sequence[int]) -> dict[int, Any]:

@@ -1,0 +1,32 @@
+"""Figure: the organism's detection-vs-injection-layer profile, as measured by `mechintro organism train`
+(every layer x 4 strengths, held-out concepts; table data/organism_layer_profile.csv), beside the paper's
+Gemma3-27B-IT series.
+
+    python analyses/fig_organism_profile.py
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import pandas as pd
+
+from mechintro.models import data_dir
+from mechintro.plots import layer_sweep_figure, save_figure
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", default=str(data_dir() / "organism_layer_profile.csv"))
+    p.add_argument("--out", default="figures", help="output folder")
+    args, _ = p.parse_known_args(argv)  # tolerates the shared run options `reproduce` passes to every script
+    metrics = pd.read_csv(args.table)
+    fig = layer_sweep_figure(metrics, model_name="organism (held-out concepts)",
+                             title="The organism: detection and identification vs injection layer")
+    for path in save_figure(fig, "organism_layer_profile", args.out):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
