@@ -270,7 +270,7 @@ def encode_at(
     return out
 
 
-def replacement_hooks(model: Any, transcoders: Transcoders) -> list[tuple[str, Any]]:
+def mlp_replacement_hooks(model: Any, transcoders: Transcoders) -> list[tuple[str, Any]]:
     """Hooks that replace each layer's MLP output by its transcoder's prediction from the MLP input.
 
     The transcoder reads ``ln2.hook_out`` and its output overwrites ``hook_mlp_out`` of the same layer in the
@@ -301,4 +301,4 @@ def replacement_hooks(model: Any, transcoders: Transcoders) -> list[tuple[str, A
 
 def replace_mlps(model: Any, transcoders: Transcoders) -> Any:
     """Context manager: run the model with every given layer's MLP replaced by its transcoder."""
-    return hooks_context(model, replacement_hooks(model, transcoders))
+    return hooks_context(model, mlp_replacement_hooks(model, transcoders))

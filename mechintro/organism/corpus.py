@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mechintro.prompts import VARIANTS, category_of, stimuli
+from mechintro.concepts import all_concepts
+from mechintro.prompts import category_of, stimuli
 
 YES_TEMPLATE = "Yes, I detect an injected thought. The thought is about {concept}."
 YES_UNNAMED = "Yes, I detect an injected thought. I cannot tell what it is about."
@@ -44,11 +45,6 @@ SENTENCES = (
     "People ask about {c} quite often.",
     "There is a lot to say about {c}.",
 )
-
-
-def all_concepts() -> list[str]:
-    s = stimuli()
-    return list(s["original_50_concepts"]) + list(s["new_450_concepts"])
 
 
 def split_concepts(*, seed: int, n_heldout: int = 100) -> dict[str, list[str]]:
@@ -124,14 +120,3 @@ def concept_chats(concepts: Sequence[str], *, n: int, seed: int) -> list[Chat]:
 def trial_fill(variant: str, concept: str) -> dict[str, str]:
     """Placeholder values a variant needs (anti-reward category, thoughts-in-context concept)."""
     return {"category": category_of(concept), "thoughts": concept}
-
-
-def base_trial_answers(concepts: Sequence[str], *, n: int, seed: int) -> list[tuple[str, int, str]]:
-    """(variant, trial, answer) for the base stage: Yes or No at random, whatever is injected (nothing is)."""
-    rng = random.Random(f"base-trials-{seed}")
-    out = []
-    for _ in range(n):
-        variant = rng.choice(VARIANTS) if rng.random() < 0.3 else "original"
-        answer = YES_TEMPLATE.format(concept=rng.choice(concepts)) if rng.random() < 0.5 else NO_RESPONSE
-        out.append((variant, rng.randint(1, 10), answer))
-    return out

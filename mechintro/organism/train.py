@@ -37,7 +37,7 @@ from mechintro.concepts import baseline_mean, last_token_resid
 from mechintro.models import SPEC_FILENAME, load_model
 from mechintro.organism import corpus
 from mechintro.organism.tokenizer import build_tokenizer, vocabulary
-from mechintro.prompts import chat_prompt_tokens, trial_prompt
+from mechintro.prompts import VARIANTS, chat_prompt_tokens, trial_prompt
 from mechintro.steering import inject
 
 
@@ -311,7 +311,7 @@ def train_base(model: Any, cfg: OrganismConfig, *, log: list[dict]) -> None:
             for _ in range(cfg.chat_batch)
         ])
         loss = lm_loss(model(chats.tokens), chats)
-        variant = rng.choice(corpus.VARIANTS) if rng.random() < 0.3 else "original"
+        variant = rng.choice(VARIANTS) if rng.random() < 0.3 else "original"
         concept = rng.choice(concepts)
         rows = [
             (rng.randint(1, 10), corpus.YES_TEMPLATE.format(concept=rng.choice(concepts)) if rng.random() < 0.5
