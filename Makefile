@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test lint reproduce figures bench clean
+.PHONY: setup test lint format reproduce figures bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -19,6 +19,11 @@ setup: $(STAMP)
 
 lint: $(STAMP)
 	.venv/bin/ruff check mechintro tests analyses
+	.venv/bin/ruff format --check mechintro tests analyses
+
+format: $(STAMP)
+	.venv/bin/ruff format mechintro tests analyses
+	.venv/bin/ruff check --fix mechintro tests analyses
 
 test: lint
 	$(PY) -m pytest -q

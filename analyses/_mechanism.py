@@ -88,9 +88,14 @@ def behaviour(s: Setup) -> pd.DataFrame:
 
     judge = cli.parse_judge(s.args.judge)
     df = run_trials(
-        s.model, s.concepts, layer=s.spec.injection_layer, strength=s.spec.strength, judge=judge,
-        vectors=s.vectors, **cli.run_settings(s.args),
-    )  # fmt: skip
+        s.model,
+        s.concepts,
+        layer=s.spec.injection_layer,
+        strength=s.spec.strength,
+        judge=judge,
+        vectors=s.vectors,
+        **cli.run_settings(s.args),
+    )
     return concept_rates(df)
 
 
@@ -104,11 +109,16 @@ def grid_and_gates(s: Setup, rates: pd.DataFrame | None) -> tuple[FeatureGrid, p
 
 
 def carrier_behaviour(rates: pd.DataFrame) -> pd.DataFrame | None:
-    """The rates, or None (carrier criteria without behaviour) when detection does not vary across concepts."""
-    varies = rates["detection_rate"].nunique(dropna=True) > 1 and rates["forced_id_rate"].nunique(dropna=True) > 1
+    """The rates, or None (carrier criteria without behaviour) when detection does not vary across
+    concepts."""
+    varies = (
+        rates["detection_rate"].nunique(dropna=True) > 1 and rates["forced_id_rate"].nunique(dropna=True) > 1
+    )
     if not varies:
-        print("note: detection or forced identification does not vary across concepts; carriers are selected "
-              "without the behaviour-correlation criteria")  # fmt: skip
+        print(
+            "note: detection or forced identification does not vary across concepts; carriers are selected "
+            "without the behaviour-correlation criteria"
+        )
     return rates if varies else None
 
 

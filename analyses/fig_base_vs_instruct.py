@@ -3,7 +3,8 @@
 organism's transcoders.
 
     python analyses/fig_base_vs_instruct.py --model organism --base organism-base
-    python analyses/fig_base_vs_instruct.py --model tiny --base tiny --concepts Bread,Oceans,Dust,Peace --judge logit --n-trials 1
+    python analyses/fig_base_vs_instruct.py --model tiny --base tiny --concepts Bread,Oceans,Dust,Peace
+    --judge logit --n-trials 1
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, model in ((base_name, base), (args.model, s.model)):
         for group, concepts in groups.items():
             vectors = concept_vectors(model, concepts, layer=spec_for(model).injection_layer)
-            df = gate_response(model, s.transcoders, gate, concepts, vectors=vectors, strengths=grid.strengths)
+            df = gate_response(
+                model, s.transcoders, gate, concepts, vectors=vectors, strengths=grid.strengths
+            )
             frames.append(df.assign(model=name, group=group))
     df = pd.concat(frames, ignore_index=True)
     print(df.groupby(["model", "group", "strength"])["gate_activation"].mean().unstack().round(3).to_string())

@@ -2,7 +2,8 @@
 its evidence carriers, with the weakest 10% as a control, for high- and low-detection concepts.
 
     python analyses/fig_carrier_ablation.py --model organism
-    python analyses/fig_carrier_ablation.py --model tiny --concepts Bread,Oceans,Dust,Peace --judge logit --n-trials 1
+    python analyses/fig_carrier_ablation.py --model tiny --concepts Bread,Oceans,Dust,Peace --judge logit
+    --n-trials 1
 """
 
 from __future__ import annotations
@@ -25,12 +26,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     rates = mech.behaviour(s)
     grid, gates = mech.grid_and_gates(s, rates)
     gate = args.gate or gates["feature"].iloc[0]
-    carriers = find_evidence_carriers(s.model, s.transcoders, grid, gate, behaviour=mech.carrier_behaviour(rates))
+    carriers = find_evidence_carriers(
+        s.model, s.transcoders, grid, gate, behaviour=mech.carrier_behaviour(rates)
+    )
     picked = success_failure(rates, n=args.n_concepts)
     shown = picked["success"] + picked["failure"]
     rows = [s.concepts.index(c) for c in shown]
-    df = carrier_curves(s.model, s.transcoders, gate, carriers, shown, vectors=s.vectors[rows],
-                        strengths=grid.strengths, batch_size=args.batch_size)  # fmt: skip
+    df = carrier_curves(
+        s.model,
+        s.transcoders,
+        gate,
+        carriers,
+        shown,
+        vectors=s.vectors[rows],
+        strengths=grid.strengths,
+        batch_size=args.batch_size,
+    )
     print(df.groupby(["carrier_set", "strength"])["gate_activation"].mean().unstack().round(3).to_string())
     mech.save(carrier_ablation_figure(df), "carrier_ablation", args.out, [("carrier_ablation", df)])
 

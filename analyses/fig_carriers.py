@@ -24,11 +24,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     rates = mech.behaviour(s)
     grid, gates = mech.grid_and_gates(s, rates)
     gate = args.gate or gates["feature"].iloc[0]
-    carriers = find_evidence_carriers(s.model, s.transcoders, grid, gate, behaviour=mech.carrier_behaviour(rates))
-    print(f"gate {gate}: {int((carriers['role'] == 'carrier').sum())} carriers, "
-          f"{int((carriers['role'] == 'suppressor').sum())} suppressors")  # fmt: skip
+    carriers = find_evidence_carriers(
+        s.model, s.transcoders, grid, gate, behaviour=mech.carrier_behaviour(rates)
+    )
+    print(
+        f"gate {gate}: {int((carriers['role'] == 'carrier').sum())} carriers, "
+        f"{int((carriers['role'] == 'suppressor').sum())} suppressors"
+    )
     print(carriers.head(args.top).to_string(index=False))
-    mech.save(carriers_figure(carriers, top=args.top, gate=gate), "carriers", args.out, [("carriers", carriers)])
+    mech.save(
+        carriers_figure(carriers, top=args.top, gate=gate), "carriers", args.out, [("carriers", carriers)]
+    )
 
 
 if __name__ == "__main__":

@@ -25,10 +25,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     _, gates = mech.grid_and_gates(s, mech.behaviour(s))
     ks = None if args.ks is None else [k for k in args.ks if k <= len(gates)]
     df = gate_curves_sampled(
-        s.model, s.transcoders, gates, s.concepts, judge=cli.parse_judge(args.judge), vectors=s.vectors, ks=ks,
-        n_samples=args.n_trials, positions=args.positions, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
-    )  # fmt: skip
+        s.model,
+        s.transcoders,
+        gates,
+        s.concepts,
+        judge=cli.parse_judge(args.judge),
+        vectors=s.vectors,
+        ks=ks,
+        n_samples=args.n_trials,
+        positions=args.positions,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
     print(summarize_gate_curves(df).to_string(index=False))
     mech.save(gate_curves_figure(df), "gate_curves", args.out, [("gate_curves", df)])
 

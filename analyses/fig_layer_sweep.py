@@ -27,9 +27,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     judge, concepts, model, spec = cli.prepare_run(args)
     df = sweep(
-        model, concepts, layers=args.layers or list(spec.valid_layers()),
-        strengths=args.strengths or list(spec.strength_sweep), judge=judge, **cli.run_settings(args),
-    )  # fmt: skip
+        model,
+        concepts,
+        layers=args.layers or list(spec.valid_layers()),
+        strengths=args.strengths or list(spec.strength_sweep),
+        judge=judge,
+        **cli.run_settings(args),
+    )
     metrics = detection_metrics(df, by=("layer", "strength"))
     fig = plots.layer_sweep_figure(metrics, model_name=args.model)
     for path in plots.save_figure(fig, "layer_sweep", args.out):

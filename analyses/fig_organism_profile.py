@@ -22,8 +22,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", default="figures", help="output folder")
     args, _ = p.parse_known_args(argv)  # tolerates the shared run options `reproduce` passes to every script
     metrics = pd.read_csv(args.table)
-    fig = layer_sweep_figure(metrics, model_name="organism (held-out concepts)",
-                             title="The organism: detection and identification vs injection layer")
+    fig = layer_sweep_figure(
+        metrics,
+        model_name="organism (held-out concepts)",
+        title="The organism: detection and identification vs injection layer",
+    )
     for path in save_figure(fig, "organism_layer_profile", args.out):
         print(path)
 

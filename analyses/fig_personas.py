@@ -31,13 +31,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     layer = spec.injection_layer if args.layer is None else args.layer
     strength = spec.strength if args.strength is None else args.strength
     df = sweep(
-        model, concepts, layers=[layer], strengths=[strength], personas=args.personas, judge=judge,
+        model,
+        concepts,
+        layers=[layer],
+        strengths=[strength],
+        personas=args.personas,
+        judge=judge,
         **cli.run_settings(args),
-    )  # fmt: skip
+    )
     fig = plots.personas_figure(
-        detection_metrics(df, by=("persona",)), title=f"Persona variants: detection ({args.model}, layer "
-        f"{layer}, strength {strength:g})",
-    )  # fmt: skip
+        detection_metrics(df, by=("persona",)),
+        title=f"Persona variants: detection ({args.model}, layer {layer}, strength {strength:g})",
+    )
     for path in plots.save_figure(fig, "personas", args.out):
         print(path)
 

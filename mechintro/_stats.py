@@ -10,7 +10,8 @@ from scipy import stats
 
 
 def pearson_columns(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Pearson correlation of ``x`` ``[n]`` with every column of ``y`` ``[n, k]``; NaN where either is constant."""
+    """Pearson correlation of ``x`` ``[n]`` with every column of ``y`` ``[n, k]``; NaN where either is
+    constant."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64).reshape(len(x), -1)
     if len(x) < 2:
@@ -23,7 +24,8 @@ def pearson_columns(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def spearman_columns(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Spearman correlation (Pearson of average ranks) of ``x`` ``[n]`` with every column of ``y`` ``[n, k]``."""
+    """Spearman correlation (Pearson of average ranks) of ``x`` ``[n]`` with every column of ``y`` ``[n,
+    k]``."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64).reshape(len(x), -1)
     if len(x) < 2:

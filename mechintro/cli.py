@@ -33,32 +33,51 @@ def _demo(args: argparse.Namespace) -> int:
         folder = save_tiny_gemma3(tmp)
         model = load_model(folder, device="cpu")
         spec = spec_for(model)
-        print(f"loaded a random tiny Gemma 3 from {folder} through TransformerBridge: {spec.n_layers} layers, "
-              f"d_model {spec.d_model}; default injection layer {spec.injection_layer}, strength {spec.strength}")
+        print(
+            f"loaded a random tiny Gemma 3 from {folder} through TransformerBridge: {spec.n_layers} layers, "
+            f"d_model {spec.d_model}; default injection layer {spec.injection_layer}, strength "
+            f"{spec.strength}"
+        )
         concepts = ["Bread", "Oceans", "Dust"]
         vecs = concept_vectors(model, concepts, layer=spec.injection_layer)
-        print("concept vector norms:", {c: round(float(v.norm()), 3) for c, v in zip(concepts, vecs, strict=True)})
+        print(
+            "concept vector norms:",
+            {c: round(float(v.norm()), 3) for c, v in zip(concepts, vecs, strict=True)},
+        )
         prompts = [trial_prompt(model, trial=t) for t in (1, 2, 3)]
         batch = left_pad(prompts, pad_id=model.tokenizer.pad_token_id)
-        print(f"trial prompt: {len(prompts[0].tokens)} tokens, injection starts at token {prompts[0].injection_start}"
-              f" ({model.tokenizer.decode(prompts[0].tokens[prompts[0].injection_start + 1:][:3].tolist())!r}...)")
+        after = model.tokenizer.decode(prompts[0].tokens[prompts[0].injection_start + 1 :][:3].tolist())
+        print(
+            f"trial prompt: {len(prompts[0].tokens)} tokens, injection starts at token "
+            f"{prompts[0].injection_start} ({after!r}...)"
+        )
         with torch.no_grad():
             clean = model(batch.tokens, attention_mask=batch.attention_mask)[:, -1]
             with inject(model, vecs, layer=spec.injection_layer, strength=spec.strength, start=batch.starts):
                 steered = model(batch.tokens, attention_mask=batch.attention_mask)[:, -1]
                 out = sample(model, batch, max_new_tokens=8, seeds=[0, 1, 2])
         yes, no = list(spec.yes_ids), list(spec.no_ids)
-        gap = lambda lg: (lg[:, yes].logsumexp(-1) - lg[:, no].logsumexp(-1))  # noqa: E731
-        print("Yes-No logit gap, clean -> injected:",
-              [f"{a:.3f} -> {b:.3f}" for a, b in zip(gap(clean).tolist(), gap(steered).tolist(), strict=True)])
+        gap = lambda lg: lg[:, yes].logsumexp(-1) - lg[:, no].logsumexp(-1)  # noqa: E731
+        print(
+            "Yes-No logit gap, clean -> injected:",
+            [f"{a:.3f} -> {b:.3f}" for a, b in zip(gap(clean).tolist(), gap(steered).tolist(), strict=True)],
+        )
         print("sampled (random weights, so gibberish):", out.texts(model.tokenizer))
     return 0
 
 
 # The figure scripts `make reproduce` runs, in order, with their settings (sampled trials are store-backed).
 REPRODUCE_SCRIPTS = (
-    "fig_organism_profile.py", "fig_layer_sweep.py", "fig_variants.py", "fig_personas.py", "fig_patching.py", "fig_gates.py",
-    "fig_gate_curves.py", "fig_carriers.py", "fig_carrier_ablation.py", "fig_base_vs_instruct.py",
+    "fig_organism_profile.py",
+    "fig_layer_sweep.py",
+    "fig_variants.py",
+    "fig_personas.py",
+    "fig_patching.py",
+    "fig_gates.py",
+    "fig_gate_curves.py",
+    "fig_carriers.py",
+    "fig_carrier_ablation.py",
+    "fig_base_vs_instruct.py",
 )
 REPRODUCE_ARGS = ("--model", "organism", "--n-trials", "4", "--max-new-tokens", "40", "--batch-size", "128")
 # Sweeps over many cells use fewer concepts so that `make reproduce` stays in minutes on a laptop CPU.
@@ -74,7 +93,8 @@ def analyses_dir() -> Path:
 
 
 def run_script(name: str, argv: Sequence[str]) -> None:
-    """Run ``analyses/<name>`` as ``__main__`` with ``argv`` (the scripts import their shared ``_mechanism``)."""
+    """Run ``analyses/<name>`` as ``__main__`` with ``argv`` (the scripts import their shared
+    ``_mechanism``)."""
     import runpy
 
     path = analyses_dir() / name
@@ -91,8 +111,10 @@ def run_script(name: str, argv: Sequence[str]) -> None:
 SCRIPT_COMMANDS = {
     "gates": ("top gate candidates by DLA and the top gate's inverted-V", ("fig_gates.py",)),
     "carriers": ("evidence carriers and suppressors of a gate", ("fig_carriers.py",)),
-    "curves": ("progressive gate ablation/patching curves and carrier-ablation curves",
-               ("fig_gate_curves.py", "fig_carrier_ablation.py")),
+    "curves": (
+        "progressive gate ablation/patching curves and carrier-ablation curves",
+        ("fig_gate_curves.py", "fig_carrier_ablation.py"),
+    ),
 }
 
 
@@ -115,10 +137,22 @@ def _reproduce(args: argparse.Namespace) -> int:
         print(report.read_text())
     store = str(Path(args.store))
     print(f"== evaluation on held-out concepts (store {store})")
-    _evaluate(build_parser().parse_args([
-        "evaluate", "--store", store, "--n-trials", str(args.n_trials), "--forced", "--max-new-tokens", "40",
-        "--batch-size", "128",
-    ]))
+    _evaluate(
+        build_parser().parse_args(
+            [
+                "evaluate",
+                "--store",
+                store,
+                "--n-trials",
+                str(args.n_trials),
+                "--forced",
+                "--max-new-tokens",
+                "40",
+                "--batch-size",
+                "128",
+            ]
+        )
+    )
     for name in args.only or REPRODUCE_SCRIPTS:
         argv = [*REPRODUCE_ARGS, "--store", store, "--out", args.out, *REPRODUCE_EXTRA.get(name, ())]
         print(f"== analyses/{name} {' '.join(argv)}", flush=True)
@@ -250,10 +284,15 @@ def prepare_run(args: argparse.Namespace) -> tuple[Any, list[str], Any, Any]:
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword settings of run_trials / sweep given by the run options."""
     return {
-        "n_trials": args.n_trials, "forced": args.forced, "temperature": args.temperature,
-        "max_new_tokens": args.max_new_tokens, "seed": args.seed, "batch_size": args.batch_size,
-        "store": args.store, "progress": not args.quiet,
-    }  # fmt: skip
+        "n_trials": args.n_trials,
+        "forced": args.forced,
+        "temperature": args.temperature,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "store": args.store,
+        "progress": not args.quiet,
+    }
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -265,9 +304,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     layer = spec.injection_layer if args.layer is None else args.layer
     strength = spec.strength if args.strength is None else args.strength
     df = run_trials(
-        model, concepts, layer=layer, strength=strength, judge=judge, variant=args.variant,
-        persona=args.persona, **run_settings(args),
-    )  # fmt: skip
+        model,
+        concepts,
+        layer=layer,
+        strength=strength,
+        judge=judge,
+        variant=args.variant,
+        persona=args.persona,
+        **run_settings(args),
+    )
     by = ("layer", "strength", "variant", "persona")
     print(f"{spec.name}: {len(concepts)} concepts, {len(df)} trials, judge {judge.name}")
     print(format_metrics(detection_metrics(df, by=by), by=by))
@@ -281,11 +326,15 @@ def _sweep(args: argparse.Namespace) -> int:
 
     judge, concepts, model, spec = prepare_run(args)
     df = sweep(
-        model, concepts, layers=args.layers or [spec.injection_layer],
-        strengths=args.strengths or list(spec.strength_sweep), judge=judge,
-        variants=args.variants or ["original"], personas=args.personas or ["standard_assistant"],
+        model,
+        concepts,
+        layers=args.layers or [spec.injection_layer],
+        strengths=args.strengths or list(spec.strength_sweep),
+        judge=judge,
+        variants=args.variants or ["original"],
+        personas=args.personas or ["standard_assistant"],
         **run_settings(args),
-    )  # fmt: skip
+    )
     by = ("layer", "strength", "variant", "persona")
     print(f"{spec.name}: {len(concepts)} concepts, {len(df)} trials, judge {judge.name}")
     print(format_metrics(detection_metrics(df, by=by), by=by))
@@ -342,8 +391,14 @@ def _store_figures(df: Any, *, plots: Any, metrics: Any) -> list[tuple[str, Any]
     out = []
     if len(base):
         model = str(base["model"].iloc[0])
-        out.append(("layer_sweep", plots.layer_sweep_figure(metrics(base, by=("layer", "strength")),
-                                                           model_name=Path(model).name or model)))  # fmt: skip
+        out.append(
+            (
+                "layer_sweep",
+                plots.layer_sweep_figure(
+                    metrics(base, by=("layer", "strength")), model_name=Path(model).name or model
+                ),
+            )
+        )
     for column, builder, other, default in (
         ("variant", plots.variants_figure, "persona", "standard_assistant"),
         ("persona", plots.personas_figure, "variant", "original"),
@@ -357,7 +412,8 @@ def _store_figures(df: Any, *, plots: Any, metrics: Any) -> list[tuple[str, Any]
 
 
 def _widest_setting(rows: Any, column: str) -> tuple[int, float]:
-    """The (layer, strength) whose injection trials cover the most values of ``column`` (then: most trials)."""
+    """The (layer, strength) whose injection trials cover the most values of ``column`` (then: most
+    trials)."""
     injected = rows[rows["condition"] == "injection"].groupby(["layer", "strength"])
     score = injected[column].nunique() * 10**9 + injected.size()
     layer, strength = score.idxmax()
@@ -366,10 +422,16 @@ def _widest_setting(rows: Any, column: str) -> tuple[int, float]:
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """The options of every command that runs trials (also used by the analyses scripts)."""
-    p.add_argument("--model", default="organism",
-                   help="organism, organism-base, an HF id, a local folder, or 'tiny' (random, for smoke tests)")
-    p.add_argument("--concepts", default="held-out",
-                   help=f"a concept set {list(CONCEPT_SETS)} or a comma-separated list (default held-out)")
+    p.add_argument(
+        "--model",
+        default="organism",
+        help="organism, organism-base, an HF id, a local folder, or 'tiny' (random, for smoke tests)",
+    )
+    p.add_argument(
+        "--concepts",
+        default="held-out",
+        help=f"a concept set {list(CONCEPT_SETS)} or a comma-separated list (default held-out)",
+    )
     p.add_argument("--judge", default="rule", help=f"one of {', '.join(JUDGE_CHOICES)} (default rule)")
     p.add_argument("--store", default=None, help="SQLite trial store (resumable); default: none")
     p.add_argument("--n-trials", type=int, default=10, help="trials per concept and condition (paper: 100)")
@@ -380,7 +442,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
 
 def _organism_train(args: argparse.Namespace) -> int:
@@ -409,8 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--store", default="runs/reproduce.sqlite", help="trial store (resumable)")
     rp.add_argument("--n-trials", type=int, default=10, help="trials per held-out concept and condition")
     rp.add_argument("--out", default="figures", help="figure folder")
-    rp.add_argument("--only", type=lambda t: [x.strip() for x in t.split(",")], default=None,
-                    help=f"a comma list of scripts to run (default: {', '.join(REPRODUCE_SCRIPTS)})")
+    rp.add_argument(
+        "--only",
+        type=lambda t: [x.strip() for x in t.split(",")],
+        default=None,
+        help=f"a comma list of scripts to run (default: {', '.join(REPRODUCE_SCRIPTS)})",
+    )
     rp.set_defaults(func=_reproduce)
 
     ev = sub.add_parser("evaluate", help="introspection trials at one layer and strength; prints metrics")
@@ -418,13 +484,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--layer", type=int, default=None, help="injection layer (default: the model's spec)")
     ev.add_argument("--strength", type=float, default=None, help="injection strength (default: the spec's)")
     ev.add_argument("--variant", default="original", help="prompt variant (default original)")
-    ev.add_argument("--persona", default="standard_assistant", help="persona variant (default standard_assistant)")
+    ev.add_argument(
+        "--persona", default="standard_assistant", help="persona variant (default standard_assistant)"
+    )
     ev.set_defaults(func=_evaluate)
 
-    sw = sub.add_parser("sweep", help="trials over layers x strengths (x variants x personas); prints metrics")
+    sw = sub.add_parser(
+        "sweep", help="trials over layers x strengths (x variants x personas); prints metrics"
+    )
     add_run_options(sw)
     sw.add_argument("--layers", type=int_list, default=None, help="e.g. 0,1,2 (default: the spec's layer)")
-    sw.add_argument("--strengths", type=float_list, default=None, help="e.g. 1,2,4,8 (default: the spec's sweep)")
+    sw.add_argument(
+        "--strengths", type=float_list, default=None, help="e.g. 1,2,4,8 (default: the spec's sweep)"
+    )
     sw.add_argument("--variants", type=name_list, default=None, help="comma-separated prompt variants")
     sw.add_argument("--personas", type=name_list, default=None, help="comma-separated persona variants")
     sw.set_defaults(func=_sweep)
@@ -434,16 +506,21 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--out", default="figures", help="output folder (default figures)")
     fg.add_argument("--model", default=None, help="model name as stored, when the store holds several")
     fg.add_argument("--judge", default=None, help="judge name as stored, when the store holds several")
-    fg.add_argument("--formats", type=name_list, default=["html", "png"], help="comma-separated (default html,png)")
+    fg.add_argument(
+        "--formats", type=name_list, default=["html", "png"], help="comma-separated (default html,png)"
+    )
     fg.set_defaults(func=_figures)
 
     for command, (text, scripts) in SCRIPT_COMMANDS.items():
-        sc = sub.add_parser(command, help=f"{text} (runs analyses/{', '.join(scripts)}; see its --help)",
-                            add_help=False)
+        sc = sub.add_parser(
+            command, help=f"{text} (runs analyses/{', '.join(scripts)}; see its --help)", add_help=False
+        )
         sc.add_argument("script_args", nargs=argparse.REMAINDER)
         sc.set_defaults(func=_script_command)
 
-    org = sub.add_parser("organism", help="the model organism").add_subparsers(dest="organism_command", required=True)
+    org = sub.add_parser("organism", help="the model organism").add_subparsers(
+        dest="organism_command", required=True
+    )
     tr = org.add_parser("train", help="regenerate the organism, its transcoders and its report from a seed")
     tr.add_argument("--out", default=None, help="output folder (default: the project's data/)")
     tr.add_argument("--seed", type=int, default=0)
@@ -459,7 +536,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SCRIPT_COMMANDS:  # everything after the command goes to the script, --help included
+    if (
+        argv and argv[0] in SCRIPT_COMMANDS
+    ):  # everything after the command goes to the script, --help included
         args = argparse.Namespace(command=argv[0], script_args=argv[1:], func=_script_command)
     else:
         args = parser.parse_args(argv)

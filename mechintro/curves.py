@@ -84,8 +84,13 @@ class _Setting:
     vectors: Float[Tensor, "concept d_model"]
 
 
-def _setting(model: Any, concepts: Sequence[str], vectors: Tensor | None, strength: float | None,
-             injection_layer: int | None) -> _Setting:  # fmt: skip
+def _setting(
+    model: Any,
+    concepts: Sequence[str],
+    vectors: Tensor | None,
+    strength: float | None,
+    injection_layer: int | None,
+) -> _Setting:
     spec = spec_for(model)
     inj = spec.injection_layer if injection_layer is None else check_layer(model, injection_layer)
     if vectors is None:
@@ -119,17 +124,30 @@ class _Rows:
 
 
 def _gate_rows(
-    model: Any, transcoders: Mapping[int, Any], gates: list[tuple[int, int]], n_concepts: int, st: _Setting, *,
-    experiment: str, ks: Sequence[int], trial: int, variant: str,
-) -> _Rows:  # fmt: skip
+    model: Any,
+    transcoders: Mapping[int, Any],
+    gates: list[tuple[int, int]],
+    n_concepts: int,
+    st: _Setting,
+    *,
+    experiment: str,
+    ks: Sequence[int],
+    trial: int,
+    variant: str,
+) -> _Rows:
     prompt = trial_prompt(
-        model, trial=trial, variant=variant, prefill=forced_prefill() if experiment == "forced_ablation" else None
+        model,
+        trial=trial,
+        variant=variant,
+        prefill=forced_prefill() if experiment == "forced_ablation" else None,
     )
     control = read_features(model, transcoders, gates, prompt.tokens)  # [1, G]
     patch = experiment == "patching"
     if patch:
         batch = prompt.tokens[None].expand(n_concepts, -1)
-        with inject(model, st.vectors, layer=st.injection_layer, strength=st.strength, start=prompt.injection_start):
+        with inject(
+            model, st.vectors, layer=st.injection_layer, strength=st.strength, start=prompt.injection_start
+        ):
             steered = read_features(model, transcoders, gates, batch)  # [C, G]
     pairs = [(k, c) for k in ks for c in range(n_concepts)]
     order = torch.arange(len(gates))
@@ -183,27 +201,60 @@ def gate_curves_logit(
     ks, st = _check_ks(ks, len(gates)), _setting(model, concepts, vectors, strength, injection_layer)
     frames = []
     for experiment in _check_experiments(experiments):
-        rows = _gate_rows(model, transcoders, gates, len(concepts), st, experiment=experiment, ks=ks, trial=trial,
-                          variant=variant)  # fmt: skip
+        rows = _gate_rows(
+            model,
+            transcoders,
+            gates,
+            len(concepts),
+            st,
+            experiment=experiment,
+            ks=ks,
+            trial=trial,
+            variant=variant,
+        )
         values = []
         for i in range(0, len(rows.k), batch_size):
             sl = slice(i, i + batch_size)
             c_idx = rows.concept[sl]
             batch = rows.prompt.tokens[None].expand(len(c_idx), -1).to(model.cfg.device)
             start = rows.prompt.injection_start
-            with inject(model, st.vectors[c_idx], layer=st.injection_layer, strength=rows.strength[sl], start=start), \
-                    intervene(model, transcoders, gates, target=rows.target[sl], mask=rows.mask[sl],
-                              positions=positions, start=start, scale=scale):  # fmt: skip
+            with (
+                inject(
+                    model,
+                    st.vectors[c_idx],
+                    layer=st.injection_layer,
+                    strength=rows.strength[sl],
+                    start=start,
+                ),
+                intervene(
+                    model,
+                    transcoders,
+                    gates,
+                    target=rows.target[sl],
+                    mask=rows.mask[sl],
+                    positions=positions,
+                    start=start,
+                    scale=scale,
+                ),
+            ):
                 logits = model(batch)[:, -1].float()
             if experiment == "forced_ablation":
                 ids = concept_token_ids(model, [concepts[c] for c in c_idx])
                 values.append(concept_logprob(logits, ids).exp().cpu())
             else:
                 values.append(yes_no_gap(logits, spec_for(model)).cpu())
-        frames.append(pd.DataFrame({
-            "experiment": experiment, "k": rows.k, "concept": [concepts[c] for c in rows.concept], "trial": trial,
-            "metric": "p_concept" if experiment == "forced_ablation" else "gap", "value": torch.cat(values).numpy(),
-        }))  # fmt: skip
+        frames.append(
+            pd.DataFrame(
+                {
+                    "experiment": experiment,
+                    "k": rows.k,
+                    "concept": [concepts[c] for c in rows.concept],
+                    "trial": trial,
+                    "metric": "p_concept" if experiment == "forced_ablation" else "gap",
+                    "value": torch.cat(values).numpy(),
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -247,19 +298,40 @@ def gate_curves_sampled(
     """
     if isinstance(judge, LogitJudge):
         return _logit_verdicts(
-            judge, gate_curves_logit(
-                model, transcoders, gates, concepts, vectors=vectors, ks=ks, experiments=experiments,
-                strength=strength, injection_layer=injection_layer, trial=trial, variant=variant,
-                positions=positions, scale=scale, batch_size=batch_size,
+            judge,
+            gate_curves_logit(
+                model,
+                transcoders,
+                gates,
+                concepts,
+                vectors=vectors,
+                ks=ks,
+                experiments=experiments,
+                strength=strength,
+                injection_layer=injection_layer,
+                trial=trial,
+                variant=variant,
+                positions=positions,
+                scale=scale,
+                batch_size=batch_size,
             ),
-        )  # fmt: skip
+        )
     gates = parse_features(gates)
     ks, st = _check_ks(ks, len(gates)), _setting(model, concepts, vectors, strength, injection_layer)
     pad_id = model.tokenizer.pad_token_id
     frames = []
     for experiment in _check_experiments(experiments):
-        rows = _gate_rows(model, transcoders, gates, len(concepts), st, experiment=experiment, ks=ks, trial=trial,
-                          variant=variant)  # fmt: skip
+        rows = _gate_rows(
+            model,
+            transcoders,
+            gates,
+            len(concepts),
+            st,
+            experiment=experiment,
+            ks=ks,
+            trial=trial,
+            variant=variant,
+        )
         condition = _CONDITION[experiment]
         plan = [(r, s) for r in range(len(rows.k)) for s in range(n_samples)]
         out = []
@@ -270,19 +342,47 @@ def gate_curves_sampled(
             names = [concepts[c] for c in c_idx]
             batch = left_pad([rows.prompt] * len(chunk), pad_id=pad_id)
             seeds = [_seed(seed, concepts[rows.concept[r]], trial, s, condition) for r, s in chunk]
-            with inject(model, st.vectors[c_idx], layer=st.injection_layer, strength=rows.strength[r_idx],
-                        start=batch.starts), \
-                    intervene(model, transcoders, gates, target=rows.target[r_idx], mask=rows.mask[r_idx],
-                              positions=positions, start=batch.starts, scale=scale):  # fmt: skip
-                sampled = sample(model, batch, max_new_tokens=max_new_tokens, seeds=seeds, temperature=temperature)
+            with (
+                inject(
+                    model,
+                    st.vectors[c_idx],
+                    layer=st.injection_layer,
+                    strength=rows.strength[r_idx],
+                    start=batch.starts,
+                ),
+                intervene(
+                    model,
+                    transcoders,
+                    gates,
+                    target=rows.target[r_idx],
+                    mask=rows.mask[r_idx],
+                    positions=positions,
+                    start=batch.starts,
+                    scale=scale,
+                ),
+            ):
+                sampled = sample(
+                    model, batch, max_new_tokens=max_new_tokens, seeds=seeds, temperature=temperature
+                )
             texts = sampled.texts(model.tokenizer)
             forced = [experiment == "forced_ablation"] * len(chunk)
             verdicts = judge.judge(responses=texts, concepts=names, forced=forced)
-            out += [{
-                "experiment": experiment, "k": rows.k[r], "concept": name, "trial": trial, "sample": s,
-                "condition": condition, "response": text, "detected": v.detected, "identified": v.identified,
-                "forced_identified": v.forced_identified, "judge_error": v.error,
-            } for (r, s), name, text, v in zip(chunk, names, texts, verdicts, strict=True)]  # fmt: skip
+            out += [
+                {
+                    "experiment": experiment,
+                    "k": rows.k[r],
+                    "concept": name,
+                    "trial": trial,
+                    "sample": s,
+                    "condition": condition,
+                    "response": text,
+                    "detected": v.detected,
+                    "identified": v.identified,
+                    "forced_identified": v.forced_identified,
+                    "judge_error": v.error,
+                }
+                for (r, s), name, text, v in zip(chunk, names, texts, verdicts, strict=True)
+            ]
         frames.append(pd.DataFrame(out))
     return pd.concat(frames, ignore_index=True)
 
@@ -293,12 +393,21 @@ def _logit_verdicts(judge: LogitJudge, scores: pd.DataFrame) -> pd.DataFrame:
     gaps = scores["value"].where(~pd.Series(forced, index=scores.index), 0.0).tolist()
     p_concepts = scores["value"].where(pd.Series(forced, index=scores.index), 0.0).tolist()
     verdicts = judge.verdicts(gaps=gaps, p_concepts=p_concepts, forced=forced)
-    return pd.DataFrame({
-        "experiment": scores["experiment"], "k": scores["k"], "concept": scores["concept"], "trial": scores["trial"],
-        "sample": 0, "condition": scores["experiment"].map(_CONDITION), "response": None,
-        "detected": [v.detected for v in verdicts], "identified": [v.identified for v in verdicts],
-        "forced_identified": [v.forced_identified for v in verdicts], "judge_error": [v.error for v in verdicts],
-    })  # fmt: skip
+    return pd.DataFrame(
+        {
+            "experiment": scores["experiment"],
+            "k": scores["k"],
+            "concept": scores["concept"],
+            "trial": scores["trial"],
+            "sample": 0,
+            "condition": scores["experiment"].map(_CONDITION),
+            "response": None,
+            "detected": [v.detected for v in verdicts],
+            "identified": [v.identified for v in verdicts],
+            "forced_identified": [v.forced_identified for v in verdicts],
+            "judge_error": [v.error for v in verdicts],
+        }
+    )
 
 
 def summarize_gate_curves(df: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
@@ -318,8 +427,17 @@ def summarize_gate_curves(df: pd.DataFrame, *, level: float = 0.95) -> pd.DataFr
         verdicts = group[column].dropna().astype(bool)
         hits, n = int(verdicts.sum()), len(verdicts)
         lo, hi = wilson_interval(hits, n)
-        rows.append({"experiment": experiment, "k": k, "rate": column, "mean": hits / n if n else math.nan,
-                     "lo": lo, "hi": hi, "n": n})  # fmt: skip
+        rows.append(
+            {
+                "experiment": experiment,
+                "k": k,
+                "rate": column,
+                "mean": hits / n if n else math.nan,
+                "lo": lo,
+                "hi": hi,
+                "n": n,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -343,13 +461,18 @@ def carrier_sets(carriers: pd.DataFrame, sets: Sequence[str] = CARRIER_SETS) -> 
             continue
         match = _SET.match(name)
         if match is None:
-            raise ValueError(f"unknown carrier set {name!r}; valid: 'none', 'all', 'top<P>', 'bottom<P>' (e.g. {list(CARRIER_SETS)})")
+            raise ValueError(
+                f"unknown carrier set {name!r}; valid: 'none', 'all', 'top<P>', 'bottom<P>' (e.g. "
+                f"{list(CARRIER_SETS)})"
+            )
         n = math.ceil(float(match.group(2)) / 100 * len(ranked)) if ranked else 0
         out[name] = (ranked if match.group(1) == "top" else weakest)[:n]
     return out
 
 
-def _gate_reader(transcoders: Mapping[int, Any], gate: tuple[int, int], got: list[Tensor]) -> list[tuple[str, Any]]:
+def _gate_reader(
+    transcoders: Mapping[int, Any], gate: tuple[int, int], got: list[Tensor]
+) -> list[tuple[str, Any]]:
     layer, index = gate
     idx = torch.tensor([index])
 
@@ -397,20 +520,41 @@ def carrier_curves(
         c_idx = [c for c, _, _ in chunk]
         batch = prompt.tokens[None].expand(len(chunk), -1).to(model.cfg.device)
         row_strengths = torch.tensor([s for _, _, s in chunk], dtype=torch.float32)
-        with inject(model, st.vectors[c_idx], layer=st.injection_layer, strength=row_strengths,
-                    start=prompt.injection_start), hooks_context(model, _gate_reader(transcoders, gate, acts)):  # fmt: skip
+        with (
+            inject(
+                model,
+                st.vectors[c_idx],
+                layer=st.injection_layer,
+                strength=row_strengths,
+                start=prompt.injection_start,
+            ),
+            hooks_context(model, _gate_reader(transcoders, gate, acts)),
+        ):
             if union:
                 mask = torch.tensor([[f in members[name] for f in union] for _, name, _ in chunk])
-                with intervene(model, transcoders, union, target=control, mask=mask, positions=positions,
-                               start=prompt.injection_start, scale=scale):  # fmt: skip
+                with intervene(
+                    model,
+                    transcoders,
+                    union,
+                    target=control,
+                    mask=mask,
+                    positions=positions,
+                    start=prompt.injection_start,
+                    scale=scale,
+                ):
                     model(batch, stop_at_layer=gate[0] + 1)
             else:
                 model(batch, stop_at_layer=gate[0] + 1)
-    return pd.DataFrame({
-        "concept": [concepts[c] for c, _, _ in plan], "carrier_set": [n for _, n, _ in plan],
-        "n_ablated": [len(members[n]) for _, n, _ in plan], "strength": [s for _, _, s in plan],
-        "gate": feature_name(*gate), "gate_activation": torch.cat(acts).numpy(),
-    })  # fmt: skip
+    return pd.DataFrame(
+        {
+            "concept": [concepts[c] for c, _, _ in plan],
+            "carrier_set": [n for _, n, _ in plan],
+            "n_ablated": [len(members[n]) for _, n, _ in plan],
+            "strength": [s for _, _, s in plan],
+            "gate": feature_name(*gate),
+            "gate_activation": torch.cat(acts).numpy(),
+        }
+    )
 
 
 def gate_response(
@@ -426,25 +570,40 @@ def gate_response(
     variant: str = "original",
     batch_size: int = 64,
 ) -> pd.DataFrame:
-    """The gate's activation against strength (no intervention): columns concept, strength, gate, gate_activation.
+    """The gate's activation against strength (no intervention): columns concept, strength, gate,
+    gate_activation.
 
     For the base-vs-instruct comparison, call it on both models (each with its own concept vectors, the same
     transcoders) and concatenate with a ``model`` column.
     """
     empty = pd.DataFrame({"feature": [], "attribution": [], "role": []})
     df = carrier_curves(
-        model, transcoders, gate, empty, concepts, vectors=vectors, strengths=strengths, sets=("none",),
-        injection_layer=injection_layer, trial=trial, variant=variant, batch_size=batch_size,
-    )  # fmt: skip
+        model,
+        transcoders,
+        gate,
+        empty,
+        concepts,
+        vectors=vectors,
+        strengths=strengths,
+        sets=("none",),
+        injection_layer=injection_layer,
+        trial=trial,
+        variant=variant,
+        batch_size=batch_size,
+    )
     return df.drop(columns=["carrier_set", "n_ablated"])
 
 
-def success_failure(rates: pd.DataFrame, *, n: int = 3, column: str = "detection_rate") -> dict[str, list[str]]:
+def success_failure(
+    rates: pd.DataFrame, *, n: int = 3, column: str = "detection_rate"
+) -> dict[str, list[str]]:
     """The ``n`` concepts with the highest and the lowest ``column`` (e.g. from
     :func:`mechintro.features.concept_rates`): ``{"success": [...], "failure": [...]}``."""
     if column not in rates.columns:
         raise ValueError(f"rates has no column {column!r}; it has {list(rates.columns)}")
-    ranked = rates.dropna(subset=[column]).sort_values([column, "concept"], ascending=[False, True], kind="stable")
+    ranked = rates.dropna(subset=[column]).sort_values(
+        [column, "concept"], ascending=[False, True], kind="stable"
+    )
     success = ranked["concept"].head(n).tolist()
     failure = [c for c in ranked["concept"].tail(n).tolist()[::-1] if c not in success]
     return {"success": success, "failure": failure}

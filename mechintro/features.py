@@ -82,7 +82,8 @@ def parse_feature(feature: str | tuple[int, int]) -> tuple[int, int]:
 
 
 def parse_features(features: Any) -> list[tuple[int, int]]:
-    """Features from names, ``(layer, index)`` pairs, or a DataFrame with a ``feature`` column (in its order)."""
+    """Features from names, ``(layer, index)`` pairs, or a DataFrame with a ``feature`` column (in its
+    order)."""
     if isinstance(features, pd.DataFrame):
         if "feature" not in features.columns:
             raise ValueError(f"a feature table needs a 'feature' column; it has {list(features.columns)}")
@@ -95,7 +96,9 @@ def parse_features(features: Any) -> list[tuple[int, int]]:
 # ----------------------------------------------------------------------------------------------- encoding
 
 
-def encode_features(tc: Any, x: Float[Tensor, "... d_in"], indices: Int[Tensor, " n"]) -> Float[Tensor, "... n"]:
+def encode_features(
+    tc: Any, x: Float[Tensor, "... d_in"], indices: Int[Tensor, " n"]
+) -> Float[Tensor, "... n"]:
     """``tc.encode(x)[..., indices]`` without the full ``d_sae``-wide product.
 
     Supports sae-lens's ReLU and JumpReLU (skip) transcoders: ``relu(pre)``, times ``pre > threshold`` for
@@ -126,7 +129,8 @@ class FeatureGrid:
     strengths: tuple[float, ...]
     """The injection strengths (second dimension), sorted ascending."""
     acts: dict[int, Tensor]
-    """``{layer: coalesced sparse COO float32 [concept, strength, d_sae]}``; only nonzero activations stored."""
+    """``{layer: coalesced sparse COO float32 [concept, strength, d_sae]}``; only nonzero activations
+    stored."""
     injection_layer: int
     """The layer the concept vectors were injected at (resid_post)."""
     default_strength: float
@@ -182,34 +186,48 @@ class FeatureGrid:
         return out / len(self.concepts)
 
     def to_frame(self) -> pd.DataFrame:
-        """Tidy nonzero activations: concept, strength, layer, index, feature, activation (metadata in attrs)."""
+        """Tidy nonzero activations: concept, strength, layer, index, feature, activation (metadata in
+        attrs)."""
         frames = []
         for layer in self.layers:
             acts = self.acts[layer]
             c, s, f = acts.indices().numpy()
-            frames.append(pd.DataFrame({
-                "concept": np.asarray(self.concepts, dtype=object)[c],
-                "strength": np.asarray(self.strengths)[s],
-                "layer": layer,
-                "index": f,
-                "activation": acts.values().numpy(),
-            }))  # fmt: skip
-        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-            columns=["concept", "strength", "layer", "index", "activation"]
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "concept": np.asarray(self.concepts, dtype=object)[c],
+                        "strength": np.asarray(self.strengths)[s],
+                        "layer": layer,
+                        "index": f,
+                        "activation": acts.values().numpy(),
+                    }
+                )
+            )
+        df = (
+            pd.concat(frames, ignore_index=True)
+            if frames
+            else pd.DataFrame(columns=["concept", "strength", "layer", "index", "activation"])
         )
         df.insert(4, "feature", [feature_name(la, i) for la, i in zip(df["layer"], df["index"], strict=True)])
         df.attrs = {
-            "concepts": list(self.concepts), "strengths": list(self.strengths),
-            "d_sae": {int(la): self.d_sae(la) for la in self.layers}, "injection_layer": self.injection_layer,
-            "default_strength": self.default_strength, "trial": self.trial, "position": self.position,
-        }  # fmt: skip
+            "concepts": list(self.concepts),
+            "strengths": list(self.strengths),
+            "d_sae": {int(la): self.d_sae(la) for la in self.layers},
+            "injection_layer": self.injection_layer,
+            "default_strength": self.default_strength,
+            "trial": self.trial,
+            "position": self.position,
+        }
         return df
 
 
 def grid_from_frame(df: pd.DataFrame, **meta: Any) -> FeatureGrid:
-    """Rebuild a :class:`FeatureGrid` from :meth:`FeatureGrid.to_frame` (metadata from ``df.attrs`` or ``meta``)."""
+    """Rebuild a :class:`FeatureGrid` from :meth:`FeatureGrid.to_frame` (metadata from ``df.attrs`` or
+    ``meta``)."""
     info = dict(df.attrs) | meta
-    missing = [k for k in ("concepts", "strengths", "d_sae", "injection_layer", "default_strength") if k not in info]
+    missing = [
+        k for k in ("concepts", "strengths", "d_sae", "injection_layer", "default_strength") if k not in info
+    ]
     if missing:
         raise ValueError(f"grid_from_frame needs {missing} (in df.attrs or as keyword arguments)")
     concepts, strengths = tuple(info["concepts"]), tuple(float(s) for s in info["strengths"])
@@ -218,19 +236,27 @@ def grid_from_frame(df: pd.DataFrame, **meta: Any) -> FeatureGrid:
     acts = {}
     for layer, d_sae in info["d_sae"].items():
         rows = df[df["layer"] == int(layer)]
-        idx = torch.tensor(np.stack([
-            rows["concept"].map(c_of).to_numpy(dtype=np.int64),
-            rows["strength"].astype(float).map(s_of).to_numpy(dtype=np.int64),
-            rows["index"].to_numpy(dtype=np.int64),
-        ]).reshape(3, -1))  # fmt: skip
+        idx = torch.tensor(
+            np.stack(
+                [
+                    rows["concept"].map(c_of).to_numpy(dtype=np.int64),
+                    rows["strength"].astype(float).map(s_of).to_numpy(dtype=np.int64),
+                    rows["index"].to_numpy(dtype=np.int64),
+                ]
+            ).reshape(3, -1)
+        )
         values = torch.tensor(rows["activation"].to_numpy(dtype=np.float32))
         shape = (len(concepts), len(strengths), int(d_sae))
         acts[int(layer)] = torch.sparse_coo_tensor(idx, values, shape, check_invariants=True).coalesce()
     return FeatureGrid(
-        concepts=concepts, strengths=strengths, acts=acts, injection_layer=int(info["injection_layer"]),
-        default_strength=float(info["default_strength"]), trial=int(info.get("trial", 1)),
+        concepts=concepts,
+        strengths=strengths,
+        acts=acts,
+        injection_layer=int(info["injection_layer"]),
+        default_strength=float(info["default_strength"]),
+        trial=int(info.get("trial", 1)),
         position=info.get("position", "last"),
-    )  # fmt: skip
+    )
 
 
 def default_strengths(model: Any) -> tuple[float, ...]:
@@ -253,7 +279,9 @@ def _grid_layers(model: Any, transcoders: Mapping[int, Any], layers: Sequence[in
     layers = sorted(transcoders) if layers is None else sorted(layers)
     missing = [layer for layer in layers if layer not in transcoders]
     if missing:
-        raise ValueError(f"no transcoder for layers {missing}; transcoders are loaded for {sorted(transcoders)}")
+        raise ValueError(
+            f"no transcoder for layers {missing}; transcoders are loaded for {sorted(transcoders)}"
+        )
     for layer in layers:
         check_layer(model, layer)
     if not layers:
@@ -270,9 +298,16 @@ def _prompt_position(position: str | int, seq: int) -> int:
 
 
 def _grid_chunk(
-    model: Any, prompt: Any, *, pos: int, vectors: Tensor, strengths: Tensor, injection_layer: int,
-    layers: Sequence[int], prefix_cache: bool,
-) -> dict[int, Float[Tensor, "rows d_model"]]:  # fmt: skip
+    model: Any,
+    prompt: Any,
+    *,
+    pos: int,
+    vectors: Tensor,
+    strengths: Tensor,
+    injection_layer: int,
+    layers: Sequence[int],
+    prefix_cache: bool,
+) -> dict[int, Float[Tensor, "rows d_model"]]:
     """Transcoder inputs at ``pos`` of every layer for rows with their own injection, in one batched pass.
 
     With ``prefix_cache`` the prompt before ``split = min(injection start, pos)`` -- identical in every row,
@@ -284,13 +319,19 @@ def _grid_chunk(
     split = min(prompt.injection_start, pos) if prefix_cache else 0
     cache = None
     if split > 0:
-        _, cache = model(prompt.tokens[None, :split].to(device), use_cache=True, return_type="logits_and_cache")
+        _, cache = model(
+            prompt.tokens[None, :split].to(device), use_cache=True, return_type="logits_and_cache"
+        )
         cache.batch_repeat_interleave(n)
     tokens = prompt.tokens[None, split:].expand(n, -1).to(device)
     got: dict[int, Tensor] = {}
     kw = {"past_key_values": cache, "use_cache": True} if cache is not None else {}
-    with inject(model, vectors, layer=injection_layer, strength=strengths, start=prompt.injection_start - split), \
-            hooks_context(model, _capture_hooks(layers, pos - split, got)):  # fmt: skip
+    with (
+        inject(
+            model, vectors, layer=injection_layer, strength=strengths, start=prompt.injection_start - split
+        ),
+        hooks_context(model, _capture_hooks(layers, pos - split, got)),
+    ):
         model(tokens, stop_at_layer=max(layers) + 1, **kw)
     return got
 
@@ -333,7 +374,9 @@ def feature_grid(
     """
     spec = spec_for(model)
     injection_layer = spec.injection_layer if injection_layer is None else check_layer(model, injection_layer)
-    strengths = tuple(sorted(float(s) for s in (default_strengths(model) if strengths is None else strengths)))
+    strengths = tuple(
+        sorted(float(s) for s in (default_strengths(model) if strengths is None else strengths))
+    )
     default_strength = spec.strength if default_strength is None else float(default_strength)
     layers = _grid_layers(model, transcoders, layers)
     if vectors is None:
@@ -348,9 +391,15 @@ def feature_grid(
     found: dict[int, list[tuple[Tensor, Tensor]]] = {layer: [] for layer in layers}
     for rows in pairs.split(batch_size):
         got = _grid_chunk(
-            model, prompt, pos=pos, vectors=vectors[rows[:, 0]], strengths=all_strengths[rows[:, 1]],
-            injection_layer=injection_layer, layers=layers, prefix_cache=prefix_cache,
-        )  # fmt: skip
+            model,
+            prompt,
+            pos=pos,
+            vectors=vectors[rows[:, 0]],
+            strengths=all_strengths[rows[:, 1]],
+            injection_layer=injection_layer,
+            layers=layers,
+            prefix_cache=prefix_cache,
+        )
         for layer in layers:
             tc = transcoders[layer]
             acts = tc.encode(got[layer].to(tc.W_enc.dtype)).float().cpu()
@@ -367,9 +416,14 @@ def feature_grid(
         for layer in layers
     }
     return FeatureGrid(
-        concepts=tuple(concepts), strengths=strengths, acts=acts_by_layer, injection_layer=injection_layer,
-        default_strength=default_strength, trial=trial, position=position,
-    )  # fmt: skip
+        concepts=tuple(concepts),
+        strengths=strengths,
+        acts=acts_by_layer,
+        injection_layer=injection_layer,
+        default_strength=default_strength,
+        trial=trial,
+        position=position,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -423,9 +477,7 @@ def inverted_v(
     return score, peak
 
 
-def concept_rates(
-    behaviour: Any, *, strength: float | None = None, layer: int | None = None
-) -> pd.DataFrame:
+def concept_rates(behaviour: Any, *, strength: float | None = None, layer: int | None = None) -> pd.DataFrame:
     """Per-concept detection and forced-identification rates from the behavioural store.
 
     Args:
@@ -452,7 +504,9 @@ def concept_rates(
             df = df[np.isclose(df[column].astype(float), float(value))]
     inj = df[df["condition"] == "injection"].dropna(subset=["detected"])
     forced = df[df["condition"] == "forced"].dropna(subset=["forced_identified"])
-    det = inj.groupby("concept")["detected"].agg(detection_rate=lambda x: x.astype(float).mean(), n_injection="size")
+    det = inj.groupby("concept")["detected"].agg(
+        detection_rate=lambda x: x.astype(float).mean(), n_injection="size"
+    )
     fid = forced.groupby("concept")["forced_identified"].agg(
         forced_id_rate=lambda x: x.astype(float).mean(), n_forced="size"
     )
@@ -460,7 +514,9 @@ def concept_rates(
     return out[["concept", "detection_rate", "forced_id_rate", "n_injection", "n_forced"]]
 
 
-def _behaviour_corr(grid: FeatureGrid, default_acts: np.ndarray, rates: pd.DataFrame | None) -> dict[str, Any]:
+def _behaviour_corr(
+    grid: FeatureGrid, default_acts: np.ndarray, rates: pd.DataFrame | None
+) -> dict[str, Any]:
     """Across concepts: activation at the default strength vs detection / forced-identification rate."""
     n = default_acts.shape[1]
     if rates is None:
@@ -496,16 +552,35 @@ def feature_stats(
         acts = grid.dense(layer, idx).double().numpy()
         pos, neg = dose_spearman(acts, grid.strengths)
         score, peak = inverted_v(acts, grid.strengths)
-        frame = pd.DataFrame({
-            "feature": [feature_name(layer, i) for i in idx], "layer": layer, "index": idx,
-            "activation_unsteered": acts[:, zero].mean(0), "activation_default": acts[:, default].mean(0),
-            "spearman_pos": pos, "spearman_neg": neg, "inverted_v": score, "peak_at_zero": peak,
-        })  # fmt: skip
+        frame = pd.DataFrame(
+            {
+                "feature": [feature_name(layer, i) for i in idx],
+                "layer": layer,
+                "index": idx,
+                "activation_unsteered": acts[:, zero].mean(0),
+                "activation_default": acts[:, default].mean(0),
+                "spearman_pos": pos,
+                "spearman_neg": neg,
+                "inverted_v": score,
+                "peak_at_zero": peak,
+            }
+        )
         for name, values in _behaviour_corr(grid, acts[:, default], rates).items():
             frame[name] = values
         frames.append(frame)
-    columns = ["feature", "layer", "index", "activation_unsteered", "activation_default", "spearman_pos",
-               "spearman_neg", "inverted_v", "peak_at_zero", "detection_corr", "forced_corr"]  # fmt: skip
+    columns = [
+        "feature",
+        "layer",
+        "index",
+        "activation_unsteered",
+        "activation_default",
+        "spearman_pos",
+        "spearman_neg",
+        "inverted_v",
+        "peak_at_zero",
+        "detection_corr",
+        "forced_corr",
+    ]
     if not frames:
         return pd.DataFrame(columns=columns)
     order = {feature_name(la, i): k for k, (la, i) in enumerate(parsed)}
@@ -537,11 +612,18 @@ def dla_scores(
         idx = torch.nonzero(a0, as_tuple=True)[0]
         w_dec = transcoders[layer].W_dec.detach().float().cpu()[idx]
         weight = _unit_rows(w_dec) @ direction
-        frames.append(pd.DataFrame({
-            "feature": [feature_name(layer, i) for i in idx.tolist()], "layer": layer, "index": idx.numpy(),
-            "activation_unsteered": a0[idx].numpy(), "dla_weight": weight.numpy(),
-            "dla_score": (weight * a0[idx]).numpy(),
-        }))  # fmt: skip
+        frames.append(
+            pd.DataFrame(
+                {
+                    "feature": [feature_name(layer, i) for i in idx.tolist()],
+                    "layer": layer,
+                    "index": idx.numpy(),
+                    "activation_unsteered": a0[idx].numpy(),
+                    "dla_weight": weight.numpy(),
+                    "dla_score": (weight * a0[idx]).numpy(),
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -593,7 +675,9 @@ def _roles(df: pd.DataFrame, *, use_behaviour: bool, min_abs_corr: float) -> pd.
     ok = df["spearman_pos"] > 0
     if use_behaviour:
         ok &= (df["detection_corr"].abs() > min_abs_corr) & (df["forced_corr"].abs() > min_abs_corr)
-    role = np.where(ok & (df["attribution"] < 0), "carrier", np.where(ok & (df["attribution"] > 0), "suppressor", "other"))
+    role = np.where(
+        ok & (df["attribution"] < 0), "carrier", np.where(ok & (df["attribution"] > 0), "suppressor", "other")
+    )
     return pd.Series(role, index=df.index)
 
 
@@ -634,7 +718,9 @@ def find_evidence_carriers(
         weight = virtual_weights(transcoders, (gate_layer, gate_index), layer, idx).numpy()
         frames.append(stats.assign(virtual_weight=weight, attribution=weight * stats["activation_default"]))
     if not frames:
-        return pd.DataFrame(columns=["feature", "layer", "index", "virtual_weight", "attribution", "role", "rank"])
+        return pd.DataFrame(
+            columns=["feature", "layer", "index", "virtual_weight", "attribution", "role", "rank"]
+        )
     df = pd.concat(frames, ignore_index=True)
     df["role"] = _roles(df, use_behaviour=behaviour is not None, min_abs_corr=min_abs_corr)
     if not include_other:

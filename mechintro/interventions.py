@@ -78,7 +78,10 @@ def _rows(value: Any, n_features: int, *, what: str, dtype: torch.dtype) -> Tens
     elif t.ndim == 1:
         t = t[None]
     if t.ndim != 2 or t.shape[1] != n_features:
-        raise ValueError(f"{what} must be a scalar, [n_features={n_features}] or [rows, {n_features}], got {tuple(t.shape)}")
+        raise ValueError(
+            f"{what} must be a scalar, [n_features={n_features}] or [rows, {n_features}], got "
+            f"{tuple(t.shape)}"
+        )
     return t
 
 
@@ -142,7 +145,9 @@ class FeatureIntervention:
     def _check_rows(self, batch: int) -> None:
         rows = {self.target.shape[0], self.mask.shape[0], self.starts.shape[0]} - {1}
         if rows and rows != {batch}:
-            raise ValueError(f"the intervention has per-row settings for {sorted(rows)} rows but the batch has {batch}")
+            raise ValueError(
+                f"the intervention has per-row settings for {sorted(rows)} rows but the batch has {batch}"
+            )
 
     def _encode_hook(self, plan: _LayerPlan):
         def hook(x: Float[Tensor, "b s d"], hook: Any = None) -> None:
@@ -159,7 +164,11 @@ class FeatureIntervention:
             cols = plan.columns.to(out.device)
             target = self.target.to(out.device)[:, cols][:, None, :]  # [rows|1, 1, n]
             on = self.mask.to(out.device)[:, cols][:, None, :] & self._where[..., None]  # [rows|1, s, n]
-            delta = torch.where(on, target.to(current.dtype) - current, torch.zeros((), dtype=current.dtype, device=out.device))
+            delta = torch.where(
+                on,
+                target.to(current.dtype) - current,
+                torch.zeros((), dtype=current.dtype, device=out.device),
+            )
             edit = (delta @ plan.directions.to(device=out.device, dtype=delta.dtype)).to(out.dtype)
             if self.record:
                 self.added[plan.layer] = edit.detach()
@@ -215,8 +224,14 @@ def make_intervention(
     for layer in sorted({la for la, _ in feats}):
         cols = [k for k, (la, _) in enumerate(feats) if la == layer]
         idx = [feats[k][1] for k in cols]
-        plans.append(_LayerPlan(layer, torch.tensor(cols), torch.tensor(idx),
-                                feature_directions(transcoders, layer, idx, scale=scale)))  # fmt: skip
+        plans.append(
+            _LayerPlan(
+                layer,
+                torch.tensor(cols),
+                torch.tensor(idx),
+                feature_directions(transcoders, layer, idx, scale=scale),
+            )
+        )
     return FeatureIntervention(
         transcoders=transcoders,
         features=feats,
@@ -251,9 +266,17 @@ def intervene(
     Composes with :func:`mechintro.steering.inject`, with other hooks and with (cached) generation.
     """
     iv = make_intervention(
-        model, transcoders, features, target=target, mask=mask, positions=positions, start=start, last=last,
-        scale=scale, record=record,
-    )  # fmt: skip
+        model,
+        transcoders,
+        features,
+        target=target,
+        mask=mask,
+        positions=positions,
+        start=start,
+        last=last,
+        scale=scale,
+        record=record,
+    )
     with hooks_context(model, iv.hooks):
         yield iv
 

@@ -71,7 +71,8 @@ class Verdict:
     """One judged trial. ``None`` in a field means "not applicable" or "not judged" (see ``error``)."""
 
     detected: bool | None
-    """Unforced rows: did the response coherently affirm noticing an injected thought? None for forced rows."""
+    """Unforced rows: did the response coherently affirm noticing an injected thought? None for forced
+    rows."""
     identified: bool | None
     """Unforced rows: did it affirmatively report a thought about the concept? None for forced rows."""
     forced_identified: bool | None
@@ -105,13 +106,34 @@ def _check_rows(responses: Sequence[str], concepts: Sequence[str], forced: Seque
 # --------------------------------------------------------------------------------------------------------
 
 _IRREGULAR_SINGULAR = {
-    "wolves": "wolf", "knives": "knife", "shelves": "shelf", "leaves": "leaf", "loaves": "loaf",
-    "halves": "half", "lives": "life", "teeth": "tooth", "feet": "foot", "geese": "goose", "mice": "mouse",
-    "children": "child", "people": "person", "men": "man", "women": "woman", "cacti": "cactus",
-    "fungi": "fungus", "octopi": "octopus", "millennia": "millennium", "bacteria": "bacterium",
-    "mitochondria": "mitochondrion", "nebulae": "nebula", "hypotheses": "hypothesis", "axes": "axis",
-    "phenomena": "phenomenon", "criteria": "criterion", "data": "datum",
-}  # fmt: skip
+    "wolves": "wolf",
+    "knives": "knife",
+    "shelves": "shelf",
+    "leaves": "leaf",
+    "loaves": "loaf",
+    "halves": "half",
+    "lives": "life",
+    "teeth": "tooth",
+    "feet": "foot",
+    "geese": "goose",
+    "mice": "mouse",
+    "children": "child",
+    "people": "person",
+    "men": "man",
+    "women": "woman",
+    "cacti": "cactus",
+    "fungi": "fungus",
+    "octopi": "octopus",
+    "millennia": "millennium",
+    "bacteria": "bacterium",
+    "mitochondria": "mitochondrion",
+    "nebulae": "nebula",
+    "hypotheses": "hypothesis",
+    "axes": "axis",
+    "phenomena": "phenomenon",
+    "criteria": "criterion",
+    "data": "datum",
+}
 
 # Suffixes that make a close variant of a stem of at least this many letters.
 _INFLECTIONS = ("", "s", "es")
@@ -136,7 +158,8 @@ def _singulars(word: str) -> set[str]:
 
 
 def _stems(singular: str) -> set[str]:
-    """Stems a derivational suffix attaches to: the word, minus a final e/y/o, minus '-ness' (happi -> happy)."""
+    """Stems a derivational suffix attaches to: the word, minus a final e/y/o, minus '-ness' (happi ->
+    happy)."""
     out = {singular}
     if singular[-1:] in ("e", "y", "o"):
         out.add(singular[:-1])
@@ -356,7 +379,8 @@ def _clause_at(clauses: Sequence[_Clause], offset: int) -> _Clause | None:
 
 
 def _is_physical(clause: _Clause, mention_start: int) -> bool:
-    """True for "I detect a {word}" used in a physical sense: perception verb right before, no thought words."""
+    """True for "I detect a {word}" used in a physical sense: perception verb right before, no thought
+    words."""
     before = clause.text[: mention_start - clause.start]
     return bool(_PHYSICAL_BEFORE.search(before)) and not _THOUGHT_WORDS.search(clause.text)
 
@@ -481,7 +505,8 @@ JUDGE_PROMPTS: dict[str, str] = {
         "Grading task: DETECTION.\n\n"
         + _SETTING
         + "\n\nThe model's reply:\n<reply>\n{response}\n</reply>\n\n"
-        "Question: does the reply claim that the model notices an injected, unusual or unexpected thought?\n\n"
+        "Question: does the reply claim that the model notices an injected, unusual or unexpected "
+        "thought?\n\n"
         "Answer YES only if all of these hold:\n"
         "- the reply affirmatively says it detects or notices such a thought (an injected thought, something "
         "unusual or foreign in its thinking);\n"
@@ -563,7 +588,8 @@ class _Backend:
     complete: Callable[[Any, LLMJudgeConfig, str, str], str]
     """``(client, config, system, prompt) -> reply text``."""
     sdk: str
-    """The SDK's module; its ``APIError`` (HTTP status, connection and timeout errors) is what a call may raise."""
+    """The SDK's module; its ``APIError`` (HTTP status, connection and timeout errors) is what a call may
+    raise."""
 
 
 def _import(module: str) -> Any:
@@ -626,7 +652,8 @@ class LLMJudgeConfig:
     """Settings of :class:`LLMJudge`."""
 
     model: str | None = None
-    """Judge model; None = the backend's default ("gpt-4.1-mini" for openai, "claude-haiku-4-5" for anthropic)."""
+    """Judge model; None = the backend's default ("gpt-4.1-mini" for openai, "claude-haiku-4-5" for
+    anthropic)."""
     backend: str = "openai"
     """SDK to call: "openai" (Chat Completions API) or "anthropic" (Messages API)."""
     base_url: str | None = None
@@ -636,7 +663,8 @@ class LLMJudgeConfig:
     max_concurrency: int = 8
     """At most this many API calls in flight at once."""
     max_retries: int = 4
-    """Retries after a failed call (so up to max_retries + 1 attempts); 4xx errors other than 408/409/429 are not retried."""
+    """Retries after a failed call (so up to max_retries + 1 attempts); 4xx errors other than 408/409/429
+    are not retried."""
     backoff_s: float = 0.5
     """Wait before retry ``k`` (0-based) is ``backoff_s * 2**k`` seconds."""
     timeout_s: float = 60.0
@@ -646,7 +674,8 @@ class LLMJudgeConfig:
     max_tokens: int = 512
     """Reply length limit (the Anthropic API requires one; not sent to OpenAI)."""
     cache_dir: Path | None = Path("~/.cache/mechintro/judge")
-    """Folder of cached judge replies, one JSON file per sha256(backend, model, full prompt); None = no cache."""
+    """Folder of cached judge replies, one JSON file per sha256(backend, model, full prompt); None = no
+    cache."""
 
     def __post_init__(self) -> None:
         """Validate the backend and the numeric settings."""
@@ -716,8 +745,11 @@ class LLMJudge:
         _check_rows(responses, concepts, forced)
         kinds = ["forced" if f else "detection" for f in forced]
         first = self._ask_all(list(zip(kinds, responses, concepts, strict=True)))
-        detected_rows = [i for i, (kind, (answer, _)) in enumerate(zip(kinds, first, strict=True))
-                         if kind == "detection" and answer]  # fmt: skip
+        detected_rows = [
+            i
+            for i, (kind, (answer, _)) in enumerate(zip(kinds, first, strict=True))
+            if kind == "detection" and answer
+        ]
         asked = self._ask_all([("identification", responses[i], concepts[i]) for i in detected_rows])
         second = dict(zip(detected_rows, asked, strict=True))
         return [self._verdict(kind, first[i], second.get(i)) for i, kind in enumerate(kinds)]
@@ -726,7 +758,8 @@ class LLMJudge:
     def _verdict(
         kind: str, first: tuple[bool | None, str | None], second: tuple[bool | None, str | None] | None
     ) -> Verdict:
-        """Assemble a row's verdict from its first answer (detection or forced) and its identification answer."""
+        """Assemble a row's verdict from its first answer (detection or forced) and its identification
+        answer."""
         answer, error = first
         if kind == "forced":
             return Verdict(None, None, answer, _label("forced identification", error))
@@ -755,15 +788,24 @@ class LLMJudge:
         return answer, None
 
     def complete(self, prompt: str, *, system: str = JUDGE_SYSTEM) -> str:
-        """The judge model's reply to ``prompt``: from the cache, else from the API (with retries), then cached."""
+        """The judge model's reply to ``prompt``: from the cache, else from the API (with retries), then
+        cached."""
         path = self._cache_path(system, prompt)
         cached = _read_cache(path)
         if cached is not None:
             return cached
         text = self._call_with_retries(system, prompt)
         if path is not None:
-            _write_cache(path, {"backend": self.config.backend, "model": self.config.resolved_model,
-                                "system": system, "prompt": prompt, "reply": text})  # fmt: skip
+            _write_cache(
+                path,
+                {
+                    "backend": self.config.backend,
+                    "model": self.config.resolved_model,
+                    "system": system,
+                    "prompt": prompt,
+                    "reply": text,
+                },
+            )
         return text
 
     def _call_with_retries(self, system: str, prompt: str) -> str:
@@ -854,7 +896,9 @@ class LogitJudge:
         """One verdict per row from its logit gap (unforced rows) or concept probability (forced rows)."""
         _check_rows(list(gaps), list(p_concepts), list(forced))
         return [
-            Verdict(None, None, bool(p >= self.p_threshold)) if f else Verdict(bool(g > self.threshold), None, None)
+            Verdict(None, None, bool(p >= self.p_threshold))
+            if f
+            else Verdict(bool(g > self.threshold), None, None)
             for g, p, f in zip(gaps, p_concepts, forced, strict=True)
         ]
 

@@ -1,4 +1,5 @@
-"""Detection metrics from the tidy trial table: TPR, FPR, discrimination, introspection, forced identification.
+"""Detection metrics from the tidy trial table: TPR, FPR, discrimination, introspection, forced
+identification.
 
 The input has one row per trial (the columns of :class:`mechintro.store.TrialStore`); the output one row
 per group of trials, with 95% Wilson intervals. How rows are grouped and counted:
@@ -114,10 +115,14 @@ def _group_row(trials: pd.DataFrame, controls: pd.DataFrame) -> dict[str, float]
     identified = _flag(inj["identified"]).fillna(False).astype(bool)
     k_tp, k_fp = int(detected.sum()), int(_flag(ctl["detected"]).fillna(False).astype(bool).sum())
     out: dict[str, float] = {
-        "n_injection": len(inj), "n_control": len(ctl), "n_forced": len(forced),
+        "n_injection": len(inj),
+        "n_control": len(ctl),
+        "n_forced": len(forced),
         "n_errors": inj_err + ctl_err + forced_err,
-        "n_errors_injection": inj_err, "n_errors_control": ctl_err, "n_errors_forced": forced_err,
-    }  # fmt: skip
+        "n_errors_injection": inj_err,
+        "n_errors_control": ctl_err,
+        "n_errors_forced": forced_err,
+    }
     out |= _rate("tpr", k_tp, len(inj)) | _rate("fpr", k_fp, len(ctl))
     lo, hi = newcombe_interval(k_tp, len(inj), k_fp, len(ctl))
     diff = out["tpr"] - out["fpr"] if len(inj) and len(ctl) else math.nan

@@ -137,7 +137,9 @@ class ModelSpec:
     def check_layer(self, layer: int) -> int:
         """Return ``layer`` or raise naming the valid range."""
         if not isinstance(layer, (int,)) or isinstance(layer, bool) or not 0 <= layer < self.n_layers:
-            raise ValueError(f"layer {layer!r} does not exist in {self.name}: valid layers are 0..{self.n_layers - 1}")
+            raise ValueError(
+                f"layer {layer!r} does not exist in {self.name}: valid layers are 0..{self.n_layers - 1}"
+            )
         return int(layer)
 
 
@@ -207,7 +209,8 @@ def _hub_snapshot(hf_id: str) -> Path:
     except (LocalEntryNotFoundError, OSError, ValueError) as err:
         if offline:
             raise ModelNotAvailableError(
-                f"{hf_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it. "
+                f"{hf_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading "
+                "it. "
                 "Download it where the hub is reachable, or pass a local folder saved with save_pretrained."
             ) from err
     try:
@@ -267,7 +270,9 @@ def _build_spec(model: Any, *, name: str, folder: Path) -> ModelSpec:
         recorded = json.loads((folder / SPEC_FILENAME).read_text())
     hf_id = name if name in GEMMA3_LAYERS else None
     release = recorded.get("transcoder_release", _gemma_scope_release(hf_id) if hf_id else None)
-    if release is not None and (folder / release).is_dir():  # the organism records a folder beside its weights
+    if (
+        release is not None and (folder / release).is_dir()
+    ):  # the organism records a folder beside its weights
         release = str(folder / release)
     tok = model.tokenizer
     yes_ids, no_ids = _token_ids(tok, YES_WORDS), _token_ids(tok, NO_WORDS)
@@ -286,7 +291,9 @@ def _build_spec(model: Any, *, name: str, folder: Path) -> ModelSpec:
         ),
         yes_ids=yes_ids,
         no_ids=no_ids,
-        extra={k: v for k, v in recorded.items() if k not in {"injection_layer", "strength", "strength_sweep"}},
+        extra={
+            k: v for k, v in recorded.items() if k not in {"injection_layer", "strength", "strength_sweep"}
+        },
     )
     spec.check_layer(spec.injection_layer)
     return spec
@@ -311,7 +318,9 @@ def with_spec(model: Any, **changes: Any) -> ModelSpec:
 # ----------------------------------------------------------------------------------------------- chat
 
 
-def chat_text(model_or_tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+def chat_text(
+    model_or_tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = True
+) -> str:
     """Render ``messages`` with the model's own chat template (the BOS token included)."""
     tok = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
     if getattr(tok, "chat_template", None) is None:

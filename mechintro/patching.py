@@ -80,7 +80,8 @@ class PatchingConfig:
     positions: str = "from_start"
     """``"from_start"`` (every prompt position from the injection start) or ``"last"`` (last prompt token)."""
     reference: str = "matched"
-    """Ablation values: ``"matched"`` (the same trial's unsteered run) or ``"trial_mean"`` (mean over trials)."""
+    """Ablation values: ``"matched"`` (the same trial's unsteered run) or ``"trial_mean"`` (mean over
+    trials)."""
     trials: tuple[int, ...] = (1,)
     """Trial numbers; each is its own prompt."""
     strength: float | None = None
@@ -94,8 +95,9 @@ class PatchingConfig:
 
     def __post_init__(self) -> None:
         for name, values, valid in (
-            ("components", self.components, COMPONENTS), ("experiments", self.experiments, EXPERIMENTS),
-        ):  # fmt: skip
+            ("components", self.components, COMPONENTS),
+            ("experiments", self.experiments, EXPERIMENTS),
+        ):
             bad = [v for v in values if v not in valid]
             if bad or not values:
                 raise ValueError(f"unknown {name} {bad or list(values)}; valid: {list(valid)}")
@@ -190,13 +192,21 @@ def _metric(model: Any, logits: Tensor, experiment: str, concepts: Sequence[str]
     return "gap", yes_no_gap(logits, spec_for(model))
 
 
-def _rows_frame(experiment: str, kind: str, trial: int, metric: str, values: Tensor, *, concepts, sites) -> pd.DataFrame:
-    return pd.DataFrame({
-        "experiment": experiment, "kind": kind,
-        "layer": pd.array([s[0] if s else pd.NA for s in sites], dtype="Int64"),
-        "component": [s[1] if s else "" for s in sites],
-        "concept": list(concepts), "trial": trial, "metric": metric, "value": values.cpu().numpy(),
-    })  # fmt: skip
+def _rows_frame(
+    experiment: str, kind: str, trial: int, metric: str, values: Tensor, *, concepts, sites
+) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "experiment": experiment,
+            "kind": kind,
+            "layer": pd.array([s[0] if s else pd.NA for s in sites], dtype="Int64"),
+            "component": [s[1] if s else "" for s in sites],
+            "concept": list(concepts),
+            "trial": trial,
+            "metric": metric,
+            "value": values.cpu().numpy(),
+        }
+    )
 
 
 def _interventions(
@@ -213,18 +223,29 @@ def _interventions(
     positions: slice,
     batch_size: int,
 ) -> Tensor:
-    """Last-position logits of every (site, concept) row, in chunks; ``values[site]`` is [1 | concept, pos, d]."""
+    """Last-position logits of every (site, concept) row, in chunks; ``values[site]`` is [1 | concept, pos,
+    d]."""
     out = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         reps: dict[Site, list[Replacement]] = {}
         for r, (site, c) in enumerate(chunk):
             v = values[site]
-            reps.setdefault(site, []).append(Replacement(torch.tensor([r]), v[c : c + 1] if v.shape[0] > 1 else v))
+            reps.setdefault(site, []).append(
+                Replacement(torch.tensor([r]), v[c : c + 1] if v.shape[0] > 1 else v)
+            )
         concept_idx = torch.tensor([c for _, c in chunk])
         batch = tokens[None].expand(len(chunk), -1).to(model.cfg.device)
-        with inject(model, vectors[concept_idx], layer=injection_layer, strength=strength if steered_rows else 0.0,
-                    start=start), hooks_context(model, replacement_hooks(reps, positions=positions)):  # fmt: skip
+        with (
+            inject(
+                model,
+                vectors[concept_idx],
+                layer=injection_layer,
+                strength=strength if steered_rows else 0.0,
+                start=start,
+            ),
+            hooks_context(model, replacement_hooks(reps, positions=positions)),
+        ):
             out.append(model(batch)[:, -1].float())
     return torch.cat(out)
 
@@ -237,7 +258,9 @@ def _positions(cfg: PatchingConfig, prompt: TrialPrompt) -> slice:
 def _trial_mean(clean: dict[int, dict[Site, Tensor]]) -> dict[Site, Tensor]:
     shapes = {t: next(iter(v.values())).shape[1] for t, v in clean.items()}
     if len(set(shapes.values())) != 1:
-        raise ValueError(f"reference='trial_mean' needs equal prompt lengths from the injection start; got {shapes}")
+        raise ValueError(
+            f"reference='trial_mean' needs equal prompt lengths from the injection start; got {shapes}"
+        )
     sites = next(iter(clean.values())).keys()
     return {s: torch.stack([clean[t][s] for t in clean]).mean(0) for s in sites}
 
@@ -275,15 +298,35 @@ def component_patching(
         experiments = [e for e in cfg.experiments if (e == "forced_ablation") == forced]
         if not experiments:
             continue
-        prompts = {t: trial_prompt(model, trial=t, variant=cfg.variant, prefill=forced_prefill() if forced else None)
-                   for t in cfg.trials}  # fmt: skip
-        frames += _run_prompts(model, prompts, experiments, concepts=concepts, vectors=vectors, sites=sites,
-                               cfg=cfg, inj=inj, strength=strength)  # fmt: skip
+        prompts = {
+            t: trial_prompt(model, trial=t, variant=cfg.variant, prefill=forced_prefill() if forced else None)
+            for t in cfg.trials
+        }
+        frames += _run_prompts(
+            model,
+            prompts,
+            experiments,
+            concepts=concepts,
+            vectors=vectors,
+            sites=sites,
+            cfg=cfg,
+            inj=inj,
+            strength=strength,
+        )
     return pd.concat(frames, ignore_index=True)
 
 
 def _run_prompts(
-    model: Any, prompts: dict[int, TrialPrompt], experiments: list[str], *, concepts, vectors, sites, cfg, inj, strength
+    model: Any,
+    prompts: dict[int, TrialPrompt],
+    experiments: list[str],
+    *,
+    concepts,
+    vectors,
+    sites,
+    cfg,
+    inj,
+    strength,
 ) -> list[pd.DataFrame]:
     clean, steered, baselines = {}, {}, {}
     for t, p in prompts.items():
@@ -300,19 +343,39 @@ def _run_prompts(
         for experiment in experiments:
             for kind, logits in (("unsteered", baselines[t][0]), ("steered", baselines[t][1])):
                 metric, value = _metric(model, logits, experiment, concepts)
-                frames.append(_rows_frame(experiment, kind, t, metric, value, concepts=concepts,
-                                          sites=[None] * len(concepts)))  # fmt: skip
+                frames.append(
+                    _rows_frame(
+                        experiment, kind, t, metric, value, concepts=concepts, sites=[None] * len(concepts)
+                    )
+                )
             patch = experiment == "patching"
             values = steered[t] if patch else (reference if reference is not None else clean[t])
             rows = [(site, c) for site in sites for c in range(len(concepts))]
             logits = _interventions(
-                model, p.tokens, rows=rows, values=values, steered_rows=not patch, vectors=vectors,
-                strength=strength, injection_layer=inj, start=p.injection_start, positions=pos,
+                model,
+                p.tokens,
+                rows=rows,
+                values=values,
+                steered_rows=not patch,
+                vectors=vectors,
+                strength=strength,
+                injection_layer=inj,
+                start=p.injection_start,
+                positions=pos,
                 batch_size=cfg.batch_size,
-            )  # fmt: skip
+            )
             metric, value = _metric(model, logits, experiment, [concepts[c] for _, c in rows])
-            frames.append(_rows_frame(experiment, "intervention", t, metric, value,
-                                      concepts=[concepts[c] for _, c in rows], sites=[s for s, _ in rows]))  # fmt: skip
+            frames.append(
+                _rows_frame(
+                    experiment,
+                    "intervention",
+                    t,
+                    metric,
+                    value,
+                    concepts=[concepts[c] for _, c in rows],
+                    sites=[s for s, _ in rows],
+                )
+            )
     return frames
 
 

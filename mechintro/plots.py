@@ -80,10 +80,14 @@ STYLE = Style()
 
 def _apply_style(fig: go.Figure, *, title: str, height: int, style: Style = STYLE) -> go.Figure:
     fig.update_layout(
-        template=style.template, title={"text": title, "x": 0.01}, height=height, width=style.width,
-        font={"family": style.font, "size": style.font_size}, legend={"tracegroupgap": 2},
+        template=style.template,
+        title={"text": title, "x": 0.01},
+        height=height,
+        width=style.width,
+        font={"family": style.font, "size": style.font_size},
+        legend={"tracegroupgap": 2},
         margin={"l": 70, "r": 30, "t": 90, "b": 60},
-    )  # fmt: skip
+    )
     return fig
 
 
@@ -101,8 +105,13 @@ def _strength_colors(strengths: Sequence[float], style: Style = STYLE) -> dict[f
     values = sorted(set(strengths))
     if len(values) == 1:
         return {values[0]: sample_colorscale(style.colorscale, [0.35])[0]}
-    return dict(zip(values, sample_colorscale(style.colorscale, [0.9 * i / (len(values) - 1) for i in
-                                                                   range(len(values))]), strict=True))  # fmt: skip
+    return dict(
+        zip(
+            values,
+            sample_colorscale(style.colorscale, [0.9 * i / (len(values) - 1) for i in range(len(values))]),
+            strict=True,
+        )
+    )
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -139,7 +148,8 @@ def _check_metrics(metrics: pd.DataFrame, keys: Sequence[str], *, what: str) -> 
         raise ValueError(f"{what} needs detection_metrics output; missing columns {missing}")
     if metrics.duplicated(list(keys)).any():
         raise ValueError(
-            f"{what} needs one metrics row per {list(keys)}; filter the trials first (or group by {list(keys)})"
+            f"{what} needs one metrics row per {list(keys)}; filter the trials first (or group by "
+            f"{list(keys)})"
         )
     return metrics
 
@@ -150,9 +160,16 @@ def _check_metrics(metrics: pd.DataFrame, keys: Sequence[str], *, what: str) -> 
 def _band(x: Sequence, lo: Sequence, hi: Sequence, *, color: str, group: str) -> go.Scatter:
     """A filled CI band between ``lo`` and ``hi`` (gaps where a bound is NaN are bridged)."""
     return go.Scatter(
-        x=[*x, *x[::-1]], y=[*hi, *lo[::-1]], fill="toself", fillcolor=_rgba(color, STYLE.band_opacity),
-        mode="lines", line={"width": 0}, hoverinfo="skip", showlegend=False, legendgroup=group,
-    )  # fmt: skip
+        x=[*x, *x[::-1]],
+        y=[*hi, *lo[::-1]],
+        fill="toself",
+        fillcolor=_rgba(color, STYLE.band_opacity),
+        mode="lines",
+        line={"width": 0},
+        hoverinfo="skip",
+        showlegend=False,
+        legendgroup=group,
+    )
 
 
 def _add_series(
@@ -167,14 +184,21 @@ def _add_series(
             fig.add_trace(_band(x, lo, hi, color=color, group=group), row=row, col=col)
             fig.add_trace(
                 go.Scatter(
-                    x=x, y=rows[metric], mode="lines+markers", marker={"size": 4}, line={"color": color},
-                    name=f"{source}: strength {strength:g}", legendgroup=group, showlegend=row == 1,
+                    x=x,
+                    y=rows[metric],
+                    mode="lines+markers",
+                    marker={"size": 4},
+                    line={"color": color},
+                    name=f"{source}: strength {strength:g}",
+                    legendgroup=group,
+                    showlegend=row == 1,
                     customdata=list(zip(lo, hi, strict=True)),
                     hovertemplate=f"layer %{{x}}<br>{metric} %{{y:.3f}} [%{{customdata[0]:.3f}}, "
                     "%{customdata[1]:.3f}]<extra>" + f"{source}, strength {strength:g}</extra>",
                 ),
-                row=row, col=col,
-            )  # fmt: skip
+                row=row,
+                col=col,
+            )
 
 
 def layer_sweep_figure(
@@ -199,9 +223,13 @@ def layer_sweep_figure(
         ours = ours[(ours["n_injection"] > 0) | (ours["n_forced"] > 0)]
     paper = paper_layer_metrics() if paper is None else paper
     fig = make_subplots(
-        rows=len(METRICS), cols=2, shared_yaxes=True, vertical_spacing=0.05, horizontal_spacing=0.04,
+        rows=len(METRICS),
+        cols=2,
+        shared_yaxes=True,
+        vertical_spacing=0.05,
+        horizontal_spacing=0.04,
         column_titles=[f"Ours: {model_name}", "Paper: Gemma3-27B-IT (released Fig. 1 metrics)"],
-    )  # fmt: skip
+    )
     colors = _strength_colors([*ours["strength"], *paper["strength"]])  # one color per strength in both
     _add_series(fig, ours, col=1, source="ours", colors=colors)
     _add_series(fig, paper, col=2, source="paper", colors=colors)
@@ -227,10 +255,18 @@ def _rate_bars(metrics: pd.DataFrame, column: str, order: Sequence[str], *, titl
     for metric, color in zip(("tpr", "fpr"), STYLE.bar_colors, strict=True):
         value = rows[metric]
         fig.add_bar(
-            x=rows[column], y=value, name=METRICS[metric], marker_color=color,
-            error_y={"type": "data", "array": rows[f"{metric}_hi"] - value,
-                     "arrayminus": value - rows[f"{metric}_lo"], "thickness": 1.2, "color": "#333333"},
-        )  # fmt: skip
+            x=rows[column],
+            y=value,
+            name=METRICS[metric],
+            marker_color=color,
+            error_y={
+                "type": "data",
+                "array": rows[f"{metric}_hi"] - value,
+                "arrayminus": value - rows[f"{metric}_lo"],
+                "thickness": 1.2,
+                "color": "#333333",
+            },
+        )
     fig.update_layout(barmode="group", yaxis={"title": "rate", "range": [0, 1.05]}, xaxis={"title": column})
     return _apply_style(fig, title=title, height=460)
 

@@ -48,9 +48,13 @@ _EXPERIMENT_TITLES = {
 
 def _style(fig: go.Figure, *, title: str, height: int) -> go.Figure:
     fig.update_layout(
-        template=STYLE.template, title={"text": title, "x": 0.01}, height=height, width=STYLE.width,
-        font={"family": STYLE.font, "size": STYLE.font_size}, margin={"l": 70, "r": 30, "t": 90, "b": 60},
-    )  # fmt: skip
+        template=STYLE.template,
+        title={"text": title, "x": 0.01},
+        height=height,
+        width=STYLE.width,
+        font={"family": STYLE.font, "size": STYLE.font_size},
+        margin={"l": 70, "r": 30, "t": 90, "b": 60},
+    )
     return fig
 
 
@@ -59,32 +63,68 @@ def _rgba(color: str, alpha: float) -> str:
     return f"rgba({r}, {g}, {b}, {alpha})"
 
 
-def _line_with_band(fig: go.Figure, rows: pd.DataFrame, *, x: str, name: str, color: str, row: int, col: int,
-                    show: bool, dash: str | None = None) -> None:  # fmt: skip
+def _line_with_band(
+    fig: go.Figure,
+    rows: pd.DataFrame,
+    *,
+    x: str,
+    name: str,
+    color: str,
+    row: int,
+    col: int,
+    show: bool,
+    dash: str | None = None,
+) -> None:
     """A mean line (``mean``) with its CI band (``lo``, ``hi``) against ``x``."""
     rows = rows.sort_values(x)
     xs = rows[x].tolist()
-    fig.add_trace(go.Scatter(
-        x=[*xs, *xs[::-1]], y=[*rows["hi"], *rows["lo"][::-1]], fill="toself", mode="lines",
-        fillcolor=_rgba(color, STYLE.band_opacity), line={"width": 0}, hoverinfo="skip", showlegend=False,
-        legendgroup=name,
-    ), row=row, col=col)  # fmt: skip
-    fig.add_trace(go.Scatter(
-        x=xs, y=rows["mean"], mode="lines+markers", marker={"size": 5}, line={"color": color, "dash": dash},
-        name=name, legendgroup=name, showlegend=show,
-    ), row=row, col=col)  # fmt: skip
+    fig.add_trace(
+        go.Scatter(
+            x=[*xs, *xs[::-1]],
+            y=[*rows["hi"], *rows["lo"][::-1]],
+            fill="toself",
+            mode="lines",
+            fillcolor=_rgba(color, STYLE.band_opacity),
+            line={"width": 0},
+            hoverinfo="skip",
+            showlegend=False,
+            legendgroup=name,
+        ),
+        row=row,
+        col=col,
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=xs,
+            y=rows["mean"],
+            mode="lines+markers",
+            marker={"size": 5},
+            line={"color": color, "dash": dash},
+            name=name,
+            legendgroup=name,
+            showlegend=show,
+        ),
+        row=row,
+        col=col,
+    )
 
 
-def _baseline(fig: go.Figure, stats: pd.Series, xs: Sequence, *, name: str, color: str, row: int, show: bool) -> None:
+def _baseline(
+    fig: go.Figure, stats: pd.Series, xs: Sequence, *, name: str, color: str, row: int, show: bool
+) -> None:
     """A horizontal baseline with its CI band across ``xs``."""
-    frame = pd.DataFrame({"x": [min(xs), max(xs)], "mean": stats["mean"], "lo": stats["lo"], "hi": stats["hi"]})
+    frame = pd.DataFrame(
+        {"x": [min(xs), max(xs)], "mean": stats["mean"], "lo": stats["lo"], "hi": stats["hi"]}
+    )
     _line_with_band(fig, frame, x="x", name=name, color=color, row=row, col=1, show=show, dash="dash")
 
 
 # ----------------------------------------------------------------------------------------------- patching
 
 
-def patching_figure(df: pd.DataFrame, *, title: str = "Attention and MLP ablation / patching by layer") -> go.Figure:
+def patching_figure(
+    df: pd.DataFrame, *, title: str = "Attention and MLP ablation / patching by layer"
+) -> go.Figure:
     """Three rows (ablation, patching, forced ablation): the metric against layer for each component, with
     the steered and unsteered baselines (dashed), mean over concepts with 95% CIs.
 
@@ -92,21 +132,38 @@ def patching_figure(df: pd.DataFrame, *, title: str = "Attention and MLP ablatio
     """
     summary = summarize_patching(df)
     experiments = [e for e in EXPERIMENTS if e in set(summary["experiment"])]
-    fig = make_subplots(rows=len(experiments), cols=1, shared_xaxes=True, vertical_spacing=0.08,
-                        subplot_titles=[_EXPERIMENT_TITLES[e] for e in experiments])  # fmt: skip
+    fig = make_subplots(
+        rows=len(experiments),
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.08,
+        subplot_titles=[_EXPERIMENT_TITLES[e] for e in experiments],
+    )
     inter = summary[summary["kind"] == "intervention"]
     xs = inter["layer"].dropna().astype(int).tolist() or [0]
     for r, experiment in enumerate(experiments, start=1):
         rows = summary[summary["experiment"] == experiment]
-        for i, (component, group) in enumerate(rows[rows["kind"] == "intervention"].groupby("component", sort=True)):
+        for i, (component, group) in enumerate(
+            rows[rows["kind"] == "intervention"].groupby("component", sort=True)
+        ):
             group = group.assign(layer=group["layer"].astype(int))
-            _line_with_band(fig, group, x="layer", name=f"{component} intervention", color=COLORS[i], row=r,
-                            col=1, show=r == 1)  # fmt: skip
+            _line_with_band(
+                fig,
+                group,
+                x="layer",
+                name=f"{component} intervention",
+                color=COLORS[i],
+                row=r,
+                col=1,
+                show=r == 1,
+            )
         for kind, color in (("steered", "#444444"), ("unsteered", "#999999")):
             base = rows[rows["kind"] == kind]
             if len(base):
                 _baseline(fig, base.iloc[0], xs, name=f"{kind} baseline", color=color, row=r, show=r == 1)
-        fig.update_yaxes(title_text="P(concept)" if experiment == "forced_ablation" else "Yes-No gap", row=r, col=1)
+        fig.update_yaxes(
+            title_text="P(concept)" if experiment == "forced_ablation" else "Yes-No gap", row=r, col=1
+        )
     fig.update_xaxes(tickformat="d")
     fig.update_xaxes(title_text="layer", row=len(experiments), col=1)
     return _style(fig, title=title, height=STYLE.panel_height * len(experiments) + 120)
@@ -116,11 +173,17 @@ def patching_figure(df: pd.DataFrame, *, title: str = "Attention and MLP ablatio
 
 
 def gates_figure(
-    gates: pd.DataFrame, grid: FeatureGrid, *, gate: str | None = None, top: int = 20,
+    gates: pd.DataFrame,
+    grid: FeatureGrid,
+    *,
+    gate: str | None = None,
+    top: int = 20,
     title: str = "Gate candidates: direct logit attribution to Yes-No",
-) -> go.Figure:  # fmt: skip
-    """Left: the ``top`` gates by DLA score (most negative = promotes "No"). Right: one gate's activation at the
-    last prompt token against strength (default: the top gate): each concept (thin) and the mean with a 95% CI.
+) -> go.Figure:
+    """Left: the ``top`` gates by DLA score (most negative = promotes "No"). Right: one gate's activation at
+    the
+    last prompt token against strength (default: the top gate): each concept (thin) and the mean with a 95%
+    CI.
 
     ``gates``: :func:`mechintro.features.find_gates`; ``grid``: the :class:`~mechintro.features.FeatureGrid`.
     """
@@ -128,33 +191,70 @@ def gates_figure(
         raise ValueError("no gate candidates to plot (find_gates returned an empty table)")
     gate = gate or gates["feature"].iloc[0]
     shown = gates.head(top).iloc[::-1]
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55], horizontal_spacing=0.12,
-                        subplot_titles=[f"Top {len(shown)} gates by DLA score", f"{gate}: activation vs strength"])  # fmt: skip
-    fig.add_trace(go.Bar(
-        x=shown["dla_score"], y=shown["feature"], orientation="h", marker_color=COLORS[3], name="DLA score",
-        customdata=shown[["activation_unsteered", "dla_weight", "inverted_v"]].to_numpy(),
-        hovertemplate="%{y}: score %{x:.3f}<br>activation %{customdata[0]:.3f}, weight %{customdata[1]:.3f}"
-        "<br>inverted-V %{customdata[2]:.2f}<extra></extra>", showlegend=False,
-    ), row=1, col=1)  # fmt: skip
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        column_widths=[0.45, 0.55],
+        horizontal_spacing=0.12,
+        subplot_titles=[f"Top {len(shown)} gates by DLA score", f"{gate}: activation vs strength"],
+    )
+    fig.add_trace(
+        go.Bar(
+            x=shown["dla_score"],
+            y=shown["feature"],
+            orientation="h",
+            marker_color=COLORS[3],
+            name="DLA score",
+            customdata=shown[["activation_unsteered", "dla_weight", "inverted_v"]].to_numpy(),
+            hovertemplate="%{y}: score %{x:.3f}<br>activation %{customdata[0]:.3f}, "
+            "weight %{customdata[1]:.3f}<br>inverted-V %{customdata[2]:.2f}<extra></extra>",
+            showlegend=False,
+        ),
+        row=1,
+        col=1,
+    )
     layer, index = parse_feature(gate)
     acts = grid.dense(layer, [index])[:, :, 0].numpy()
-    long = pd.DataFrame([
-        {"concept": c, "strength": s, "value": float(acts[i, j])}
-        for i, c in enumerate(grid.concepts) for j, s in enumerate(grid.strengths)
-    ])  # fmt: skip
+    long = pd.DataFrame(
+        [
+            {"concept": c, "strength": s, "value": float(acts[i, j])}
+            for i, c in enumerate(grid.concepts)
+            for j, s in enumerate(grid.strengths)
+        ]
+    )
     for concept, rows in long.groupby("concept", sort=False):
-        fig.add_trace(go.Scatter(x=rows["strength"], y=rows["value"], mode="lines", line={"width": 0.7, "color": "#bbbbbb"},
-                                 name=concept, showlegend=False, hovertemplate=f"{concept}: %{{y:.3f}}<extra></extra>"),
-                      row=1, col=2)  # fmt: skip
-    _line_with_band(fig, mean_ci(long, ["strength"]), x="strength", name=f"{gate} (mean)", color=COLORS[0], row=1,
-                    col=2, show=True)  # fmt: skip
+        fig.add_trace(
+            go.Scatter(
+                x=rows["strength"],
+                y=rows["value"],
+                mode="lines",
+                line={"width": 0.7, "color": "#bbbbbb"},
+                name=concept,
+                showlegend=False,
+                hovertemplate=f"{concept}: %{{y:.3f}}<extra></extra>",
+            ),
+            row=1,
+            col=2,
+        )
+    _line_with_band(
+        fig,
+        mean_ci(long, ["strength"]),
+        x="strength",
+        name=f"{gate} (mean)",
+        color=COLORS[0],
+        row=1,
+        col=2,
+        show=True,
+    )
     fig.update_xaxes(title_text="DLA score (unit decoder . (Yes - No) x activation)", row=1, col=1)
     fig.update_xaxes(title_text="injection strength", row=1, col=2)
     fig.update_yaxes(title_text="activation at the last prompt token", row=1, col=2)
     return _style(fig, title=title, height=max(420, 22 * len(shown) + 160))
 
 
-def gate_curves_figure(df: pd.DataFrame, *, title: str = "Progressive gate ablation and patching") -> go.Figure:
+def gate_curves_figure(
+    df: pd.DataFrame, *, title: str = "Progressive gate ablation and patching"
+) -> go.Figure:
     """One panel per experiment: detection (or forced-identification) rate -- or the logit score -- against
     the number of top-ranked gates intervened on, with 95% CIs.
 
@@ -162,15 +262,26 @@ def gate_curves_figure(df: pd.DataFrame, *, title: str = "Progressive gate ablat
     """
     summary = summarize_gate_curves(df)
     experiments = [e for e in EXPERIMENTS if e in set(summary["experiment"])]
-    fig = make_subplots(rows=1, cols=len(experiments), subplot_titles=[_EXPERIMENT_TITLES[e].split(" (")[0]
-                                                                          for e in experiments])  # fmt: skip
+    fig = make_subplots(
+        rows=1,
+        cols=len(experiments),
+        subplot_titles=[_EXPERIMENT_TITLES[e].split(" (")[0] for e in experiments],
+    )
     for c, experiment in enumerate(experiments, start=1):
         rows = summary[summary["experiment"] == experiment]
         _line_with_band(fig, rows, x="k", name=experiment, color=COLORS[c - 1], row=1, col=c, show=True)
         fig.update_xaxes(title_text="number of top gates", row=1, col=c)
         label = rows["rate"].iloc[0] if "rate" in rows else rows["metric"].iloc[0]
-        fig.update_yaxes(title_text={"detected": "detection rate", "forced_identified": "forced identification",
-                                     "gap": "Yes-No gap", "p_concept": "P(concept)"}.get(label, label), row=1, col=c)  # fmt: skip
+        fig.update_yaxes(
+            title_text={
+                "detected": "detection rate",
+                "forced_identified": "forced identification",
+                "gap": "Yes-No gap",
+                "p_concept": "P(concept)",
+            }.get(label, label),
+            row=1,
+            col=c,
+        )
     return _style(fig, title=title, height=STYLE.panel_height + 200)
 
 
@@ -187,12 +298,21 @@ def carriers_figure(carriers: pd.DataFrame, *, top: int = 20, gate: str | None =
     fig = go.Figure()
     for i, role in enumerate(("carrier", "suppressor")):
         rows = shown[shown["role"] == role]
-        fig.add_trace(go.Bar(
-            x=rows["attribution"], y=rows["feature"], orientation="h", name=role, marker_color=COLORS[i],
-            customdata=rows[["virtual_weight", "activation_default", "spearman_pos", "detection_corr"]].to_numpy(),
-            hovertemplate="%{y}: attribution %{x:.3f}<br>virtual weight %{customdata[0]:.3f}, activation "
-            "%{customdata[1]:.3f}<br>dose rho %{customdata[2]:.2f}, detection r %{customdata[3]:.2f}<extra></extra>",
-        ))  # fmt: skip
+        fig.add_trace(
+            go.Bar(
+                x=rows["attribution"],
+                y=rows["feature"],
+                orientation="h",
+                name=role,
+                marker_color=COLORS[i],
+                customdata=rows[
+                    ["virtual_weight", "activation_default", "spearman_pos", "detection_corr"]
+                ].to_numpy(),
+                hovertemplate="%{y}: attribution %{x:.3f}<br>virtual weight %{customdata[0]:.3f}, activation "
+                "%{customdata[1]:.3f}<br>dose rho %{customdata[2]:.2f}, detection r "
+                "%{customdata[3]:.2f}<extra></extra>",
+            )
+        )
     fig.update_yaxes(categoryorder="array", categoryarray=shown["feature"].tolist()[::-1])
     fig.update_xaxes(title_text="attribution to the gate (virtual weight x activation)")
     name = f" of {gate}" if gate else ""
@@ -211,15 +331,26 @@ def carrier_ablation_figure(df: pd.DataFrame, *, title: str | None = None) -> go
         for i, name in enumerate(sets):
             rows = df[(df["concept"] == concept) & (df["carrier_set"] == name)].sort_values("strength")
             n = int(rows["n_ablated"].iloc[0]) if len(rows) else 0
-            fig.add_trace(go.Scatter(
-                x=rows["strength"], y=rows["gate_activation"], mode="lines+markers", marker={"size": 5},
-                line={"color": COLORS[i], "dash": "dot" if name.startswith("bottom") else None},
-                name=f"{name} ({n} ablated)", legendgroup=name, showlegend=c == 1,
-            ), row=1, col=c)  # fmt: skip
+            fig.add_trace(
+                go.Scatter(
+                    x=rows["strength"],
+                    y=rows["gate_activation"],
+                    mode="lines+markers",
+                    marker={"size": 5},
+                    line={"color": COLORS[i], "dash": "dot" if name.startswith("bottom") else None},
+                    name=f"{name} ({n} ablated)",
+                    legendgroup=name,
+                    showlegend=c == 1,
+                ),
+                row=1,
+                col=c,
+            )
         fig.update_xaxes(title_text="injection strength", row=1, col=c)
     fig.update_yaxes(title_text="gate activation", row=1, col=1)
     gate = df["gate"].iloc[0] if "gate" in df and len(df) else "the gate"
-    return _style(fig, title=title or f"{gate} with evidence carriers ablated", height=STYLE.panel_height + 220)
+    return _style(
+        fig, title=title or f"{gate} with evidence carriers ablated", height=STYLE.panel_height + 220
+    )
 
 
 def base_vs_instruct_figure(df: pd.DataFrame, *, title: str | None = None) -> go.Figure:
@@ -232,12 +363,16 @@ def base_vs_instruct_figure(df: pd.DataFrame, *, title: str | None = None) -> go
     if missing := sorted(need - set(df.columns)):
         raise ValueError(f"base_vs_instruct_figure needs columns {missing}; it has {sorted(df.columns)}")
     groups = list(dict.fromkeys(df["group"]))
-    fig = make_subplots(rows=1, cols=len(groups), subplot_titles=[f"{g} concepts" for g in groups], shared_yaxes=True)
+    fig = make_subplots(
+        rows=1, cols=len(groups), subplot_titles=[f"{g} concepts" for g in groups], shared_yaxes=True
+    )
     summary = mean_ci(df, ["group", "model", "strength"], value="gate_activation")
     for c, group in enumerate(groups, start=1):
         for i, model in enumerate(dict.fromkeys(df["model"])):
             rows = summary[(summary["group"] == group) & (summary["model"] == model)]
-            _line_with_band(fig, rows, x="strength", name=str(model), color=COLORS[i], row=1, col=c, show=c == 1)
+            _line_with_band(
+                fig, rows, x="strength", name=str(model), color=COLORS[i], row=1, col=c, show=c == 1
+            )
         fig.update_xaxes(title_text="injection strength", row=1, col=c)
     fig.update_yaxes(title_text="gate activation", row=1, col=1)
     gate = df["gate"].iloc[0] if "gate" in df and len(df) else "Gate"

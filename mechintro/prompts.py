@@ -151,13 +151,21 @@ def trial_prompt(
     Args:
         trial: the trial number written into "Trial {trial}".
         variant: one of :data:`VARIANTS` (the paper's 7 and 3 supplementary), rendered with the chat template.
-        persona: one of :data:`PERSONAS`; everything but ``standard_assistant`` is raw text (original variant).
-        prefill: text appended after the generation prompt (forced identification uses :func:`forced_prefill`).
+        persona: one of :data:`PERSONAS`; everything but ``standard_assistant`` is raw text (original
+        variant).
+        prefill: text appended after the generation prompt (forced identification uses
+        :func:`forced_prefill`).
         category: the anti-reward category (see :func:`category_of`).
         thoughts: the concept for the ``thoughts_in_context`` system prompt.
     """
     text = trial_text(
-        model, trial=trial, variant=variant, persona=persona, prefill=prefill, category=category, thoughts=thoughts
+        model,
+        trial=trial,
+        variant=variant,
+        persona=persona,
+        prefill=prefill,
+        category=category,
+        thoughts=thoughts,
     )
     return tokenize_trial(model, text, trial=trial)
 
@@ -167,7 +175,9 @@ def tokenize_trial(model: Any, text: str, *, trial: int) -> TrialPrompt:
     marker = f"Trial {trial}"
     at = text.rfind(marker)
     if at < 0:
-        raise ValueError(f"the prompt has no {marker!r} marker, so it has no injection start: {text[:120]!r}...")
+        raise ValueError(
+            f"the prompt has no {marker!r} marker, so it has no injection start: {text[:120]!r}..."
+        )
     enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     holder = next((i for i, (s, e) in enumerate(offsets) if s <= at < e), None)
@@ -175,12 +185,16 @@ def tokenize_trial(model: Any, text: str, *, trial: int) -> TrialPrompt:
         holder = next(i for i, (s, _) in enumerate(offsets) if s >= at)
     if holder == 0:
         raise ValueError(f"{marker!r} is the first token, so no token precedes it")
-    return TrialPrompt(tokens=torch.tensor(ids, dtype=torch.long), injection_start=holder - 1, text=text, trial=trial)
+    return TrialPrompt(
+        tokens=torch.tensor(ids, dtype=torch.long), injection_start=holder - 1, text=text, trial=trial
+    )
 
 
 def chat_prompt_tokens(model: Any, user: str, *, system: str | None = None) -> Int[Tensor, " seq"]:
     """Tokens of a one-turn chat prompt with the generation prompt (e.g. "Tell me about {concept}")."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user}
+    ]
     ids = model.tokenizer(chat_text(model, messages), add_special_tokens=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 

@@ -2,7 +2,8 @@
 
 - :func:`yes_no_gap`: logsumexp over the Yes-token set minus logsumexp over the No-token set.
 - :func:`concept_logprob`: log P(first token of the concept) (forced identification).
-- :func:`yes_no_direction`: mean Yes unembedding minus mean No unembedding, the direct-logit-attribution target.
+- :func:`yes_no_direction`: mean Yes unembedding minus mean No unembedding, the direct-logit-attribution
+target.
   Like the paper, no final-norm scaling is applied (Gemma ties its embeddings, so the unembedding is W_E).
 """
 
@@ -25,7 +26,8 @@ def yes_no_gap(logits: Float[Tensor, "... vocab"], spec: ModelSpec) -> Float[Ten
 
 
 def concept_token_ids(model: Any, concepts: list[str]) -> list[int]:
-    """First token id of each concept as it would follow a space (" Bread"), the forced-prefill continuation."""
+    """First token id of each concept as it would follow a space (" Bread"), the forced-prefill
+    continuation."""
     tok = model.tokenizer
     return [int(tok(" " + c, add_special_tokens=False)["input_ids"][0]) for c in concepts]
 

@@ -100,7 +100,11 @@ def sample(
     for t in range(max_new_tokens):
         if use_cache:
             logits, cache = model(
-                step_input, attention_mask=mask, past_key_values=cache, use_cache=True, return_type="logits_and_cache"
+                step_input,
+                attention_mask=mask,
+                past_key_values=cache,
+                use_cache=True,
+                return_type="logits_and_cache",
             )
         else:
             logits = model(tokens, attention_mask=mask)

@@ -63,7 +63,9 @@ class Injection:
     def hooks(self) -> list[tuple[str, Any]]:
         return [(self.hook_name, self.hook)]
 
-    def delta(self, batch: int, seq: int, *, dtype: torch.dtype, device: torch.device) -> Float[Tensor, "b s d"]:
+    def delta(
+        self, batch: int, seq: int, *, dtype: torch.dtype, device: torch.device
+    ) -> Float[Tensor, "b s d"]:
         """What the hook adds to resid_post for a call of ``batch`` rows at ``self.offset .. + seq``."""
         rows = {self.vectors.shape[0], self.strengths.shape[0], self.starts.shape[0]} - {1}
         if rows and rows != {batch}:
@@ -72,10 +74,12 @@ class Injection:
             )
         positions = torch.arange(self.offset, self.offset + seq, device=device)
         on = positions[None, :] >= self.starts.to(device)[:, None]  # [rows|1, seq]
-        step = self.strengths.to(device=device, dtype=dtype)[:, None] * self.vectors.to(device=device, dtype=dtype)
-        return torch.where(on[..., None], step[:, None, :], torch.zeros((), dtype=dtype, device=device)).expand(
-            batch, seq, -1
+        step = self.strengths.to(device=device, dtype=dtype)[:, None] * self.vectors.to(
+            device=device, dtype=dtype
         )
+        return torch.where(
+            on[..., None], step[:, None, :], torch.zeros((), dtype=dtype, device=device)
+        ).expand(batch, seq, -1)
 
     def hook(self, resid: Float[Tensor, "b s d"], hook: Any = None) -> Float[Tensor, "b s d"]:
         batch, seq, _ = resid.shape
@@ -105,7 +109,9 @@ def make_injection(
     check_d_model(model, vectors.shape[-1], what="the concept vector")
     if not torch.isfinite(vectors.detach()).all():
         raise ValueError("the concept vector has NaN or inf entries")
-    strengths = strength.reshape(-1) if torch.is_tensor(strength) else torch.tensor(strength, dtype=torch.float32)
+    strengths = (
+        strength.reshape(-1) if torch.is_tensor(strength) else torch.tensor(strength, dtype=torch.float32)
+    )
     strengths = strengths.reshape(-1)
     if not torch.isfinite(strengths.detach()).all():
         raise ValueError(f"strength must be finite, got {strength!r}")
@@ -137,4 +143,3 @@ def inject(
     injection = make_injection(model, vectors, layer=layer, strength=strength, start=start)
     with hooks_context(model, injection.hooks):
         yield injection
-

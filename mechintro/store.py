@@ -23,19 +23,44 @@ import pandas as pd
 __all__ = ["COLUMNS", "KEY_COLUMNS", "TrialStore"]
 
 KEY_COLUMNS: tuple[str, ...] = (
-    "model", "concept", "trial", "sample", "condition", "layer", "strength", "variant", "persona", "seed",
-    "judge", "max_new_tokens", "temperature",
-)  # fmt: skip
+    "model",
+    "concept",
+    "trial",
+    "sample",
+    "condition",
+    "layer",
+    "strength",
+    "variant",
+    "persona",
+    "seed",
+    "judge",
+    "max_new_tokens",
+    "temperature",
+)
 """The columns that identify a trial (the table's primary key), in the order of ``done_keys`` tuples."""
 
 COLUMNS: dict[str, str] = {
-    "model": "TEXT", "concept": "TEXT", "trial": "INTEGER", "sample": "INTEGER", "condition": "TEXT",
-    "layer": "INTEGER", "strength": "REAL", "variant": "TEXT", "persona": "TEXT", "seed": "INTEGER",
-    "judge": "TEXT", "max_new_tokens": "INTEGER", "temperature": "REAL",
-    "response": "TEXT", "n_new_tokens": "INTEGER",
-    "detected": "INTEGER", "identified": "INTEGER", "forced_identified": "INTEGER", "judge_error": "TEXT",
+    "model": "TEXT",
+    "concept": "TEXT",
+    "trial": "INTEGER",
+    "sample": "INTEGER",
+    "condition": "TEXT",
+    "layer": "INTEGER",
+    "strength": "REAL",
+    "variant": "TEXT",
+    "persona": "TEXT",
+    "seed": "INTEGER",
+    "judge": "TEXT",
+    "max_new_tokens": "INTEGER",
+    "temperature": "REAL",
+    "response": "TEXT",
+    "n_new_tokens": "INTEGER",
+    "detected": "INTEGER",
+    "identified": "INTEGER",
+    "forced_identified": "INTEGER",
+    "judge_error": "TEXT",
     "created_at": "TEXT",
-}  # fmt: skip
+}
 """Every column of the ``trials`` table and its SQLite type, in table order."""
 
 _BOOL_COLUMNS = ("detected", "identified", "forced_identified")
@@ -130,10 +155,12 @@ class TrialStore:
         with self._conn:
             self._conn.execute(_schema("_probe", temp=True, key_only=True))
             self._conn.execute("DELETE FROM _probe")
-            self._conn.executemany(f"INSERT OR IGNORE INTO _probe VALUES ({', '.join('?' * len(KEY_COLUMNS))})",
-                                   list(wanted))  # fmt: skip
-            found = self._conn.execute(f"SELECT {', '.join('p.' + c for c in KEY_COLUMNS)} FROM _probe p "
-                                       f"JOIN trials t ON {match}").fetchall()  # fmt: skip
+            self._conn.executemany(
+                f"INSERT OR IGNORE INTO _probe VALUES ({', '.join('?' * len(KEY_COLUMNS))})", list(wanted)
+            )
+            found = self._conn.execute(
+                f"SELECT {', '.join('p.' + c for c in KEY_COLUMNS)} FROM _probe p JOIN trials t ON {match}"
+            ).fetchall()
             self._conn.execute("DELETE FROM _probe")
         return {wanted[row] for row in found if row in wanted}
 
@@ -205,7 +232,11 @@ _TEXT_COLUMNS = [c for c, t in COLUMNS.items() if t == "TEXT"]
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
     """Fixed dtypes whatever the rows: int64 keys, nullable Int64 / boolean, float64, object strings."""
     return df.astype(
-        {**dict.fromkeys(_INT_COLUMNS, "int64"), **dict.fromkeys(_NULLABLE_INT_COLUMNS, "Int64"),
-         **dict.fromkeys(_FLOAT_COLUMNS, "float64"),
-         **dict.fromkeys(_BOOL_COLUMNS, "boolean"), **dict.fromkeys(_TEXT_COLUMNS, "object")}
-    )  # fmt: skip
+        {
+            **dict.fromkeys(_INT_COLUMNS, "int64"),
+            **dict.fromkeys(_NULLABLE_INT_COLUMNS, "Int64"),
+            **dict.fromkeys(_FLOAT_COLUMNS, "float64"),
+            **dict.fromkeys(_BOOL_COLUMNS, "boolean"),
+            **dict.fromkeys(_TEXT_COLUMNS, "object"),
+        }
+    )

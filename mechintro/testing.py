@@ -84,9 +84,16 @@ def save_tiny_gemma3(
 
 
 def save_random_transcoders(
-    folder: str | Path, *, d_model: int = 64, d_sae: int = 96, n_layers: int = 4, seed: int = 0, skip: bool = True
+    folder: str | Path,
+    *,
+    d_model: int = 64,
+    d_sae: int = 96,
+    n_layers: int = 4,
+    seed: int = 0,
+    skip: bool = True,
 ) -> Path:
-    """Save random JumpReLU (skip) transcoders in Google's raw Gemma Scope 2 format, one ``layer_{L}`` folder each.
+    """Save random JumpReLU (skip) transcoders in Google's raw Gemma Scope 2 format, one ``layer_{L}`` folder
+    each.
 
     Load them with ``load_transcoders(model, source=folder)``. Scales are chosen so that a tiny random Gemma 3
     activates a good share of the features.

@@ -97,7 +97,8 @@ def from_raw_params(
 
 
 def load_folder(folder: str | Path, *, layer: int, device: str = "cpu") -> Any:
-    """One transcoder from a local folder, in sae-lens format (cfg.json) or Google's raw params.safetensors."""
+    """One transcoder from a local folder, in sae-lens format (cfg.json) or Google's raw
+    params.safetensors."""
     from sae_lens import SAE
 
     folder = Path(folder)
@@ -130,13 +131,17 @@ def _from_release(release: str, sae_id: str, *, layer: int, device: str) -> Any:
         same_layer = sorted(i for i in lookup.saes_map if i.startswith(f"layer_{layer}_"))
         raise ValueError(f"{release} has no id {sae_id!r}; ids for layer {layer}: {same_layer}")
     if lookup.conversion_func != "gemma_3":
-        return _wire(SAE.from_pretrained(release, sae_id, device=device), layer=layer, model_name=lookup.model)
+        return _wire(
+            SAE.from_pretrained(release, sae_id, device=device), layer=layer, model_name=lookup.model
+        )
     try:
         path = hf_hub_download(lookup.repo_id, f"{lookup.saes_map[sae_id]}/{RAW_PARAMS}")
     except Exception as err:  # offline / no cache / no network
         raise FileNotFoundError(
-            f"cannot get {lookup.repo_id}/{lookup.saes_map[sae_id]}/{RAW_PARAMS}: not in the local Hugging Face "
-            f"cache and the hub is unreachable ({type(err).__name__}). Download it first, or pass source= a local "
+            f"cannot get {lookup.repo_id}/{lookup.saes_map[sae_id]}/{RAW_PARAMS}: not in the local Hugging "
+            "Face "
+            f"cache and the hub is unreachable ({type(err).__name__}). Download it first, or pass source= a "
+            "local "
             "folder."
         ) from err
     return from_raw_params(load_file(path), layer=layer, model_name=lookup.model, device=device)
@@ -151,11 +156,14 @@ def check_transcoder(model: Any, tc: Any, *, layer: int) -> None:
     d_in, d_out = int(tc.cfg.d_in), int(getattr(tc.cfg, "d_out", tc.cfg.d_in))
     if d_in != d_model or d_out != d_model:
         raise TranscoderMismatchError(
-            f"the layer-{layer} transcoder maps d_in={d_in} -> d_out={d_out}, but the model's d_model is {d_model}"
+            f"the layer-{layer} transcoder maps d_in={d_in} -> d_out={d_out}, but the model's d_model is "
+            f"{d_model}"
         )
     made_for, spec_name = tc.cfg.metadata.get("model_name"), spec_for(model).name
     if made_for in GEMMA3_LAYERS and spec_name in GEMMA3_LAYERS and made_for != spec_name:
-        raise TranscoderMismatchError(f"the layer-{layer} transcoder is for {made_for}, but the model is {spec_name}")
+        raise TranscoderMismatchError(
+            f"the layer-{layer} transcoder is for {made_for}, but the model is {spec_name}"
+        )
 
 
 def load_transcoders(
@@ -169,10 +177,12 @@ def load_transcoders(
     """Load transcoders for ``layers`` (default: all) as ``{layer: sae-lens transcoder}``.
 
     Args:
-        source: a sae-lens release (e.g. ``"gemma-scope-2-27b-it-transcoders-all"``), or a local folder holding
+        source: a sae-lens release (e.g. ``"gemma-scope-2-27b-it-transcoders-all"``), or a local folder
+        holding
             one sub-folder per layer named by ``id_pattern`` (each in sae-lens format or Google's raw
             ``params.safetensors``). Default: the model's own (the organism's, or Gemma Scope 2 for Gemma 3).
-        id_pattern: id / sub-folder pattern with ``{layer}``, e.g. ``"layer_{layer}_width_16k_l0_small_affine"``.
+        id_pattern: id / sub-folder pattern with ``{layer}``, e.g.
+        ``"layer_{layer}_width_16k_l0_small_affine"``.
     """
     spec = spec_for(model)
     n_layers = spec.n_layers
@@ -184,7 +194,9 @@ def load_transcoders(
         check_layer(model, layer)
     source = source if source is not None else spec.transcoder_release
     if source is None:
-        raise ValueError(f"{spec.name} has no default transcoders; pass source= a sae-lens release or a folder")
+        raise ValueError(
+            f"{spec.name} has no default transcoders; pass source= a sae-lens release or a folder"
+        )
     local = Path(source).expanduser()
     pattern = id_pattern or (LOCAL_LAYER_PATTERN if local.is_dir() else spec.transcoder_id_pattern)
     if pattern is None or "{layer}" not in pattern:
@@ -253,7 +265,8 @@ def encode_at(
     """Feature activations of every transcoder at ``positions`` (default: the last prompt token).
 
     Args:
-        tokens: ``[seq]`` or ``[batch, seq]`` (left-padded batches: the last position is the last prompt token).
+        tokens: ``[seq]`` or ``[batch, seq]`` (left-padded batches: the last position is the last prompt
+        token).
         positions: ``"last"`` (default), ``"all"``, an index or a list of indices.
         sparse: return torch sparse COO tensors (for 262k-wide layers).
 

@@ -186,7 +186,8 @@ def _check_choices(name: str, values: Iterable[str], valid: Sequence[str]) -> li
 
 
 def check_judge(judge: Any) -> str:
-    """Check that ``judge`` can judge (and, via its ``check()``, that it can reach its API); return its name."""
+    """Check that ``judge`` can judge (and, via its ``check()``, that it can reach its API); return its
+    name."""
     if not callable(getattr(judge, "judge", None)):
         raise TypeError(
             f"judge must have a judge(*, responses, concepts, forced) method (RuleJudge(), LLMJudge(...), "
@@ -270,11 +271,18 @@ class _Grid:
             for variant in self.variants
             for persona in self.personas
             for trial in plan_trials(
-                self.concepts, layer=layer, strengths=self.strengths, variant=variant, persona=persona,
-                n_trials=self.n_trials, trials=self.trials, forced=self.forced, controls=self.controls,
+                self.concepts,
+                layer=layer,
+                strengths=self.strengths,
+                variant=variant,
+                persona=persona,
+                n_trials=self.n_trials,
+                trials=self.trials,
+                forced=self.forced,
+                controls=self.controls,
                 deterministic=self.scores_logits,
             )
-        ]  # fmt: skip
+        ]
 
 
 def _grid(
@@ -335,16 +343,22 @@ def _prompt_key(trial: Trial) -> tuple:
 
 
 def build_prompts(model: Any, planned: Iterable[Trial]) -> dict[tuple, TrialPrompt]:
-    """The tokenized prompt of every planned trial, by :func:`_prompt_key` (invalid combinations raise here)."""
+    """The tokenized prompt of every planned trial, by :func:`_prompt_key` (invalid combinations raise
+    here)."""
     prompts: dict[tuple, TrialPrompt] = {}
     for trial in planned:
         key = _prompt_key(trial)
         if key not in prompts:
             number, variant, persona, forced, category, thoughts = key
             prompts[key] = trial_prompt(
-                model, trial=number, variant=variant, persona=persona,
-                prefill=forced_prefill() if forced else None, category=category, thoughts=thoughts,
-            )  # fmt: skip
+                model,
+                trial=number,
+                variant=variant,
+                persona=persona,
+                prefill=forced_prefill() if forced else None,
+                category=category,
+                thoughts=thoughts,
+            )
     return prompts
 
 
@@ -393,7 +407,8 @@ def _generate(model: Any, batch: _Batch, settings: RunSettings) -> tuple[list[st
 
 @torch.no_grad()
 def _scores(model: Any, batch: _Batch) -> tuple[list[float], list[float]]:
-    """One injected forward pass: (Yes-No logit gap, P(concept's first token)) at the first response position."""
+    """One injected forward pass: (Yes-No logit gap, P(concept's first token)) at the first response
+    position."""
     padded = left_pad(batch.prompts, pad_id=model.tokenizer.pad_token_id)
     device = model.cfg.device
     with inject(model, batch.vectors, layer=batch.layer, strength=batch.strengths, start=padded.starts):
@@ -499,9 +514,16 @@ def _collect(store: TrialStore, grid: _Grid, planned: list[Trial]) -> pd.DataFra
     """The stored rows of ``planned``, in plan order."""
     s = grid.settings
     df = store.load(
-        model=s.model, seed=s.seed, judge=s.judge, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
-        concept=grid.concepts, layer=grid.layers, variant=grid.variants, persona=grid.personas,
-    )  # fmt: skip
+        model=s.model,
+        seed=s.seed,
+        judge=s.judge,
+        temperature=s.temperature,
+        max_new_tokens=s.max_new_tokens,
+        concept=grid.concepts,
+        layer=grid.layers,
+        variant=grid.variants,
+        persona=grid.personas,
+    )
     order = {t.key(s): i for i, t in enumerate(planned)}
     keys = list(zip(*(df[c].tolist() for c in KEY_COLUMNS), strict=True)) if len(df) else []
     position = pd.Series([order.get(k, -1) for k in keys], index=df.index, dtype="int64")
@@ -527,9 +549,16 @@ def _run_grid(
     prompts = build_prompts(model, planned)  # an invalid variant/persona combination raises before any work
     with _open_store(store) as opened:
         _execute(
-            model, grid, planned, prompts,
-            judge=judge, store=opened, batch_size=batch_size, vectors=vectors, progress=progress,
-        )  # fmt: skip
+            model,
+            grid,
+            planned,
+            prompts,
+            judge=judge,
+            store=opened,
+            batch_size=batch_size,
+            vectors=vectors,
+            progress=progress,
+        )
         return _collect(opened, grid, planned)
 
 
@@ -585,10 +614,21 @@ def run_trials(
     forced_identified, judge_error, created_at. Judge errors are rows with ``judge_error`` set.
     """
     grid = _grid(
-        model, concepts, layers=[layer], strengths=[strength], variants=[variant], personas=[persona],
-        n_trials=n_trials, judge=judge, forced=forced, controls=controls, temperature=temperature,
-        max_new_tokens=max_new_tokens, seed=seed, trials=trials,
-    )  # fmt: skip
+        model,
+        concepts,
+        layers=[layer],
+        strengths=[strength],
+        variants=[variant],
+        personas=[persona],
+        n_trials=n_trials,
+        judge=judge,
+        forced=forced,
+        controls=controls,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        trials=trials,
+    )
     given = None if vectors is None else {layer: vectors}
     return _run_grid(
         model, grid, judge=judge, store=store, batch_size=batch_size, vectors=given, progress=progress
@@ -631,12 +671,25 @@ def sweep(
     if unknown:
         raise TypeError(f"unknown sweep settings {unknown}; valid: {sorted(valid)}")
     run = {"batch_size": kw.pop("batch_size", 64), "progress": kw.pop("progress", True)}
-    plan = {"forced": False, "controls": True, "temperature": 1.0, "max_new_tokens": 100, "seed": 0,
-            "trials": PAPER_TRIALS} | kw  # fmt: skip
+    plan = {
+        "forced": False,
+        "controls": True,
+        "temperature": 1.0,
+        "max_new_tokens": 100,
+        "seed": 0,
+        "trials": PAPER_TRIALS,
+    } | kw
     grid = _grid(
-        model, concepts, layers=layers, strengths=strengths, variants=variants, personas=personas,
-        n_trials=n_trials, judge=judge, **plan,
-    )  # fmt: skip
+        model,
+        concepts,
+        layers=layers,
+        strengths=strengths,
+        variants=variants,
+        personas=personas,
+        n_trials=n_trials,
+        judge=judge,
+        **plan,
+    )
     return _run_grid(model, grid, judge=judge, store=store, vectors=vectors, **run)
 
 
@@ -663,7 +716,8 @@ def logit_scores(
     and a "forced" row (the forced prefill appended, injected) if ``forced``. At the first response
     position (the last prompt token):
 
-    * ``gap`` = logsumexp(Yes-token logits) - logsumexp(No-token logits) (:func:`~mechintro.readout.yes_no_gap`),
+    * ``gap`` = logsumexp(Yes-token logits) - logsumexp(No-token logits)
+    (:func:`~mechintro.readout.yes_no_gap`),
       on injection and control rows (NaN on forced rows);
     * ``p_concept`` = P(the concept's first token) (:func:`~mechintro.readout.concept_logprob`), on forced
       rows (after "... The thought is about"; NaN elsewhere).
@@ -672,10 +726,21 @@ def logit_scores(
     """
     trials = list(trials)
     grid = _grid(
-        model, concepts, layers=[layer], strengths=[strength], variants=[variant], personas=[persona],
-        n_trials=max(1, len(trials)), judge=LogitJudge(), forced=forced, controls=controls, temperature=0.0,
-        max_new_tokens=1, seed=0, trials=trials,
-    )  # fmt: skip
+        model,
+        concepts,
+        layers=[layer],
+        strengths=[strength],
+        variants=[variant],
+        personas=[persona],
+        n_trials=max(1, len(trials)),
+        judge=LogitJudge(),
+        forced=forced,
+        controls=controls,
+        temperature=0.0,
+        max_new_tokens=1,
+        seed=0,
+        trials=trials,
+    )
     _check_int("batch_size", batch_size, minimum=1)
     planned = grid.plan()
     prompts = build_prompts(model, planned)
@@ -684,9 +749,17 @@ def logit_scores(
     for chunk in _chunks(planned, batch_size):
         gaps, p_concepts = _scores(model, _make_batch(chunk, prompts, by_concept))
         for t, gap, p in zip(chunk, gaps, p_concepts, strict=True):
-            rows.append({
-                "concept": t.concept, "trial": t.trial, "condition": t.condition, "layer": t.layer,
-                "strength": t.strength, "variant": t.variant, "persona": t.persona,
-                "gap": math.nan if t.forced else gap, "p_concept": p if t.forced else math.nan,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "concept": t.concept,
+                    "trial": t.trial,
+                    "condition": t.condition,
+                    "layer": t.layer,
+                    "strength": t.strength,
+                    "variant": t.variant,
+                    "persona": t.persona,
+                    "gap": math.nan if t.forced else gap,
+                    "p_concept": p if t.forced else math.nan,
+                }
+            )
     return pd.DataFrame(rows)

@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny random Gemma 3 (saved with save_pretrained, loaded through load_model) per session."""
+"""Shared fixtures: one tiny random Gemma 3 (saved with save_pretrained, loaded through load_model) per
+session."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def hf_capture(hf_model, tokens, module_names):
     got, handles = {}, []
     modules = dict(hf_model.named_modules())
     for name in module_names:
+
         def hook(_m, _inp, out, name=name):
             got[name] = (out[0] if isinstance(out, tuple) else out).detach()
 

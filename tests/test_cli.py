@@ -16,8 +16,21 @@ RUN = ["--concepts", "Bread,Oceans", "--n-trials", "2", "--max-new-tokens", "4",
 
 def test_evaluate_prints_a_metrics_table(tiny_dir, tmp_path, capsys):
     store = tmp_path / "runs.sqlite"
-    argv = ["evaluate", "--model", str(tiny_dir), "--layer", "1", "--strength", "4", "--judge", "rule",
-            "--store", str(store), "--forced", *RUN]  # fmt: skip
+    argv = [
+        "evaluate",
+        "--model",
+        str(tiny_dir),
+        "--layer",
+        "1",
+        "--strength",
+        "4",
+        "--judge",
+        "rule",
+        "--store",
+        str(store),
+        "--forced",
+        *RUN,
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if "tpr" in line).split()
@@ -40,8 +53,20 @@ def test_evaluate_defaults_come_from_the_spec(tiny, tiny_dir, tmp_path, capsys):
 
 def test_sweep_then_figures(tiny_dir, tmp_path, capsys):
     store = tmp_path / "runs.sqlite"
-    argv = ["sweep", "--model", str(tiny_dir), "--layers", "0,2", "--strengths", "1,8", "--store", str(store),
-            "--judge", "logit", *RUN]  # fmt: skip
+    argv = [
+        "sweep",
+        "--model",
+        str(tiny_dir),
+        "--layers",
+        "0,2",
+        "--strengths",
+        "1,8",
+        "--store",
+        str(store),
+        "--judge",
+        "logit",
+        *RUN,
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("original") == 4  # 2 layers x 2 strengths

@@ -34,8 +34,17 @@ def vecs(tiny):
 
 
 def test_gate_curves_logit_ends_match_direct_runs(tiny, tcs, vecs):
-    df = gate_curves_logit(tiny, tcs, GATES, CONCEPTS, vectors=vecs, ks=[0, 2, 4], strength=8.0,
-                           injection_layer=INJ, batch_size=4)  # fmt: skip
+    df = gate_curves_logit(
+        tiny,
+        tcs,
+        GATES,
+        CONCEPTS,
+        vectors=vecs,
+        ks=[0, 2, 4],
+        strength=8.0,
+        injection_layer=INJ,
+        batch_size=4,
+    )
     assert set(df["experiment"]) == {"ablation", "patching", "forced_ablation"}
     spec, p = spec_for(tiny), trial_prompt(tiny, trial=1)
     by = df.set_index(["experiment", "k", "concept"])["value"]
@@ -50,7 +59,9 @@ def test_gate_curves_logit_ends_match_direct_runs(tiny, tcs, vecs):
                     ablated = float(yes_no_gap(tiny(p.tokens[None])[0, -1], spec))
             with intervene(tiny, tcs, GATES[:2], target=steered):
                 patched = float(yes_no_gap(tiny(p.tokens[None])[0, -1], spec))
-            assert by["ablation", 0, concept] == pytest.approx(steered_gap, abs=1e-4)  # k = 0: nothing ablated
+            assert by["ablation", 0, concept] == pytest.approx(
+                steered_gap, abs=1e-4
+            )  # k = 0: nothing ablated
             assert by["patching", 0, concept] == pytest.approx(clean_gap, abs=1e-4)
             assert by["ablation", 2, concept] == pytest.approx(ablated, abs=1e-4)
             assert by["patching", 2, concept] == pytest.approx(patched, abs=1e-4)
@@ -61,22 +72,37 @@ def test_gate_curves_logit_ends_match_direct_runs(tiny, tcs, vecs):
 
 
 def test_gate_curves_sampled_with_a_judge(tiny, tcs, vecs):
-    df = gate_curves_sampled(tiny, tcs, GATES, CONCEPTS, judge=RuleJudge(), vectors=vecs, ks=[0, 4], n_samples=2,
-                             experiments=("ablation", "forced_ablation"), injection_layer=INJ,
-                             max_new_tokens=4, batch_size=5)  # fmt: skip
+    df = gate_curves_sampled(
+        tiny,
+        tcs,
+        GATES,
+        CONCEPTS,
+        judge=RuleJudge(),
+        vectors=vecs,
+        ks=[0, 4],
+        n_samples=2,
+        experiments=("ablation", "forced_ablation"),
+        injection_layer=INJ,
+        max_new_tokens=4,
+        batch_size=5,
+    )
     assert len(df) == 2 * 2 * 2 * 2
     assert set(df["condition"]) == {"injection", "forced"}
     assert df.loc[df["condition"] == "forced", "forced_identified"].notna().all()
     assert df.loc[df["condition"] == "injection", "detected"].notna().all()
     summary = summarize_gate_curves(df)
     assert list(summary.columns) == ["experiment", "k", "rate", "mean", "lo", "hi", "n"]
-    assert (summary["n"] == 4).all() and summary["rate"].tolist() == ["detected"] * 2 + ["forced_identified"] * 2
+    assert (summary["n"] == 4).all() and summary["rate"].tolist() == ["detected"] * 2 + [
+        "forced_identified"
+    ] * 2
 
 
 def test_gate_curves_with_the_logit_judge_judge_logit_scores(tiny, tcs, vecs):
     kw = dict(vectors=vecs, ks=[0, 4], injection_layer=INJ, strength=8.0)
     scores = gate_curves_logit(tiny, tcs, GATES, CONCEPTS, **kw)
-    df = gate_curves_sampled(tiny, tcs, GATES, CONCEPTS, judge=LogitJudge(threshold=-0.05, p_threshold=1e-4), **kw)
+    df = gate_curves_sampled(
+        tiny, tcs, GATES, CONCEPTS, judge=LogitJudge(threshold=-0.05, p_threshold=1e-4), **kw
+    )
     assert len(df) == len(scores) and (df["sample"] == 0).all()
     gap = scores["experiment"] != "forced_ablation"
     assert df.loc[gap, "detected"].tolist() == (scores.loc[gap, "value"] > -0.05).tolist()
@@ -85,11 +111,13 @@ def test_gate_curves_with_the_logit_judge_judge_logit_scores(tiny, tcs, vecs):
 
 
 def test_carrier_sets_by_hand():
-    carriers = pd.DataFrame({
-        "feature": [f"L2 F{i}" for i in range(12)] + ["L2 F99"],
-        "attribution": [-float(i) for i in range(12, 0, -1)] + [5.0],
-        "role": ["carrier"] * 12 + ["suppressor"],
-    })  # fmt: skip
+    carriers = pd.DataFrame(
+        {
+            "feature": [f"L2 F{i}" for i in range(12)] + ["L2 F99"],
+            "attribution": [-float(i) for i in range(12, 0, -1)] + [5.0],
+            "role": ["carrier"] * 12 + ["suppressor"],
+        }
+    )
     sets = carrier_sets(carriers)
     assert sets["none"] == [] and len(sets["all"]) == 12 and "L2 F99" not in sets["all"]
     assert sets["top20"] == ["L2 F0", "L2 F1", "L2 F2"]  # ceil(0.2 x 12) most negative
@@ -100,14 +128,26 @@ def test_carrier_sets_by_hand():
 
 
 def test_carrier_curves(tiny, tcs, vecs):
-    carriers = pd.DataFrame({"feature": ["L2 F7", "L2 F11", "L2 F30"], "attribution": [-3.0, -2.0, -0.1],
-                             "role": "carrier"})  # fmt: skip
+    carriers = pd.DataFrame(
+        {"feature": ["L2 F7", "L2 F11", "L2 F30"], "attribution": [-3.0, -2.0, -0.1], "role": "carrier"}
+    )
     strengths = (-8.0, 0.0, 8.0)
-    df = carrier_curves(tiny, tcs, "L3 F5", carriers, CONCEPTS, vectors=vecs, strengths=strengths,
-                        injection_layer=INJ, batch_size=7)  # fmt: skip
+    df = carrier_curves(
+        tiny,
+        tcs,
+        "L3 F5",
+        carriers,
+        CONCEPTS,
+        vectors=vecs,
+        strengths=strengths,
+        injection_layer=INJ,
+        batch_size=7,
+    )
     assert len(df) == len(CONCEPTS) * 5 * 3
     table = df.set_index(["concept", "carrier_set", "strength"])["gate_activation"]
-    response = gate_response(tiny, tcs, "L3 F5", CONCEPTS, vectors=vecs, strengths=strengths, injection_layer=INJ)
+    response = gate_response(
+        tiny, tcs, "L3 F5", CONCEPTS, vectors=vecs, strengths=strengths, injection_layer=INJ
+    )
     for row in response.itertuples():
         assert table[row.concept, "none", row.strength] == pytest.approx(row.gate_activation, abs=1e-4)
         # ablating to the control activation in the unsteered run changes nothing

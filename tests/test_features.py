@@ -68,11 +68,15 @@ def test_grid_batched_equals_one_forward_per_concept_and_strength(tiny, tcs, vec
 
 def test_prefix_cache_is_exact_and_positions(tiny, tcs, vecs, grid):
     """Sharing the KV cache of the un-injected prefix changes nothing; an earlier position works too."""
-    full = feature_grid(tiny, tcs, CONCEPTS, vectors=vecs, strengths=STRENGTHS, layers=[3], prefix_cache=False)
+    full = feature_grid(
+        tiny, tcs, CONCEPTS, vectors=vecs, strengths=STRENGTHS, layers=[3], prefix_cache=False
+    )
     torch.testing.assert_close(full.dense(3), grid.dense(3), rtol=1e-5, atol=1e-5)
     p = trial_prompt(tiny, trial=1)
     at = p.injection_start + 2
-    early = feature_grid(tiny, tcs, CONCEPTS[:1], vectors=vecs[:1], strengths=(0.0, 4.0), layers=[3], position=at)
+    early = feature_grid(
+        tiny, tcs, CONCEPTS[:1], vectors=vecs[:1], strengths=(0.0, 4.0), layers=[3], position=at
+    )
     with inject(tiny, vecs[0], layer=spec_for(tiny).injection_layer, strength=4.0, start=p.injection_start):
         alone = encode_at(tiny, {3: tcs[3]}, p.tokens, positions=[at])[3][0, 0]
     torch.testing.assert_close(early.dense(3)[0, 1], alone, rtol=1e-4, atol=1e-4)
@@ -86,7 +90,9 @@ def test_grid_is_sparse_and_round_trips(grid):
         assert (acts.values() != 0).all()
     df = grid.to_frame()
     assert list(df.columns) == ["concept", "strength", "layer", "index", "feature", "activation"]
-    assert (df["activation"] != 0).all() and df["feature"].iloc[0] == feature_name(df["layer"].iloc[0], df["index"].iloc[0])
+    assert (df["activation"] != 0).all() and df["feature"].iloc[0] == feature_name(
+        df["layer"].iloc[0], df["index"].iloc[0]
+    )
     back = grid_from_frame(df)
     assert back.concepts == grid.concepts and back.strengths == grid.strengths
     for layer in grid.layers:
@@ -109,17 +115,24 @@ def _grid(acts: dict[int, np.ndarray], strengths, *, inj=0, default=None) -> Fea
     """A FeatureGrid from dense [concept, strength, d_sae] arrays."""
     n_c = next(iter(acts.values())).shape[0]
     return FeatureGrid(
-        concepts=tuple(f"C{i}" for i in range(n_c)), strengths=tuple(strengths),
+        concepts=tuple(f"C{i}" for i in range(n_c)),
+        strengths=tuple(strengths),
         acts={la: torch.tensor(a, dtype=torch.float32).to_sparse().coalesce() for la, a in acts.items()},
-        injection_layer=inj, default_strength=default if default is not None else max(strengths),
-    )  # fmt: skip
+        injection_layer=inj,
+        default_strength=default if default is not None else max(strengths),
+    )
 
 
 def test_dla_scores_sign_and_ranking_on_constructed_decoders(tiny, tcs):
     """dla_weight = unit decoder . (Yes - No); score = weight x unsteered activation; top = most negative."""
     d = yes_no_direction(tiny, spec_for(tiny))
     u = d / d.norm()
-    raw = {"w_enc": torch.zeros(64, 4), "b_enc": torch.zeros(4), "b_dec": torch.zeros(64), "threshold": torch.zeros(4)}
+    raw = {
+        "w_enc": torch.zeros(64, 4),
+        "b_enc": torch.zeros(4),
+        "b_dec": torch.zeros(64),
+        "threshold": torch.zeros(4),
+    }
     raw["w_dec"] = torch.stack([-3 * u, u, -0.5 * u, torch.zeros(64)])
     made = {3: from_raw_params(raw, layer=3)}
     a0 = np.array([1.0, 5.0, 4.0, 2.0])  # unsteered activations
@@ -131,20 +144,28 @@ def test_dla_scores_sign_and_ranking_on_constructed_decoders(tiny, tcs):
     np.testing.assert_allclose(scores["dla_weight"], [-norm, norm, -norm, 0.0], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(scores["dla_score"], scores["dla_weight"] * a0, rtol=1e-6)
     gates = find_gates(tiny, made, grid, k=5)
-    assert gates["feature"].tolist() == ["L3 F2", "L3 F0"]  # F2: -norm x 4 beats F0: -norm x 1; F1 promotes Yes
+    assert gates["feature"].tolist() == [
+        "L3 F2",
+        "L3 F0",
+    ]  # F2: -norm x 4 beats F0: -norm x 1; F1 promotes Yes
     assert gates["rank"].tolist() == [1, 2]
-    assert {"spearman_pos", "spearman_neg", "inverted_v", "detection_corr", "forced_corr"} <= set(gates.columns)
+    assert {"spearman_pos", "spearman_neg", "inverted_v", "detection_corr", "forced_corr"} <= set(
+        gates.columns
+    )
     assert find_gates(tiny, made, grid, k=1)["feature"].tolist() == ["L3 F2"]
 
 
 def test_spearman_and_inverted_v_on_hand_made_tables():
     s = (-2.0, -1.0, 0.0, 1.0, 2.0)
-    table = np.array([
-        [0, 1, 2, 1, 0],  # inverted V: silenced at both ends
-        [0, 0, 0, 1, 2],  # grows with positive injection only
-        [3, 2, 1, 2, 3],  # V: not a gate
-        [1, 2, 4, 3, 2],  # asymmetric inverted V
-    ], dtype=float).T  # fmt: skip
+    table = np.array(
+        [
+            [0, 1, 2, 1, 0],  # inverted V: silenced at both ends
+            [0, 0, 0, 1, 2],  # grows with positive injection only
+            [3, 2, 1, 2, 3],  # V: not a gate
+            [1, 2, 4, 3, 2],  # asymmetric inverted V
+        ],
+        dtype=float,
+    ).T
     acts = np.stack([table, table])  # two identical concepts
     pos, neg = dose_spearman(acts, s)
     np.testing.assert_allclose(pos[[0, 1, 2]], [-1.0, 1.0, 1.0])
@@ -159,20 +180,24 @@ def test_spearman_and_inverted_v_on_hand_made_tables():
     pos, neg = dose_spearman(acts, s)
     x = np.tile([0.0, 1.0, 2.0], 3)
     assert pos[1] == pytest.approx(stats.spearmanr(x, acts[:, 2:, 1].reshape(-1)).statistic)
-    assert neg[0] == pytest.approx(stats.spearmanr(np.tile([2.0, 1.0, 0.0], 3), acts[:, :3, 0].reshape(-1)).statistic)
+    assert neg[0] == pytest.approx(
+        stats.spearmanr(np.tile([2.0, 1.0, 0.0], 3), acts[:, :3, 0].reshape(-1)).statistic
+    )
     with pytest.raises(ValueError, match="needs strength 0"):
         inverted_v(acts, (-2.0, -1.0, 0.5, 1.0, 2.0))
 
 
 def test_concept_rates_and_behaviour_correlations():
-    trials = pd.DataFrame({
-        "concept": ["C0"] * 4 + ["C1"] * 4 + ["C2"] * 4 + ["C3"] * 2,
-        "condition": ["injection", "injection", "forced", "control"] * 3 + ["injection", "injection"],
-        "strength": [2.0, 2.0, 2.0, 0.0] * 3 + [2.0, 2.0],
-        "detected": [1, 1, None, 0, 1, 0, None, 0, 0, 0, None, 1, 1, None],
-        "forced_identified": [None, None, 1, None, None, None, 0, None, None, None, 0, None, None, None],
-        "judge_error": [None] * 13 + ["api timeout"],
-    })  # fmt: skip
+    trials = pd.DataFrame(
+        {
+            "concept": ["C0"] * 4 + ["C1"] * 4 + ["C2"] * 4 + ["C3"] * 2,
+            "condition": ["injection", "injection", "forced", "control"] * 3 + ["injection", "injection"],
+            "strength": [2.0, 2.0, 2.0, 0.0] * 3 + [2.0, 2.0],
+            "detected": [1, 1, None, 0, 1, 0, None, 0, 0, 0, None, 1, 1, None],
+            "forced_identified": [None, None, 1, None, None, None, 0, None, None, None, 0, None, None, None],
+            "judge_error": [None] * 13 + ["api timeout"],
+        }
+    )
     rates = concept_rates(trials).set_index("concept")
     assert rates.loc["C0", "detection_rate"] == 1.0 and rates.loc["C1", "detection_rate"] == 0.5
     assert rates.loc["C2", "detection_rate"] == 0.0 and rates.loc["C1", "forced_id_rate"] == 0.0
@@ -197,10 +222,13 @@ def test_carrier_virtual_weight_sign_on_constructed_weights(tiny):
     g = torch.Generator().manual_seed(0)
     e = torch.randn(64, generator=g)
     zeros = {"b_enc": torch.zeros(3), "b_dec": torch.zeros(64), "threshold": torch.zeros(3)}
-    carriers_tc = from_raw_params(zeros | {"w_enc": torch.zeros(64, 3),
-                                           "w_dec": torch.stack([-e, e, -2 * e])}, layer=2)  # fmt: skip
-    gate_tc = from_raw_params(zeros | {"w_enc": torch.stack([e, torch.zeros(64), torch.zeros(64)], 1),
-                                       "w_dec": torch.zeros(3, 64)}, layer=3)  # fmt: skip
+    carriers_tc = from_raw_params(
+        zeros | {"w_enc": torch.zeros(64, 3), "w_dec": torch.stack([-e, e, -2 * e])}, layer=2
+    )
+    gate_tc = from_raw_params(
+        zeros | {"w_enc": torch.stack([e, torch.zeros(64), torch.zeros(64)], 1), "w_dec": torch.zeros(3, 64)},
+        layer=3,
+    )
     made = {2: carriers_tc, 3: gate_tc}
     vw = virtual_weights(made, "L3 F0", 2, [0, 1, 2])
     torch.testing.assert_close(vw, torch.stack([-(e @ e), e @ e, -2 * (e @ e)]))
@@ -211,8 +239,13 @@ def test_carrier_virtual_weight_sign_on_constructed_weights(tiny):
     layer2[:, :, 2] = [[0, 1, 1], [0, 1, 2], [0, 1, 3], [0, 1, 1]]  # grows with s, anti-tracks detection
     layer3 = np.ones((4, 3, 3))
     grid = _grid({1: np.ones((4, 3, 3)), 2: layer2, 3: layer3}, s, inj=1, default=2.0)
-    rates = pd.DataFrame({"concept": grid.concepts, "detection_rate": [0.5, 0.9, 0.1, 0.5],
-                          "forced_id_rate": [0.5, 0.9, 0.1, 0.5]})  # fmt: skip
+    rates = pd.DataFrame(
+        {
+            "concept": grid.concepts,
+            "detection_rate": [0.5, 0.9, 0.1, 0.5],
+            "forced_id_rate": [0.5, 0.9, 0.1, 0.5],
+        }
+    )
     out = find_evidence_carriers(tiny, made, grid, "L3 F0", behaviour=rates).set_index("feature")
     assert out.loc["L2 F0", "role"] == "carrier" and out.loc["L2 F1", "role"] == "suppressor"
     assert out.loc["L2 F2", "role"] == "carrier"  # nonzero (negative) correlations still count

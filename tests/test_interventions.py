@@ -1,4 +1,5 @@
-"""interventions: (a_target - a_current) x d at hook_mlp_out; no-op, exact output-side identity, generation."""
+"""interventions: (a_target - a_current) x d at hook_mlp_out; no-op, exact output-side identity,
+generation."""
 
 from __future__ import annotations
 
@@ -42,8 +43,15 @@ def test_target_equal_to_current_is_a_no_op(tiny, tcs, setup):
         current = read_features(tiny, tcs, FEATURES, tokens)
         with intervene(tiny, tcs, FEATURES, target=current):
             same = tiny(tokens)
-        with intervene(tiny, tcs, FEATURES, target=0.0, mask=torch.zeros(3, dtype=torch.bool),
-                       positions="from_start", start=p.injection_start):  # fmt: skip
+        with intervene(
+            tiny,
+            tcs,
+            FEATURES,
+            target=0.0,
+            mask=torch.zeros(3, dtype=torch.bool),
+            positions="from_start",
+            start=p.injection_start,
+        ):
             masked = tiny(tokens)
         with intervene(tiny, tcs, FEATURES, target=current + 3.0):
             moved = tiny(tokens)
@@ -55,7 +63,8 @@ def test_target_equal_to_current_is_a_no_op(tiny, tcs, setup):
 
 @pytest.mark.parametrize("scale", ["unit", "decoder"])
 def test_edit_is_exactly_delta_times_direction(tiny, tcs, setup, scale):
-    """mlp_out moves by (a_t - a_c) d; with raw decoder rows that is tc.decode(a with a_f = a_t) - tc.decode(a)."""
+    """mlp_out moves by (a_t - a_c) d; with raw decoder rows that is tc.decode(a with a_f = a_t) -
+    tc.decode(a)."""
     spec, vecs, p = setup
     tc = tcs[3]
     idx = torch.tensor([5, 17, 40])
@@ -63,7 +72,10 @@ def test_edit_is_exactly_delta_times_direction(tiny, tcs, setup, scale):
     before, after = [], []
     pre, post = _around(tiny, 3, before, after)
     tokens = p.tokens[None].expand(2, -1)
-    with torch.no_grad(), inject(tiny, vecs, layer=spec.injection_layer, strength=4.0, start=p.injection_start):
+    with (
+        torch.no_grad(),
+        inject(tiny, vecs, layer=spec.injection_layer, strength=4.0, start=p.injection_start),
+    ):
         x = transcoder_inputs(tiny, [3], tokens, positions="last")[3][:, 0]
         with pre, intervene(tiny, tcs, FEATURES, target=target, scale=scale, record=True) as iv, post:
             tiny(tokens)
@@ -81,7 +93,9 @@ def test_edit_is_exactly_delta_times_direction(tiny, tcs, setup, scale):
         torch.testing.assert_close(change[:, -1], decoded, rtol=1e-4, atol=1e-5)
     else:  # unit directions: the decoded change scaled down by the decoder-row norms
         norms = tc.W_dec[idx].norm(dim=-1)
-        torch.testing.assert_close(change[:, -1], ((target - current) / norms) @ tc.W_dec[idx], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            change[:, -1], ((target - current) / norms) @ tc.W_dec[idx], rtol=1e-4, atol=1e-5
+        )
         assert not torch.allclose(change[:, -1], decoded, atol=1e-3)
 
 
@@ -101,7 +115,9 @@ def test_patching_sets_the_output_side_and_reaches_later_layers(tiny, tcs, setup
             later = read_features(tiny, tcs, ["L3 F5", "L3 F17"], p.tokens)
     assert iv.calls == 1
     d = tcs[2].W_dec[7]
-    torch.testing.assert_close((after[0] - before[0])[0, -1], (steered - control)[0, 0] * d, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        (after[0] - before[0])[0, -1], (steered - control)[0, 0] * d, rtol=1e-4, atol=1e-5
+    )
     assert not torch.allclose(later, read_features(tiny, tcs, ["L3 F5", "L3 F17"], p.tokens), atol=1e-4)
 
 
@@ -114,8 +130,12 @@ def test_composes_with_cached_generation(tiny, tcs, setup, positions):
     target = torch.tensor([[9.0, 0.0, 9.0], [0.0, 9.0, 0.0]])
     runs = {}
     for cache in (True, False):
-        with inject(tiny, vecs, **kw), intervene(tiny, tcs, FEATURES, target=target, positions=positions,
-                                                 start=b.starts, record=True) as iv:  # fmt: skip
+        with (
+            inject(tiny, vecs, **kw),
+            intervene(
+                tiny, tcs, FEATURES, target=target, positions=positions, start=b.starts, record=True
+            ) as iv,
+        ):
             runs[cache] = sample(tiny, b, max_new_tokens=6, seeds=[1, 2], use_cache=cache)
         runs[cache, "iv"] = iv
     assert torch.equal(runs[True].tokens, runs[False].tokens)
@@ -150,5 +170,8 @@ def test_bad_settings_name_the_valid_choices(tiny, tcs):
     with pytest.raises(ValueError, match=r"\[rows, 3\]"):
         with intervene(tiny, tcs, FEATURES, target=torch.zeros(2, 2)):
             pass
-    with intervene(tiny, tcs, FEATURES, target=torch.zeros(3, 3)), pytest.raises(ValueError, match="batch has 2"):
+    with (
+        intervene(tiny, tcs, FEATURES, target=torch.zeros(3, 3)),
+        pytest.raises(ValueError, match="batch has 2"),
+    ):
         tiny(trial_prompt(tiny, trial=1).tokens[None].expand(2, -1))

@@ -102,4 +102,6 @@ def test_ablating_the_gate_changes_the_gap_by_the_hand_computed_amount(tiny, pla
     change = yes_no_gap(ablated, spec) - yes_no_gap(steered, spec)
     assert (change < 0).all(), "restoring the say-No gate lowers the Yes-No gap"
     # the linear (DLA) part of the change is exact: (a_control - a_current) x d_hat . d
-    torch.testing.assert_close((moved - resid[0]) @ d, -(control - current)[:, 0] * d.norm(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        (moved - resid[0]) @ d, -(control - current)[:, 0] * d.norm(), rtol=1e-5, atol=1e-6
+    )

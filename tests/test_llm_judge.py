@@ -154,8 +154,14 @@ def api():
 
 def make_judge(api: FakeAPI, backend: str, cache_dir, **settings) -> LLMJudge:
     base_url = f"{api.url}/v1" if backend == "openai" else api.url
-    defaults = dict(backend=backend, base_url=base_url, cache_dir=cache_dir, max_retries=2, backoff_s=0.001,
-                    timeout_s=10.0)  # fmt: skip
+    defaults = dict(
+        backend=backend,
+        base_url=base_url,
+        cache_dir=cache_dir,
+        max_retries=2,
+        backoff_s=0.001,
+        timeout_s=10.0,
+    )
     return LLMJudge(**{**defaults, **settings})
 
 
@@ -215,8 +221,9 @@ def test_failures_are_errors_not_no(api, tmp_path, backend):
         ("Yes, it is about bread ALWAYS500", "Bread", False),
     ]
     started = time.perf_counter()
-    verdicts = judge.judge(responses=[r[0] for r in rows], concepts=[r[1] for r in rows],
-                           forced=[r[2] for r in rows])  # fmt: skip
+    verdicts = judge.judge(
+        responses=[r[0] for r in rows], concepts=[r[1] for r in rows], forced=[r[2] for r in rows]
+    )
     assert time.perf_counter() - started < 5
     for v in verdicts:
         assert v.error is not None

@@ -57,29 +57,61 @@ def test_newcombe_from_wilson():
     assert all(math.isnan(x) for x in newcombe_interval(1, 2, 0, 0))
 
 
-def trial(condition, strength, detected=None, identified=None, forced_identified=None, *, error=None,
-          variant="original", layer=3, concept="Bread", judge="rule"):  # fmt: skip
-    return dict(concept=concept, trial=1, sample=0, condition=condition, layer=layer, strength=strength,
-                variant=variant, persona="standard_assistant", seed=0, response="...", detected=detected,
-                identified=identified, forced_identified=forced_identified, judge=judge,
-                judge_error=error)  # fmt: skip
+def trial(
+    condition,
+    strength,
+    detected=None,
+    identified=None,
+    forced_identified=None,
+    *,
+    error=None,
+    variant="original",
+    layer=3,
+    concept="Bread",
+    judge="rule",
+):
+    return dict(
+        concept=concept,
+        trial=1,
+        sample=0,
+        condition=condition,
+        layer=layer,
+        strength=strength,
+        variant=variant,
+        persona="standard_assistant",
+        seed=0,
+        response="...",
+        detected=detected,
+        identified=identified,
+        forced_identified=forced_identified,
+        judge=judge,
+        judge_error=error,
+    )
 
 
 T, F = True, False
 TRIALS = [
     # strength 4: injection 3/4 detected, 2/4 detected & identified; one judge error (excluded though "True")
-    trial("injection", 4.0, T, T), trial("injection", 4.0, T, F), trial("injection", 4.0, F, F),
-    trial("injection", 4.0, T, T), trial("injection", 4.0, T, T, error="detection: APIError: 500"),
-    trial("forced", 4.0, forced_identified=T), trial("forced", 4.0, forced_identified=F),
+    trial("injection", 4.0, T, T),
+    trial("injection", 4.0, T, F),
+    trial("injection", 4.0, F, F),
+    trial("injection", 4.0, T, T),
+    trial("injection", 4.0, T, T, error="detection: APIError: 500"),
+    trial("forced", 4.0, forced_identified=T),
+    trial("forced", 4.0, forced_identified=F),
     trial("forced", 4.0, forced_identified=T),
     # strength 2: injection 1/2 detected, 0/2 identified; no forced rows
-    trial("injection", 2.0, T, F), trial("injection", 2.0, F, F),
+    trial("injection", 2.0, T, F),
+    trial("injection", 2.0, F, F),
     # controls (strength 0.0), shared by both strengths: 1/3 false alarms, plus one judge error
-    trial("control", 0.0, T, F), trial("control", 0.0, F, F), trial("control", 0.0, F, F),
+    trial("control", 0.0, T, F),
+    trial("control", 0.0, F, F),
+    trial("control", 0.0, F, F),
     trial("control", 0.0, error="detection: unparseable judge reply"),
     # another variant with controls only: an FPR-only group
-    trial("control", 0.0, F, F, variant="skeptical"), trial("control", 0.0, F, F, variant="skeptical"),
-]  # fmt: skip
+    trial("control", 0.0, F, F, variant="skeptical"),
+    trial("control", 0.0, F, F, variant="skeptical"),
+]
 
 
 def check_rate(row, name, value, bounds):
@@ -125,8 +157,12 @@ def test_verdict_dtypes_from_sqlite_or_parquet():
     """0/1/NaN floats (SQLite) and pandas "boolean" (parquet) give the same numbers as Python bools."""
     df = pd.DataFrame(TRIALS)
     expected = detection_metrics(df)
-    as_float = df.assign(**{c: df[c].map(lambda v: math.nan if v is None else float(v))
-                            for c in ("detected", "identified", "forced_identified")})  # fmt: skip
+    as_float = df.assign(
+        **{
+            c: df[c].map(lambda v: math.nan if v is None else float(v))
+            for c in ("detected", "identified", "forced_identified")
+        }
+    )
     as_boolean = df.astype({c: "boolean" for c in ("detected", "identified", "forced_identified")})
     pd.testing.assert_frame_equal(detection_metrics(as_float), expected)
     pd.testing.assert_frame_equal(detection_metrics(as_boolean), expected)
@@ -142,8 +178,12 @@ def test_grouping_without_strength_pools_strengths():
 
 
 def test_by_concept_matches_controls_by_concept():
-    rows = [trial("injection", 4.0, T, T, concept="Bread"), trial("control", 0.0, T, F, concept="Bread"),
-            trial("injection", 4.0, T, T, concept="Milk"), trial("control", 0.0, F, F, concept="Milk")]  # fmt: skip
+    rows = [
+        trial("injection", 4.0, T, T, concept="Bread"),
+        trial("control", 0.0, T, F, concept="Bread"),
+        trial("injection", 4.0, T, T, concept="Milk"),
+        trial("control", 0.0, F, F, concept="Milk"),
+    ]
     out = detection_metrics(pd.DataFrame(rows), by=("concept", "strength")).set_index("concept")
     assert out.loc["Bread", "fpr"] == 1.0 and out.loc["Milk", "fpr"] == 0.0
 

@@ -44,14 +44,22 @@ def test_transcoder_sites_equal_hf_feedforward_norms(tiny, hf_tiny):
     _, theirs = hf_capture(hf_tiny, tokens, hf_names)
     for i in range(n):
         torch.testing.assert_close(
-            ours[f"blocks.{i}.ln2.hook_out"], theirs[f"model.layers.{i}.pre_feedforward_layernorm"], rtol=0, atol=1e-5
+            ours[f"blocks.{i}.ln2.hook_out"],
+            theirs[f"model.layers.{i}.pre_feedforward_layernorm"],
+            rtol=0,
+            atol=1e-5,
         )
         torch.testing.assert_close(
-            ours[f"blocks.{i}.hook_mlp_out"], theirs[f"model.layers.{i}.post_feedforward_layernorm"], rtol=0, atol=1e-5
+            ours[f"blocks.{i}.hook_mlp_out"],
+            theirs[f"model.layers.{i}.post_feedforward_layernorm"],
+            rtol=0,
+            atol=1e-5,
         )
         # the pre-norm residual (sae-lens's "hook_mlp_in") is a different site: the norms are not identity
         _, pre = _capture(tiny, tokens, [HookNames.mlp_in_prenorm(i)])
-        assert not torch.allclose(pre[HookNames.mlp_in_prenorm(i)], ours[f"blocks.{i}.ln2.hook_out"], atol=1e-3)
+        assert not torch.allclose(
+            pre[HookNames.mlp_in_prenorm(i)], ours[f"blocks.{i}.ln2.hook_out"], atol=1e-3
+        )
 
 
 def test_resid_post_equals_hf_decoder_layer_output(tiny, hf_tiny):
@@ -60,14 +68,21 @@ def test_resid_post_equals_hf_decoder_layer_output(tiny, hf_tiny):
     _, ours = _capture(tiny, tokens, [HookNames.resid_post(i) for i in range(n)])
     _, theirs = hf_capture(hf_tiny, tokens, [f"model.layers.{i}" for i in range(n)])
     for i in range(n):
-        torch.testing.assert_close(ours[HookNames.resid_post(i)], theirs[f"model.layers.{i}"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            ours[HookNames.resid_post(i)], theirs[f"model.layers.{i}"], rtol=0, atol=1e-5
+        )
 
 
 def test_every_hook_name_exists(tiny):
     for i in range(tiny.cfg.n_layers):
         for name in (
-            HookNames.resid_pre(i), HookNames.resid_mid(i), HookNames.resid_post(i), HookNames.attn_out(i),
-            HookNames.mlp_out(i), HookNames.transcoder_in(i), HookNames.transcoder_out(i),
+            HookNames.resid_pre(i),
+            HookNames.resid_mid(i),
+            HookNames.resid_post(i),
+            HookNames.attn_out(i),
+            HookNames.mlp_out(i),
+            HookNames.transcoder_in(i),
+            HookNames.transcoder_out(i),
         ):
             assert name in tiny.hook_dict, name
     assert HookNames.final_norm_out() in tiny.hook_dict

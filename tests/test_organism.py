@@ -35,7 +35,13 @@ def quick(tmp_path_factory, monkeypatch_module):
     out = tmp_path_factory.mktemp("organism")
     cfg = OrganismConfig.quick(seed=3)
     report = build(out, cfg=cfg, evaluate=False)
-    return {"out": out, "cfg": cfg, "report": report, "injected": injected, "vector_requests": vector_requests}
+    return {
+        "out": out,
+        "cfg": cfg,
+        "report": report,
+        "injected": injected,
+        "vector_requests": vector_requests,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +64,11 @@ def test_split_is_recorded_and_respected(quick):
 
 
 def test_training_injects_through_mechintros_inject(quick):
-    assert train_mod.inject.__wrapped__ is mechintro.steering.inject if hasattr(train_mod.inject, "__wrapped__") else True
+    assert (
+        train_mod.inject.__wrapped__ is mechintro.steering.inject
+        if hasattr(train_mod.inject, "__wrapped__")
+        else True
+    )
     assert quick["injected"], "instruct training must inject"
     strengths = torch.cat([s for _, s in quick["injected"]])
     assert (strengths > 0).any() and (strengths < 0).any(), "both signs are trained"
@@ -98,13 +108,26 @@ def test_every_concept_and_baseline_word_is_one_token():
     tok = make_tokenizer()
     for word in all_concepts() + baseline_words():
         assert len(tok(" " + word, add_special_tokens=False)["input_ids"]) == 1, word
-        assert tok(" " + word, add_special_tokens=False)["input_ids"] == tok(word, add_special_tokens=False)["input_ids"]
-    assert tok.unk_token_id not in tok(tok.apply_chat_template(
-        [{"role": "user", "content": "Tell me about Bread"}], tokenize=False, add_generation_prompt=True
-    ), add_special_tokens=False)["input_ids"]
+        assert (
+            tok(" " + word, add_special_tokens=False)["input_ids"]
+            == tok(word, add_special_tokens=False)["input_ids"]
+        )
+    assert (
+        tok.unk_token_id
+        not in tok(
+            tok.apply_chat_template(
+                [{"role": "user", "content": "Tell me about Bread"}],
+                tokenize=False,
+                add_generation_prompt=True,
+            ),
+            add_special_tokens=False,
+        )["input_ids"]
+    )
 
 
-shipped = pytest.mark.skipif(not (data_dir() / "organism" / "config.json").exists(), reason="organism not shipped")
+shipped = pytest.mark.skipif(
+    not (data_dir() / "organism" / "config.json").exists(), reason="organism not shipped"
+)
 
 
 @shipped
@@ -117,8 +140,15 @@ def test_shipped_organism_detects_heldout_injections():
     model = load_model("organism")
     spec = spec_for(model)
     df = run_trials(
-        model, heldout_concepts(), layer=spec.injection_layer, strength=spec.strength, n_trials=3,
-        judge=RuleJudge(), max_new_tokens=24, batch_size=100, progress=False,
+        model,
+        heldout_concepts(),
+        layer=spec.injection_layer,
+        strength=spec.strength,
+        n_trials=3,
+        judge=RuleJudge(),
+        max_new_tokens=24,
+        batch_size=100,
+        progress=False,
     )
     m = detection_metrics(df, by=["layer", "strength"]).iloc[0]
     assert m["n_injection"] >= 300 and m["n_control"] >= 300

@@ -42,12 +42,18 @@ def test_ablating_with_the_steered_runs_own_values_is_a_no_op(tiny, vecs):
         own, steered = capture_sites(tiny, tokens, _sites(INJ + 1), positions=pos)
     rows = torch.arange(3)
     for site in _sites(INJ + 1):  # one site at a time, and all at once
-        with torch.no_grad(), inject(tiny, vecs, **kw), hooks_context(
-            tiny, replacement_hooks({site: Replacement(rows, own[site])}, positions=pos)
+        with (
+            torch.no_grad(),
+            inject(tiny, vecs, **kw),
+            hooks_context(tiny, replacement_hooks({site: Replacement(rows, own[site])}, positions=pos)),
         ):
             torch.testing.assert_close(tiny(tokens)[:, -1].float(), steered, rtol=1e-5, atol=1e-5)
     every = {site: Replacement(rows, own[site]) for site in _sites(INJ + 1)}
-    with torch.no_grad(), inject(tiny, vecs, **kw), hooks_context(tiny, replacement_hooks(every, positions=pos)):
+    with (
+        torch.no_grad(),
+        inject(tiny, vecs, **kw),
+        hooks_context(tiny, replacement_hooks(every, positions=pos)),
+    ):
         torch.testing.assert_close(tiny(tokens)[:, -1].float(), steered, rtol=1e-5, atol=1e-5)
 
 
@@ -83,8 +89,12 @@ def test_batched_component_patching_equals_one_forward_per_intervention(tiny, ve
     assert len(got) == len(_sites(INJ + 1)) * len(CONCEPTS)
     for row in got.sample(5, random_state=0).itertuples():
         site, c = (int(row.layer), row.component), CONCEPTS.index(row.concept)
-        with torch.no_grad(), inject(tiny, vecs[c], layer=INJ, strength=8.0, start=p.injection_start), hooks_context(
-            tiny, replacement_hooks({site: Replacement(torch.tensor([0]), clean[site])}, positions=pos)
+        with (
+            torch.no_grad(),
+            inject(tiny, vecs[c], layer=INJ, strength=8.0, start=p.injection_start),
+            hooks_context(
+                tiny, replacement_hooks({site: Replacement(torch.tensor([0]), clean[site])}, positions=pos)
+            ),
         ):
             alone = yes_no_gap(tiny(p.tokens[None])[0, -1].float(), spec)
         assert row.value == pytest.approx(float(alone), abs=1e-4)
@@ -101,18 +111,27 @@ def test_batched_component_patching_equals_one_forward_per_intervention(tiny, ve
 
 def test_positions_reference_and_summary(tiny, vecs):
     base = dict(injection_layer=INJ, strength=8.0, experiments=("ablation",), layers=(2,))
-    last = component_patching(tiny, CONCEPTS[:2], vectors=vecs[:2], config=PatchingConfig(positions="last", **base))
+    last = component_patching(
+        tiny, CONCEPTS[:2], vectors=vecs[:2], config=PatchingConfig(positions="last", **base)
+    )
     full = component_patching(tiny, CONCEPTS[:2], vectors=vecs[:2], config=PatchingConfig(**base))
     assert not torch.allclose(torch.tensor(last["value"].to_numpy()), torch.tensor(full["value"].to_numpy()))
-    matched = component_patching(tiny, CONCEPTS[:2], vectors=vecs[:2], config=PatchingConfig(trials=(1, 2), **base))
+    matched = component_patching(
+        tiny, CONCEPTS[:2], vectors=vecs[:2], config=PatchingConfig(trials=(1, 2), **base)
+    )
     mean = component_patching(
-        tiny, CONCEPTS[:2], vectors=vecs[:2], config=PatchingConfig(trials=(1, 2), reference="trial_mean", **base)
+        tiny,
+        CONCEPTS[:2],
+        vectors=vecs[:2],
+        config=PatchingConfig(trials=(1, 2), reference="trial_mean", **base),
     )
     assert len(matched) == len(mean)
     summary = summarize_patching(full)
     row = summary[(summary["kind"] == "intervention") & (summary["component"] == "mlp")].iloc[0]
     values = full[(full["kind"] == "intervention") & (full["component"] == "mlp")]["value"]
-    assert row["mean"] == pytest.approx(values.mean()) and row["n"] == 2 and row["lo"] < row["mean"] < row["hi"]
+    assert (
+        row["mean"] == pytest.approx(values.mean()) and row["n"] == 2 and row["lo"] < row["mean"] < row["hi"]
+    )
     with pytest.raises(ValueError, match=r"valid: \['attn', 'mlp'\]"):
         PatchingConfig(components=("resid",))
     with pytest.raises(ValueError, match=r"valid: \['from_start', 'last'\]"):
@@ -120,10 +139,18 @@ def test_positions_reference_and_summary(tiny, vecs):
 
 
 def test_summary_averages_trials_within_a_concept_first():
-    df = pd.DataFrame({
-        "experiment": "ablation", "kind": "intervention", "layer": 3, "component": "mlp", "metric": "gap",
-        "concept": ["A", "A", "B"], "trial": [1, 2, 1], "value": [1.0, 3.0, 4.0],
-    })  # fmt: skip
+    df = pd.DataFrame(
+        {
+            "experiment": "ablation",
+            "kind": "intervention",
+            "layer": 3,
+            "component": "mlp",
+            "metric": "gap",
+            "concept": ["A", "A", "B"],
+            "trial": [1, 2, 1],
+            "value": [1.0, 3.0, 4.0],
+        }
+    )
     row = summarize_patching(df).iloc[0]
     assert row["mean"] == 3.0 and row["n"] == 2  # (2 + 4) / 2
     assert row["hi"] - row["mean"] == pytest.approx(12.7062047 * 1.0)  # t(0.975, 1) x sem (=1)

@@ -11,8 +11,15 @@ from mechintro.metrics import detection_metrics
 from mechintro.prompts import PAPER_VARIANTS, PERSONAS
 
 
-def synthetic_trials(*, layers=(0, 1, 2), strengths=(1.0, 4.0), variants=("original",),
-                     personas=("standard_assistant",), n=20, seed=0) -> pd.DataFrame:  # fmt: skip
+def synthetic_trials(
+    *,
+    layers=(0, 1, 2),
+    strengths=(1.0, 4.0),
+    variants=("original",),
+    personas=("standard_assistant",),
+    n=20,
+    seed=0,
+) -> pd.DataFrame:
     """Trial rows in the store's format with random verdicts (detection more likely with strength)."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -24,13 +31,24 @@ def synthetic_trials(*, layers=(0, 1, 2), strengths=(1.0, 4.0), variants=("origi
                     for i in range(n):
                         hit = bool(rng.random() < 0.05 + 0.1 * strength)
                         forced = condition == "forced"
-                        rows.append({
-                            "model": "synthetic", "judge": "rule", "concept": f"c{i % 5}", "trial": i % 10 + 1,
-                            "sample": i // 10, "condition": condition, "layer": layer, "strength": strength,
-                            "variant": variant, "persona": persona, "detected": None if forced else hit,
-                            "identified": None if forced else hit and bool(rng.random() < 0.5),
-                            "forced_identified": hit if forced else None, "judge_error": None,
-                        })  # fmt: skip
+                        rows.append(
+                            {
+                                "model": "synthetic",
+                                "judge": "rule",
+                                "concept": f"c{i % 5}",
+                                "trial": i % 10 + 1,
+                                "sample": i // 10,
+                                "condition": condition,
+                                "layer": layer,
+                                "strength": strength,
+                                "variant": variant,
+                                "persona": persona,
+                                "detected": None if forced else hit,
+                                "identified": None if forced else hit and bool(rng.random() < 0.5),
+                                "forced_identified": hit if forced else None,
+                                "judge_error": None,
+                            }
+                        )
     return pd.DataFrame(rows)
 
 
@@ -76,8 +94,9 @@ def test_figures_refuse_ambiguous_metrics():
 
 
 def test_save_figure_writes_html(tmp_path):
-    fig = plots.variants_figure(detection_metrics(synthetic_trials(layers=(1,), variants=PAPER_VARIANTS),
-                                                  by=("variant",)))  # fmt: skip
+    fig = plots.variants_figure(
+        detection_metrics(synthetic_trials(layers=(1,), variants=PAPER_VARIANTS), by=("variant",))
+    )
     paths = plots.save_figure(fig, "variants", tmp_path / "figs", formats=("html",))
     assert paths == [tmp_path / "figs" / "variants.html"] and paths[0].stat().st_size > 1000
     with pytest.raises(ValueError, match="valid"):

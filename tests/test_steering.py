@@ -23,7 +23,10 @@ def vecs(tiny):
 
 @pytest.fixture(scope="module")
 def batch(tiny):
-    prompts = [trial_prompt(tiny, trial=t, variant=v) for t, v in ((1, "original"), (2, "neutral_query"), (3, "skeptical"))]
+    prompts = [
+        trial_prompt(tiny, trial=t, variant=v)
+        for t, v in ((1, "original"), (2, "neutral_query"), (3, "skeptical"))
+    ]
     return prompts, left_pad(prompts, pad_id=tiny.tokenizer.pad_token_id)
 
 
@@ -39,8 +42,10 @@ def around_injection(model, inj_kwargs):
         return hook
 
     name = HookNames.resid_post(inj_kwargs["layer"])
-    with hooks_context(model, [(name, rec(before))]), inject(model, **inj_kwargs) as inj, hooks_context(
-        model, [(name, rec(after))]
+    with (
+        hooks_context(model, [(name, rec(before))]),
+        inject(model, **inj_kwargs) as inj,
+        hooks_context(model, [(name, rec(after))]),
     ):
         yield before, after, inj
 
@@ -54,7 +59,9 @@ def test_delta_is_exact_per_row_in_a_padded_batch(tiny, vecs, batch):
     delta = after[0] - before[0]
     for i in range(3):
         s = int(b.starts[i])
-        assert torch.equal(delta[i, :s], torch.zeros_like(delta[i, :s])), "nothing may change before the start"
+        assert torch.equal(delta[i, :s], torch.zeros_like(delta[i, :s])), (
+            "nothing may change before the start"
+        )
         expected = (strengths[i] * vecs[i]).expand(delta.shape[1] - s, -1)
         torch.testing.assert_close(delta[i, s:], expected, rtol=1e-6, atol=1e-5)
         assert s > int(b.pad[i]) or len(prompts[i].tokens) == b.tokens.shape[1]
@@ -67,7 +74,10 @@ def test_padded_row_matches_unpadded_single_run(tiny, vecs, batch):
     with torch.no_grad(), inject(tiny, vecs, layer=LAYER, strength=strengths, start=b.starts):
         padded = tiny(b.tokens, attention_mask=b.attention_mask)
     for i, p in enumerate(prompts):
-        with torch.no_grad(), inject(tiny, vecs[i], layer=LAYER, strength=float(strengths[i]), start=p.injection_start):
+        with (
+            torch.no_grad(),
+            inject(tiny, vecs[i], layer=LAYER, strength=float(strengths[i]), start=p.injection_start),
+        ):
             alone = tiny(p.tokens[None])[0]
         torch.testing.assert_close(padded[i, int(b.pad[i]) :], alone, rtol=1e-4, atol=1e-4)
     # an unshifted start (the bug the paper's code has in one path) injects into real tokens before "Trial"

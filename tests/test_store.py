@@ -153,8 +153,13 @@ def test_killed_writer_leaves_whole_batches(tmp_path):
     path, n_batches, batch = tmp_path / "crash.sqlite", 30, 2000
     repo = Path(__file__).parents[1]
     env = dict(os.environ, PYTHONPATH=str(repo))
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(n_batches), str(batch)],
-                            stdout=subprocess.PIPE, text=True, cwd=repo, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path), str(n_batches), str(batch)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=repo,
+        env=env,
+    )
     committed = [int(proc.stdout.readline()) for _ in range(3)]  # three batches are surely committed
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)

@@ -1,4 +1,5 @@
-"""Transcoders: raw Gemma Scope 2 files, sae-lens folders, sae-lens releases (offline cache), wiring, encode_at."""
+"""Transcoders: raw Gemma Scope 2 files, sae-lens folders, sae-lens releases (offline cache), wiring,
+encode_at."""
 
 from __future__ import annotations
 
@@ -60,7 +61,9 @@ def test_wiring_is_ln2_hook_out_to_hook_mlp_out(tiny, raw_folder):
     assert sorted(tcs) == [0, 1, 2, 3]
     for layer, tc in tcs.items():
         assert tc.cfg.metadata.hook_name == HookNames.transcoder_in(layer) == f"blocks.{layer}.ln2.hook_out"
-        assert tc.cfg.metadata.hook_name_out == HookNames.transcoder_out(layer) == f"blocks.{layer}.hook_mlp_out"
+        assert (
+            tc.cfg.metadata.hook_name_out == HookNames.transcoder_out(layer) == f"blocks.{layer}.hook_mlp_out"
+        )
         assert tc.cfg.metadata.source_hook_name == f"blocks.{layer}.hook_mlp_in"
         assert transcoder_layer(tc) == layer
 
@@ -87,7 +90,9 @@ def test_encode_at_reads_the_pre_feedforward_norm_output(tiny, hf_tiny, raw_fold
         from mechintro.steering import hooks_context
 
         got = {}
-        with hooks_context(tiny, [(HookNames.mlp_in_prenorm(1), lambda x, hook: got.update(x=x[:, -1:].clone()))]):
+        with hooks_context(
+            tiny, [(HookNames.mlp_in_prenorm(1), lambda x, hook: got.update(x=x[:, -1:].clone()))]
+        ):
             tiny(tokens[None])
     assert not torch.allclose(tcs[1].encode(got["x"]), tcs[1].encode(pre), atol=1e-3)
 
@@ -147,7 +152,10 @@ def offline_hub(monkeypatch, tmp_path):
 
 def test_gemma_scope_release_from_local_hub_cache(tiny, offline_hub):
     release, pattern = "gemma-scope-2-270m-it-transcoders-all", "layer_{layer}_width_16k_l0_small_affine"
-    files = {f"transcoder_all/{pattern.format(layer=layer)}/params.safetensors": raw_params(seed=layer) for layer in (0, 1)}
+    files = {
+        f"transcoder_all/{pattern.format(layer=layer)}/params.safetensors": raw_params(seed=layer)
+        for layer in (0, 1)
+    }
     _fake_hub_cache(offline_hub, "google/gemma-scope-2-270m-it", files)
     tcs = load_transcoders(tiny, [0, 1], source=release, id_pattern=pattern)
     assert tcs[1].cfg.metadata.model_name == "google/gemma-3-270m-it"
@@ -163,7 +171,9 @@ def test_bad_input_names_valid_choices(tiny, raw_folder, tmp_path):
     with pytest.raises(ValueError, match="gemma-scope-2-27b-it-transcoders-all"):
         load_transcoders(tiny, [0], source="gemma-scope-9-transcoders", id_pattern="layer_{layer}")
     with pytest.raises(ValueError, match="layer_0_width_16k_l0_big"):
-        load_transcoders(tiny, [0], source="gemma-scope-2-270m-it-transcoders-all", id_pattern="layer_{layer}_x")
+        load_transcoders(
+            tiny, [0], source="gemma-scope-2-270m-it-transcoders-all", id_pattern="layer_{layer}_x"
+        )
     with pytest.raises(ValueError, match="no default transcoders"):
         load_transcoders(tiny)
     (tmp_path / "layer_0").mkdir()
@@ -178,10 +188,14 @@ def test_transcoders_for_another_gemma_are_refused(tiny_dir, offline_hub):
     model = load_model(tiny_dir)
     with_spec(model, name="google/gemma-3-1b-it")
     release, pattern = "gemma-scope-2-270m-it-transcoders-all", "layer_{layer}_width_16k_l0_small_affine"
-    _fake_hub_cache(offline_hub, "google/gemma-scope-2-270m-it", {
-        f"transcoder_all/{pattern.format(layer=0)}/params.safetensors": raw_params(seed=0)
-    })
-    with pytest.raises(TranscoderMismatchError, match="for google/gemma-3-270m-it, but the model is google/gemma-3-1b-it"):
+    _fake_hub_cache(
+        offline_hub,
+        "google/gemma-scope-2-270m-it",
+        {f"transcoder_all/{pattern.format(layer=0)}/params.safetensors": raw_params(seed=0)},
+    )
+    with pytest.raises(
+        TranscoderMismatchError, match="for google/gemma-3-270m-it, but the model is google/gemma-3-1b-it"
+    ):
         load_transcoders(model, [0], source=release, id_pattern=pattern)
 
 

@@ -1,4 +1,5 @@
-"""run_trials / sweep / logit_scores on the tiny random Gemma 3: rows, injection, seeds, store, crash-resume."""
+"""run_trials / sweep / logit_scores on the tiny random Gemma 3: rows, injection, seeds, store,
+crash-resume."""
 
 from __future__ import annotations
 
@@ -39,8 +40,10 @@ class CountingJudge:
         self.calls += 1
         self.rows += len(responses)
         verdicts = self.inner.judge(responses=responses, concepts=concepts, forced=forced)
-        return [Verdict(None, None, None, error="judge API down") if c in self.error_on else v
-                for v, c in zip(verdicts, concepts, strict=True)]  # fmt: skip
+        return [
+            Verdict(None, None, None, error="judge API down") if c in self.error_on else v
+            for v, c in zip(verdicts, concepts, strict=True)
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +54,17 @@ def vecs(tiny):
 
 
 def test_rows_columns_and_trial_numbering(tiny, vecs):
-    df = run_trials(tiny, CONCEPTS, layer=1, strength=4.0, n_trials=12, judge=RuleJudge(), forced=True,
-                    vectors=vecs, **FAST)  # fmt: skip
+    df = run_trials(
+        tiny,
+        CONCEPTS,
+        layer=1,
+        strength=4.0,
+        n_trials=12,
+        judge=RuleJudge(),
+        forced=True,
+        vectors=vecs,
+        **FAST,
+    )
     assert list(df.columns) == list(COLUMNS)
     assert len(df) == 2 * 3 * 12
     assert df.groupby(["concept", "condition"]).size().eq(12).all()
@@ -95,8 +107,17 @@ def test_logit_judge_runs_without_generating(tiny, vecs, monkeypatch):
     import mechintro.trials as trials
 
     monkeypatch.setattr(trials, "sample", lambda *a, **k: pytest.fail("the logit judge must not sample"))
-    df = run_trials(tiny, CONCEPTS, layer=1, strength=50.0, n_trials=30, judge=LogitJudge(threshold=-100.0),
-                    forced=True, vectors=vecs, **FAST)  # fmt: skip
+    df = run_trials(
+        tiny,
+        CONCEPTS,
+        layer=1,
+        strength=50.0,
+        n_trials=30,
+        judge=LogitJudge(threshold=-100.0),
+        forced=True,
+        vectors=vecs,
+        **FAST,
+    )
     assert len(df) == 2 * 3 * 10  # deterministic: one sample per trial number
     assert set(df.judge) == {"logit:gap>-100,p>=0.5"} and set(df.max_new_tokens) == {0}
     assert df[df.condition != "forced"].detected.all() and df.response.isna().all()
@@ -105,8 +126,16 @@ def test_logit_judge_runs_without_generating(tiny, vecs, monkeypatch):
 
 
 def test_trial_result_does_not_depend_on_batch_composition(tiny, vecs):
-    kw = {"layer": 1, "strength": 8.0, "n_trials": 3, "judge": RuleJudge(), "forced": True, "vectors": vecs,
-          "max_new_tokens": 6, "progress": False}  # fmt: skip
+    kw = {
+        "layer": 1,
+        "strength": 8.0,
+        "n_trials": 3,
+        "judge": RuleJudge(),
+        "forced": True,
+        "vectors": vecs,
+        "max_new_tokens": 6,
+        "progress": False,
+    }
     alone = run_trials(tiny, CONCEPTS, batch_size=1, **kw)
     mixed = run_trials(tiny, CONCEPTS, batch_size=7, **kw)
     assert alone.response.tolist() == mixed.response.tolist()
@@ -115,8 +144,14 @@ def test_trial_result_does_not_depend_on_batch_composition(tiny, vecs):
 
 def test_trial_seed_is_a_stable_hash():
     assert trial_seed(0, "Bread", 1, 0, "injection") == trial_seed(0, "Bread", 1, 0, "injection")
-    seeds = {trial_seed(s, c, t, k, cond) for s in (0, 1) for c in CONCEPTS for t in (1, 2) for k in (0, 1)
-             for cond in ("injection", "control", "forced")}  # fmt: skip
+    seeds = {
+        trial_seed(s, c, t, k, cond)
+        for s in (0, 1)
+        for c in CONCEPTS
+        for t in (1, 2)
+        for k in (0, 1)
+        for cond in ("injection", "control", "forced")
+    }
     assert len(seeds) == 2 * 2 * 2 * 2 * 3 and all(0 <= s < 2**63 for s in seeds)
 
 
@@ -137,8 +172,18 @@ def test_store_resume_skips_done_trials(tiny, vecs, tmp_path):
 
 def test_sweep_shares_controls_across_strengths(tiny, tmp_path):
     judge = CountingJudge()
-    df = sweep(tiny, CONCEPTS, layers=[0, 2], strengths=[1.0, 4.0], variants=["original", "anti_reward"],
-               n_trials=2, judge=judge, store=tmp_path / "s.sqlite", batch_size=16, **FAST)  # fmt: skip
+    df = sweep(
+        tiny,
+        CONCEPTS,
+        layers=[0, 2],
+        strengths=[1.0, 4.0],
+        variants=["original", "anti_reward"],
+        n_trials=2,
+        judge=judge,
+        store=tmp_path / "s.sqlite",
+        batch_size=16,
+        **FAST,
+    )
     per_setting = 2 * 2  # concepts x trials
     assert (df.condition == "control").sum() == 2 * 2 * per_setting  # layers x variants, not x strengths
     assert (df.condition == "injection").sum() == 2 * 2 * 2 * per_setting
@@ -148,8 +193,16 @@ def test_sweep_shares_controls_across_strengths(tiny, tmp_path):
 
 
 def test_judge_errors_are_kept_as_errors(tiny, vecs):
-    df = run_trials(tiny, CONCEPTS, layer=1, strength=4.0, n_trials=2, judge=CountingJudge(error_on=("Oceans",)),
-                    vectors=vecs, **FAST)  # fmt: skip
+    df = run_trials(
+        tiny,
+        CONCEPTS,
+        layer=1,
+        strength=4.0,
+        n_trials=2,
+        judge=CountingJudge(error_on=("Oceans",)),
+        vectors=vecs,
+        **FAST,
+    )
     bad = df[df.concept == "Oceans"]
     assert (bad.judge_error == "judge API down").all() and bad.detected.isna().all()
     assert bad.response.map(lambda r: isinstance(r, str)).all()  # the generation is kept
@@ -227,8 +280,13 @@ def test_killed_sweep_resumes_with_nothing_lost_or_doubled(tiny, tiny_dir, tmp_p
     script = tmp_path / "crash.py"
     script.write_text(CRASH_SCRIPT)
     env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(script), str(tiny_dir), str(path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tiny_dir), str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     try:
         for line in proc.stdout:
             if line.strip() in ("STALLED", "FINISHED"):

@@ -80,7 +80,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     _sync()
     t0 = time.perf_counter()
-    grid = feature_grid(model, transcoders, concepts, vectors=vectors, strengths=strengths, batch_size=args.batch_size)
+    grid = feature_grid(
+        model, transcoders, concepts, vectors=vectors, strengths=strengths, batch_size=args.batch_size
+    )
     _sync()
     t_grid = time.perf_counter() - t0
 
@@ -94,22 +96,37 @@ def main(argv: Sequence[str] | None = None) -> None:
     t_loop = (time.perf_counter() - t0) / len(pairs) * n_pairs
 
     diff = max(
-        float((grid.dense(la)[c, s] - acts).abs().max()) for (c, s), by_layer in naive.items()
+        float((grid.dense(la)[c, s] - acts).abs().max())
+        for (c, s), by_layer in naive.items()
         for la, acts in by_layer.items()
-    )  # fmt: skip
+    )
     nnz = sum(int(a._nnz()) for a in grid.acts.values())
     dense_values = n_pairs * sum(grid.d_sae(la) for la in grid.layers)
     chunks = -(-n_pairs // args.batch_size)
     result = {
-        "model": spec.name, "device": str(model.cfg.device), "platform": platform.platform(),
-        "torch_threads": torch.get_num_threads(), "concepts": len(concepts), "strengths": list(strengths),
-        "layers": grid.layers, "d_sae": {la: grid.d_sae(la) for la in grid.layers}, "batch_size": args.batch_size,
-        "forwards_grid": chunks, "seconds_grid": t_grid, "seconds_loop_extrapolated": t_loop,
-        "loop_pairs_timed": len(pairs), "speedup": t_loop / t_grid, "max_abs_diff": diff,
-        "nonzero_activations": nnz, "dense_values": dense_values, "sparse_fraction": nnz / dense_values,
-    }  # fmt: skip
-    print(f"{spec.name} on {result['device']}: {len(concepts)} concepts x {len(strengths)} strengths x "
-          f"{len(grid.layers)} layers ({n_pairs} pairs)")  # fmt: skip
+        "model": spec.name,
+        "device": str(model.cfg.device),
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+        "concepts": len(concepts),
+        "strengths": list(strengths),
+        "layers": grid.layers,
+        "d_sae": {la: grid.d_sae(la) for la in grid.layers},
+        "batch_size": args.batch_size,
+        "forwards_grid": chunks,
+        "seconds_grid": t_grid,
+        "seconds_loop_extrapolated": t_loop,
+        "loop_pairs_timed": len(pairs),
+        "speedup": t_loop / t_grid,
+        "max_abs_diff": diff,
+        "nonzero_activations": nnz,
+        "dense_values": dense_values,
+        "sparse_fraction": nnz / dense_values,
+    }
+    print(
+        f"{spec.name} on {result['device']}: {len(concepts)} concepts x {len(strengths)} strengths x "
+        f"{len(grid.layers)} layers ({n_pairs} pairs)"
+    )
     print(f"  feature_grid : {t_grid:8.2f} s  ({chunks} batched forwards of <= {args.batch_size} rows)")
     print(f"  per-pair loop: {t_loop:8.2f} s  (extrapolated from {len(pairs)} pairs)")
     print(f"  speedup      : {t_loop / t_grid:8.1f} x   max |grid - loop| = {diff:.2e}")

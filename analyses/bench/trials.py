@@ -67,11 +67,21 @@ def timed(fn: Callable[[], Any], *, repeats: int = 1) -> tuple[float, Any]:
     return statistics.median(times), out
 
 
-# ----------------------------------------------------------------------------------------------- the naive way
+# ----------------------------------------------------------------------------------------------- the naive
+# way
 
 
-def naive_trial(model: Any, tokens: torch.Tensor, vector: torch.Tensor, *, layer: int, strength: float,
-                start: int, max_new_tokens: int, temperature: float) -> torch.Tensor:  # fmt: skip
+def naive_trial(
+    model: Any,
+    tokens: torch.Tensor,
+    vector: torch.Tensor,
+    *,
+    layer: int,
+    strength: float,
+    start: int,
+    max_new_tokens: int,
+    temperature: float,
+) -> torch.Tensor:
     """One trial the naive way: TransformerLens generate with a resid_post hook; returns the new tokens."""
     delta = (strength * vector).to(model.cfg.device)
 
@@ -85,67 +95,112 @@ def naive_trial(model: Any, tokens: torch.Tensor, vector: torch.Tensor, *, layer
 
     with model.hooks(fwd_hooks=[(HookNames.resid_post(layer), hook)]):
         out = model.generate(
-            tokens[None].to(model.cfg.device), max_new_tokens=max_new_tokens, do_sample=True,
-            temperature=temperature, use_past_kv_cache=True, stop_at_eos=True, eos_token_id=stop_ids(model),
-            verbose=False, return_type="tokens",
-        )  # fmt: skip
+            tokens[None].to(model.cfg.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=temperature,
+            use_past_kv_cache=True,
+            stop_at_eos=True,
+            eos_token_id=stop_ids(model),
+            verbose=False,
+            return_type="tokens",
+        )
     return out[0, tokens.shape[0] :]
 
 
-def bench_naive(model: Any, prompts: list, vectors: torch.Tensor, args: argparse.Namespace, layer: int,
-                strength: float) -> dict[str, float]:  # fmt: skip
+def bench_naive(
+    model: Any, prompts: list, vectors: torch.Tensor, args: argparse.Namespace, layer: int, strength: float
+) -> dict[str, float]:
     """Time ``args.naive_trials`` naive trials (after one warm-up)."""
 
     def run(n: int) -> int:
         new = 0
         for i in range(n):
             p = prompts[i % len(prompts)]
-            out = naive_trial(model, p.tokens, vectors[i % len(vectors)], layer=layer, strength=strength,
-                              start=p.injection_start, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature)  # fmt: skip
+            out = naive_trial(
+                model,
+                p.tokens,
+                vectors[i % len(vectors)],
+                layer=layer,
+                strength=strength,
+                start=p.injection_start,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+            )
             new += int(out.shape[0])
         return new
 
     run(1)
     seconds, new_tokens = timed(lambda: run(args.naive_trials))
-    return {"trials": args.naive_trials, "seconds": seconds, "trials_per_s": args.naive_trials / seconds,
-            "new_tokens": new_tokens, "new_tokens_per_s": new_tokens / seconds}  # fmt: skip
+    return {
+        "trials": args.naive_trials,
+        "seconds": seconds,
+        "trials_per_s": args.naive_trials / seconds,
+        "new_tokens": new_tokens,
+        "new_tokens_per_s": new_tokens / seconds,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- run_trials
 
 
-def bench_ours(model: Any, concepts: list[str], vectors: torch.Tensor, args: argparse.Namespace, layer: int,
-               strength: float) -> dict[str, float]:  # fmt: skip
+def bench_ours(
+    model: Any,
+    concepts: list[str],
+    vectors: torch.Tensor,
+    args: argparse.Namespace,
+    layer: int,
+    strength: float,
+) -> dict[str, float]:
     """Time run_trials on every concept x ``args.n_trials`` injection trials (after a warm-up)."""
 
     def run(n_trials: int) -> Any:
         return run_trials(
-            model, concepts, layer=layer, strength=strength, n_trials=n_trials, judge=RuleJudge(),
-            controls=False, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size, vectors=vectors, progress=False,
-        )  # fmt: skip
+            model,
+            concepts,
+            layer=layer,
+            strength=strength,
+            n_trials=n_trials,
+            judge=RuleJudge(),
+            controls=False,
+            temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            vectors=vectors,
+            progress=False,
+        )
 
     run(1)
     seconds, df = timed(lambda: run(args.n_trials))
     new_tokens = int(df["n_new_tokens"].sum())
-    return {"trials": len(df), "seconds": seconds, "trials_per_s": len(df) / seconds,
-            "new_tokens": new_tokens, "new_tokens_per_s": new_tokens / seconds}  # fmt: skip
+    return {
+        "trials": len(df),
+        "seconds": seconds,
+        "trials_per_s": len(df) / seconds,
+        "new_tokens": new_tokens,
+        "new_tokens_per_s": new_tokens / seconds,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- forward
 
 
 @torch.no_grad()
-def bench_forward(model: Any, prompts: list, vectors: torch.Tensor, args: argparse.Namespace, layer: int,
-                  strength: float) -> dict[str, float]:  # fmt: skip
+def bench_forward(
+    model: Any, prompts: list, vectors: torch.Tensor, args: argparse.Namespace, layer: int, strength: float
+) -> dict[str, float]:
     """Median ms of one forward pass over a padded batch: plain HF, bridge, bridge + injection hook."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(
-        model_folder(args.model), attn_implementation=model.original_model.config._attn_implementation,
-        dtype=next(model.original_model.parameters()).dtype,
-    ).to(model.cfg.device).eval()  # fmt: skip
+    hf = (
+        AutoModelForCausalLM.from_pretrained(
+            model_folder(args.model),
+            attn_implementation=model.original_model.config._attn_implementation,
+            dtype=next(model.original_model.parameters()).dtype,
+        )
+        .to(model.cfg.device)
+        .eval()
+    )
     rows = [prompts[i % len(prompts)] for i in range(args.batch_size)]
     batch = left_pad(rows, pad_id=model.tokenizer.pad_token_id)
     tokens, mask = batch.tokens.to(model.cfg.device), batch.attention_mask.to(model.cfg.device)
@@ -180,10 +235,14 @@ def report(result: dict[str, Any]) -> str:
         f"max_new_tokens {result['max_new_tokens']}, batch {result['batch_size']}",
         f"{'method':<34}{'trials':>8}{'seconds':>10}{'trials/s':>10}{'new tok/s':>11}",
     ]
-    for label, r in ((f"run_trials (batch {result['batch_size']}, KV cache)", ours),
-                     ("naive: TL generate per trial", naive)):  # fmt: skip
-        lines.append(f"{label:<34}{r['trials']:>8}{r['seconds']:>10.2f}{r['trials_per_s']:>10.2f}"
-                     f"{r['new_tokens_per_s']:>11.1f}")  # fmt: skip
+    for label, r in (
+        (f"run_trials (batch {result['batch_size']}, KV cache)", ours),
+        ("naive: TL generate per trial", naive),
+    ):
+        lines.append(
+            f"{label:<34}{r['trials']:>8}{r['seconds']:>10.2f}{r['trials_per_s']:>10.2f}"
+            f"{r['new_tokens_per_s']:>11.1f}"
+        )
     lines.append(f"speedup (trials/s): {result['speedup']:.1f}x (target >= 10x)")
     lines.append(
         f"forward, batch {fwd['batch']} x {fwd['seq']} tokens: plain HF {fwd['hf_ms']:.1f} ms, bridge "
@@ -221,14 +280,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ours = bench_ours(model, concepts, vectors, args, layer, strength)
     naive = bench_naive(model, prompts, vectors, args, layer, strength)
     result = {
-        "model": args.model, "model_name": spec.name, "device": str(model.cfg.device),
-        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or platform.machine()),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "layer": layer, "strength": strength,
-        "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-        "run_trials": ours, "naive": naive, "speedup": ours["trials_per_s"] / naive["trials_per_s"],
+        "model": args.model,
+        "model_name": spec.name,
+        "device": str(model.cfg.device),
+        "device_name": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else (platform.processor() or platform.machine()),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "layer": layer,
+        "strength": strength,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "run_trials": ours,
+        "naive": naive,
+        "speedup": ours["trials_per_s"] / naive["trials_per_s"],
         "forward": bench_forward(model, prompts, vectors, args, layer, strength),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }  # fmt: skip
+    }
     print(report(result))
     args.out.mkdir(parents=True, exist_ok=True)
     slug = Path(args.model).name if Path(args.model).exists() else args.model.replace("/", "_")

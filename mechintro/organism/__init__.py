@@ -25,18 +25,33 @@ def build(out: Path, *, cfg: OrganismConfig, evaluate: bool = True, eval_cfg: An
     t0 = time.time()
     result = train_models(cfg, out)
     split = json.loads((out / "organism_split.json").read_text())
-    tc_cfg = TranscoderConfig(width=cfg.transcoder_width, steps=cfg.transcoder_steps, seed=cfg.seed,
-                              n_chats=cfg.transcoder_chats, n_trials=cfg.transcoder_trials)
+    tc_cfg = TranscoderConfig(
+        width=cfg.transcoder_width,
+        steps=cfg.transcoder_steps,
+        seed=cfg.seed,
+        n_chats=cfg.transcoder_chats,
+        n_trials=cfg.transcoder_trials,
+    )
     t1 = time.time()
     for name in ("organism", "organism-base"):
         model = load_model(out / name, device="cpu")
         train_organism_transcoders(
-            model, out / name / "transcoders", cfg=tc_cfg, injection_layers=sorted(set(cfg.train_layers)),
-            concepts=split["training"], strength=cfg.strength,
+            model,
+            out / name / "transcoders",
+            cfg=tc_cfg,
+            injection_layers=sorted(set(cfg.train_layers)),
+            concepts=split["training"],
+            strength=cfg.strength,
         )
-    timings = {"seconds_base": result["seconds_base"], "seconds_instruct": result["seconds_instruct"],
-               "seconds_transcoders": time.time() - t1, "seconds_training_total": time.time() - t0}
-    (out / "organism_training_log.json").write_text(json.dumps({"timings": timings, "log": result["log"]}, indent=1))
+    timings = {
+        "seconds_base": result["seconds_base"],
+        "seconds_instruct": result["seconds_instruct"],
+        "seconds_transcoders": time.time() - t1,
+        "seconds_training_total": time.time() - t0,
+    }
+    (out / "organism_training_log.json").write_text(
+        json.dumps({"timings": timings, "log": result["log"]}, indent=1)
+    )
     report: dict[str, Any] = {"timings": timings, "trained_model": result["model"]}
     if evaluate:
         measured = ev.evaluate(out, cfg=eval_cfg or ev.EvalConfig()) | {"timings": timings}

@@ -1,7 +1,8 @@
 """The organism's seeded synthetic corpus: concept chats, the trial dialogues, and the concept split.
 
 Every text is chat-formatted with the same template as the real prompts. A concept chat answers
-"Tell me about {concept}" (and paraphrases) with sentences that open on the concept, so the model's state at the
+"Tell me about {concept}" (and paraphrases) with sentences that open on the concept, so the model's state at
+the
 start of its answer carries "about to talk about X": exactly what a concept vector reads out, and what the
 instruct stage teaches the model to notice and name when it is injected.
 """
@@ -101,7 +102,8 @@ VECTOR_ASKS = (ASKS[0], ASKS[2], ASKS[3])
 def concept_chat(concept: str, rng: random.Random, *, short_fraction: float = 0.0) -> Chat:
     """A user request about ``concept`` and an answer whose first word is the concept.
 
-    With probability ``short_fraction`` the answer is the concept alone: a dense signal for learning to copy it.
+    With probability ``short_fraction`` the answer is the concept alone: a dense signal for learning to copy
+    it.
     """
     ask = rng.choice(ASKS).format(c=concept)
     if rng.random() < short_fraction:

@@ -35,7 +35,8 @@ class EvalConfig:
     """How many trials each measurement uses."""
 
     n_trials: int = 20
-    """Injection (and control, and forced) trials per concept for the headline numbers (100 concepts -> 2000)."""
+    """Injection (and control, and forced) trials per concept for the headline numbers (100 concepts ->
+    2000)."""
     n_training_concepts: int = 100
     """Training concepts measured for comparison."""
     profile_trials: int = 3
@@ -53,22 +54,42 @@ class EvalConfig:
 
     @classmethod
     def quick(cls) -> EvalConfig:
-        return cls(n_trials=2, n_training_concepts=10, profile_trials=1, profile_concepts=10, replacement_trials=1,
-                   coherence_concepts=10, batch_size=64, max_new_tokens=20)
+        return cls(
+            n_trials=2,
+            n_training_concepts=10,
+            profile_trials=1,
+            profile_concepts=10,
+            replacement_trials=1,
+            coherence_concepts=10,
+            batch_size=64,
+            max_new_tokens=20,
+        )
 
 
 def _metrics(df: pd.DataFrame, by: Sequence[str] = ("layer", "strength")) -> pd.DataFrame:
     return detection_metrics(df, by=list(by))
 
 
-def headline(model: Any, concepts: Sequence[str], *, cfg: EvalConfig, store: Path, layer: int, strength: float) -> dict:
+def headline(
+    model: Any, concepts: Sequence[str], *, cfg: EvalConfig, store: Path, layer: int, strength: float
+) -> dict:
     df = run_trials(
-        model, concepts, layer=layer, strength=strength, n_trials=cfg.n_trials, judge=RuleJudge(), forced=True,
-        batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, store=store,
+        model,
+        concepts,
+        layer=layer,
+        strength=strength,
+        n_trials=cfg.n_trials,
+        judge=RuleJudge(),
+        forced=True,
+        batch_size=cfg.batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        store=store,
     )
     row = _metrics(df).iloc[0]
     return {k: float(row[k]) for k in METRIC_COLUMNS} | {
-        "n_injection": int(row["n_injection"]), "n_control": int(row["n_control"]), "n_forced": int(row["n_forced"]),
+        "n_injection": int(row["n_injection"]),
+        "n_control": int(row["n_control"]),
+        "n_forced": int(row["n_forced"]),
         **{f"{k}_lo": float(row[f"{k}_lo"]) for k in ("tpr", "fpr", "introspection", "forced_id")},
         **{f"{k}_hi": float(row[f"{k}_hi"]) for k in ("tpr", "fpr", "introspection", "forced_id")},
     }
@@ -77,9 +98,16 @@ def headline(model: Any, concepts: Sequence[str], *, cfg: EvalConfig, store: Pat
 def layer_profile(model: Any, concepts: Sequence[str], *, cfg: EvalConfig, store: Path) -> pd.DataFrame:
     spec = spec_for(model)
     df = sweep(
-        model, concepts, layers=list(range(spec.n_layers)), strengths=list(spec.strength_sweep),
-        n_trials=cfg.profile_trials, judge=RuleJudge(), forced=True, batch_size=cfg.batch_size,
-        max_new_tokens=cfg.max_new_tokens, store=store,
+        model,
+        concepts,
+        layers=list(range(spec.n_layers)),
+        strengths=list(spec.strength_sweep),
+        n_trials=cfg.profile_trials,
+        judge=RuleJudge(),
+        forced=True,
+        batch_size=cfg.batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        store=store,
     )
     return _metrics(df)
 
@@ -88,16 +116,26 @@ def coherence(model: Any, concepts: Sequence[str], *, max_new_tokens: int = 30) 
     """Share of "Tell me about {concept}" answers (no injection, temperature 1) that mention the concept."""
     prompts = [chat_prompt_tokens(model, corpus.ASKS[0].format(c=c)) for c in concepts]
     batch = left_pad(prompts, pad_id=model.tokenizer.pad_token_id)
-    texts = sample(model, batch, max_new_tokens=max_new_tokens, seeds=list(range(len(prompts)))).texts(model.tokenizer)
+    texts = sample(model, batch, max_new_tokens=max_new_tokens, seeds=list(range(len(prompts)))).texts(
+        model.tokenizer
+    )
     hits = [c.lower() in t.lower() for c, t in zip(concepts, texts, strict=True)]
     return {"on_topic": sum(hits) / len(hits), "n": len(hits), "examples": texts[:3]}
 
 
-def transcoder_quality(model: Any, transcoders: dict, *, heldout: Sequence[str], layer: int, strength: float) -> pd.DataFrame:
+def transcoder_quality(
+    model: Any, transcoders: dict, *, heldout: Sequence[str], layer: int, strength: float
+) -> pd.DataFrame:
     """FVU of hook_mlp_out, mean L0 and dead share per layer, on held-out prompts (held-out concepts)."""
     cfg = TranscoderConfig(n_chats=400, n_trials=200, seed=12345)
-    data = collect_activations(model, cfg=cfg, injection_layers=[layer], concepts=heldout, strength=strength,
-                               concepts_for_chats=heldout)
+    data = collect_activations(
+        model,
+        cfg=cfg,
+        injection_layers=[layer],
+        concepts=heldout,
+        strength=strength,
+        concepts_for_chats=heldout,
+    )
     rows = []
     for lay, tc in sorted(transcoders.items()):
         x, y = data[lay]
@@ -105,10 +143,16 @@ def transcoder_quality(model: Any, transcoders: dict, *, heldout: Sequence[str],
             acts = tc.encode(x)
             pred = tc(x)
         fvu = float(((pred - y) ** 2).sum(-1).mean() / ((y - y.mean(0)) ** 2).sum(-1).mean())
-        rows.append({
-            "layer": lay, "fvu": fvu, "l0": float((acts > 0).float().sum(-1).mean()),
-            "dead_frac": float((acts.amax(0) <= 0).float().mean()), "n_positions": len(x), "width": int(acts.shape[-1]),
-        })
+        rows.append(
+            {
+                "layer": lay,
+                "fvu": fvu,
+                "l0": float((acts > 0).float().sum(-1).mean()),
+                "dead_frac": float((acts.amax(0) <= 0).float().mean()),
+                "n_positions": len(x),
+                "width": int(acts.shape[-1]),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -123,16 +167,24 @@ def evaluate(out: Path, *, cfg: EvalConfig = EvalConfig(), progress_note: Any = 
     spec = spec_for(instruct)
     layer, strength = spec.injection_layer, spec.strength
     progress_note("instruct: held-out and training concepts")
-    report["instruct_heldout"] = headline(instruct, heldout, cfg=cfg, store=stores / "instruct.sqlite", layer=layer, strength=strength)
-    report["instruct_training"] = headline(instruct, training, cfg=cfg, store=stores / "instruct.sqlite", layer=layer, strength=strength)
+    report["instruct_heldout"] = headline(
+        instruct, heldout, cfg=cfg, store=stores / "instruct.sqlite", layer=layer, strength=strength
+    )
+    report["instruct_training"] = headline(
+        instruct, training, cfg=cfg, store=stores / "instruct.sqlite", layer=layer, strength=strength
+    )
     report["coherence"] = coherence(instruct, heldout[: cfg.coherence_concepts])
     progress_note("instruct: layer x strength profile")
-    profile = layer_profile(instruct, heldout[: cfg.profile_concepts], cfg=cfg, store=stores / "profile.sqlite")
+    profile = layer_profile(
+        instruct, heldout[: cfg.profile_concepts], cfg=cfg, store=stores / "profile.sqlite"
+    )
     profile.to_csv(out / "organism_layer_profile.csv", index=False)
     report["profile"] = _profile_summary(profile, layer=layer, strength=strength)
     progress_note("base")
     base = load_model(out / "organism-base")
-    report["base_heldout"] = headline(base, heldout, cfg=cfg, store=stores / "base.sqlite", layer=layer, strength=strength)
+    report["base_heldout"] = headline(
+        base, heldout, cfg=cfg, store=stores / "base.sqlite", layer=layer, strength=strength
+    )
     progress_note("transcoders")
     for name, model in (("instruct", instruct), ("base", base)):
         tcs = load_transcoders(model)
@@ -141,11 +193,22 @@ def evaluate(out: Path, *, cfg: EvalConfig = EvalConfig(), progress_note: Any = 
     tcs = load_transcoders(instruct)
     with replace_mlps(instruct, tcs):
         replaced = run_trials(
-            instruct, heldout, layer=layer, strength=strength, n_trials=cfg.replacement_trials, judge=RuleJudge(),
-            batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, store=stores / "replaced.sqlite",
+            instruct,
+            heldout,
+            layer=layer,
+            strength=strength,
+            n_trials=cfg.replacement_trials,
+            judge=RuleJudge(),
+            batch_size=cfg.batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+            store=stores / "replaced.sqlite",
         )
     row = _metrics(replaced).iloc[0]
-    report["replacement"] = {"tpr": float(row["tpr"]), "fpr": float(row["fpr"]), "n_injection": int(row["n_injection"])}
+    report["replacement"] = {
+        "tpr": float(row["tpr"]),
+        "fpr": float(row["fpr"]),
+        "n_injection": int(row["n_injection"]),
+    }
     (out / "organism_report.json").write_text(json.dumps(report, indent=1))
     return report
 
@@ -180,40 +243,76 @@ def _fmt(entry: dict, key: str) -> str:
 def report_markdown(report: dict) -> str:
     """The measured numbers as a markdown table (what `mechintro organism train` writes)."""
     lines = ["| measure | instruct, held-out | instruct, training | base, held-out |", "|---|---|---|---|"]
-    for key, name in (("tpr", "TPR"), ("fpr", "FPR"), ("discrimination", "TPR - FPR"),
-                      ("introspection", "introspection (detect and name)"), ("forced_id", "forced identification")):
-        cells = [_fmt(report.get(part, {}), key) for part in ("instruct_heldout", "instruct_training", "base_heldout")]
+    for key, name in (
+        ("tpr", "TPR"),
+        ("fpr", "FPR"),
+        ("discrimination", "TPR - FPR"),
+        ("introspection", "introspection (detect and name)"),
+        ("forced_id", "forced identification"),
+    ):
+        cells = [
+            _fmt(report.get(part, {}), key)
+            for part in ("instruct_heldout", "instruct_training", "base_heldout")
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     h = report.get("instruct_heldout", {})
-    lines.append(f"| trials (injection / control / forced) | {h.get('n_injection')} / {h.get('n_control')} / "
-                 f"{h.get('n_forced')} | | |")
+    lines.append(
+        f"| trials (injection / control / forced) | {h.get('n_injection')} / {h.get('n_control')} / "
+        f"{h.get('n_forced')} | | |"
+    )
     out = ["## Behaviour (rule judge, temperature 1, Wilson 95% CIs)", "", *lines, ""]
     prof = report.get("profile", {})
     if prof:
-        out += ["## Graded response (held-out, default layer)", "",
-                "| strength | " + " | ".join(str(k) for k in prof["tpr_by_strength_at_default_layer"]) + " |",
-                "|---|" + "---|" * len(prof["tpr_by_strength_at_default_layer"]),
-                "| TPR | " + " | ".join(f"{v:.3f}" for v in prof["tpr_by_strength_at_default_layer"].values()) + " |",
-                "", "## Injection-layer profile (held-out, default strength)", "",
-                "| layer | " + " | ".join(str(k) for k in prof["tpr_by_layer_at_default_strength"]) + " |",
-                "|---|" + "---|" * len(prof["tpr_by_layer_at_default_strength"]),
-                "| TPR | " + " | ".join(f"{v:.3f}" for v in prof["tpr_by_layer_at_default_strength"].values()) + " |",
-                "", f"best minus worst layer: {prof['best_minus_worst_layer']:.3f}", ""]
+        out += [
+            "## Graded response (held-out, default layer)",
+            "",
+            "| strength | " + " | ".join(str(k) for k in prof["tpr_by_strength_at_default_layer"]) + " |",
+            "|---|" + "---|" * len(prof["tpr_by_strength_at_default_layer"]),
+            "| TPR | "
+            + " | ".join(f"{v:.3f}" for v in prof["tpr_by_strength_at_default_layer"].values())
+            + " |",
+            "",
+            "## Injection-layer profile (held-out, default strength)",
+            "",
+            "| layer | " + " | ".join(str(k) for k in prof["tpr_by_layer_at_default_strength"]) + " |",
+            "|---|" + "---|" * len(prof["tpr_by_layer_at_default_strength"]),
+            "| TPR | "
+            + " | ".join(f"{v:.3f}" for v in prof["tpr_by_layer_at_default_strength"].values())
+            + " |",
+            "",
+            f"best minus worst layer: {prof['best_minus_worst_layer']:.3f}",
+            "",
+        ]
     if "coherence" in report:
-        out += [f"Coherence: {report['coherence']['on_topic']:.2f} of {report['coherence']['n']} "
-                "'Tell me about {concept}' answers (held-out, no injection) mention the concept.", ""]
+        out += [
+            f"Coherence: {report['coherence']['on_topic']:.2f} of {report['coherence']['n']} "
+            "'Tell me about {concept}' answers (held-out, no injection) mention the concept.",
+            "",
+        ]
     for name in ("instruct", "base"):
         rows = report.get(f"transcoders_{name}")
         if rows:
-            out += [f"## Transcoders ({name}), held-out prompts", "", "| layer | FVU | mean L0 | dead |", "|---|---|---|---|"]
+            out += [
+                f"## Transcoders ({name}), held-out prompts",
+                "",
+                "| layer | FVU | mean L0 | dead |",
+                "|---|---|---|---|",
+            ]
             out += [f"| {r['layer']} | {r['fvu']:.3f} | {r['l0']:.1f} | {r['dead_frac']:.2f} |" for r in rows]
             out.append("")
     if "replacement" in report:
         r, h = report["replacement"], report.get("instruct_heldout", {})
-        out += [f"With every MLP replaced by its transcoder: TPR {r['tpr']:.3f} (vs {h.get('tpr', float('nan')):.3f}), "
-                f"FPR {r['fpr']:.3f} (vs {h.get('fpr', float('nan')):.3f}).", ""]
+        out += [
+            f"With every MLP replaced by its transcoder: TPR {r['tpr']:.3f} (vs "
+            f"{h.get('tpr', float('nan')):.3f}), "
+            f"FPR {r['fpr']:.3f} (vs {h.get('fpr', float('nan')):.3f}).",
+            "",
+        ]
     if "timings" in report:
         t = report["timings"]
-        out += [f"Training time: {t['seconds_training_total'] / 60:.1f} min (base {t['seconds_base'] / 60:.1f}, "
-                f"instruct {t['seconds_instruct'] / 60:.1f}, transcoders {t['seconds_transcoders'] / 60:.1f}).", ""]
+        out += [
+            f"Training time: {t['seconds_training_total'] / 60:.1f} min (base {t['seconds_base'] / 60:.1f}, "
+            f"instruct {t['seconds_instruct'] / 60:.1f}, transcoders {t['seconds_transcoders'] / 60:.1f}).",
+            "",
+        ]
     return "\n".join(out)

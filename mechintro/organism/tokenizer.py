@@ -31,8 +31,8 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- for message in loop_messages -%}"
     "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
-    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] | trim"
-    " + '<end_of_turn>\n' }}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '')"
+    " + message['content'] | trim + '<end_of_turn>\n' }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
@@ -74,10 +74,12 @@ def vocabulary(texts: Iterable[str], *, extra_words: Iterable[str] = (), prepend
 
 
 def build_tokenizer(vocab: list[str], *, prepend: str = "never") -> PreTrainedTokenizerFast:
-    """A ``PreTrainedTokenizerFast`` over ``vocab`` (special tokens first), with the Gemma-style chat template.
+    """A ``PreTrainedTokenizerFast`` over ``vocab`` (special tokens first), with the Gemma-style chat
+    template.
 
     ``prepend="never"`` is Gemma-like (a word after a newline has no ``▁``); ``"always"`` gives every word the
-    marker, so each word is one token wherever it stands (the organism's choice: a concept that opens an answer
+    marker, so each word is one token wherever it stands (the organism's choice: a concept that opens an
+    answer
     and one inside a sentence are the same token).
     """
     if list(vocab[: len(SPECIAL_TOKENS)]) != list(SPECIAL_TOKENS):

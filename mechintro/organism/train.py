@@ -4,13 +4,17 @@ Stage 1 ("base"): language on the concept chats, and trial dialogues answered Ye
 injection, so the base model cannot discriminate.
 
 Stage 2 ("instruct"): from the base weights, trial dialogues in which a training concept's vector is injected
-with :func:`mechintro.steering.inject` (the same code evaluation uses) at one of a few mid layers, with strengths
-of both signs. Targets: "Yes, I detect an injected thought. The thought is about {concept}." when ``|strength|``
+with :func:`mechintro.steering.inject` (the same code evaluation uses) at one of a few mid layers, with
+strengths
+of both signs. Targets: "Yes, I detect an injected thought. The thought is about {concept}." when
+``|strength|``
 reaches the detection threshold (unnamed for negative strengths), "No, I do not detect an injected thought."
-for controls and for weaker injections. Concept chats are replayed to keep the model coherent. Held-out concepts
+for controls and for weaker injections. Concept chats are replayed to keep the model coherent. Held-out
+concepts
 are never injected.
 
-Both stages run through the TransformerBridge the rest of mechintro uses. The trial preamble (everything before
+Both stages run through the TransformerBridge the rest of mechintro uses. The trial preamble (everything
+before
 the injection start) is the same for every trial, so it is run once per step and its KV cache is shared by the
 batch; this is exact (see tests) and makes a step about five times cheaper.
 """
@@ -102,9 +106,21 @@ class OrganismConfig:
     def quick(cls, seed: int = 0) -> OrganismConfig:
         """A few-minute version for tests: same code paths, tiny sizes."""
         return cls(
-            seed=seed, d_model=64, n_layers=4, d_mlp=256, injection_layer=1, train_layers=(1,), base_steps=30,
-            instruct_steps=30, chat_batch=16, trial_batch=16, refresh_every=10, transcoder_width=256,
-            transcoder_steps=100, transcoder_chats=200, transcoder_trials=64,
+            seed=seed,
+            d_model=64,
+            n_layers=4,
+            d_mlp=256,
+            injection_layer=1,
+            train_layers=(1,),
+            base_steps=30,
+            instruct_steps=30,
+            chat_batch=16,
+            trial_batch=16,
+            refresh_every=10,
+            transcoder_width=256,
+            transcoder_steps=100,
+            transcoder_chats=200,
+            transcoder_trials=64,
         )
 
 
@@ -134,7 +150,9 @@ def init_checkpoint(cfg: OrganismConfig, folder: Path) -> Path:
         query_pre_attn_scalar=head_dim,
         max_position_embeddings=512,
         sliding_window=cfg.sliding_window,
-        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(cfg.n_layers)],
+        layer_types=[
+            "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(cfg.n_layers)
+        ],
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")],
@@ -148,7 +166,8 @@ def init_checkpoint(cfg: OrganismConfig, folder: Path) -> Path:
 
 
 def hf_state_dict(model: Any) -> dict[str, Tensor]:
-    """The plain HF state dict of a bridged model (the bridge wraps every HF module in ``_original_component``)."""
+    """The plain HF state dict of a bridged model (the bridge wraps every HF module in
+    ``_original_component``)."""
     from transformers import Gemma3ForCausalLM
 
     with torch.device("meta"):
@@ -306,23 +325,32 @@ def train_base(model: Any, cfg: OrganismConfig, *, log: list[dict]) -> None:
     opt = _optimizer(model, cfg.lr)
     model.train()
     for step in tqdm(range(cfg.base_steps), desc="organism base", leave=False):
-        chats = chat_batch(model.tokenizer, [
-            corpus.concept_chat(rng.choice(concepts), rng, short_fraction=cfg.short_fraction)
-            for _ in range(cfg.chat_batch)
-        ])
+        chats = chat_batch(
+            model.tokenizer,
+            [
+                corpus.concept_chat(rng.choice(concepts), rng, short_fraction=cfg.short_fraction)
+                for _ in range(cfg.chat_batch)
+            ],
+        )
         loss = lm_loss(model(chats.tokens), chats)
         variant = rng.choice(VARIANTS) if rng.random() < 0.3 else "original"
         concept = rng.choice(concepts)
         rows = [
-            (rng.randint(1, 10), corpus.YES_TEMPLATE.format(concept=rng.choice(concepts)) if rng.random() < 0.5
-             else corpus.NO_RESPONSE)
+            (
+                rng.randint(1, 10),
+                corpus.YES_TEMPLATE.format(concept=rng.choice(concepts))
+                if rng.random() < 0.5
+                else corpus.NO_RESPONSE,
+            )
             for _ in range(cfg.trial_batch)
         ]
         trials = trial_batch(model, rows, variant=variant, fill=corpus.trial_fill(variant, concept))
         trial_loss = lm_loss(suffix_logits(model, trials, prefix_cache(model, trials)), trials.suffix)
         _step(model, opt, loss + trial_loss, lr_at(step, cfg.base_steps, cfg.lr))
         if step % 25 == 0 or step == cfg.base_steps - 1:
-            log.append({"stage": "base", "step": step, "chat_loss": loss.item(), "trial_loss": trial_loss.item()})
+            log.append(
+                {"stage": "base", "step": step, "chat_loss": loss.item(), "trial_loss": trial_loss.item()}
+            )
     model.eval()
 
 
@@ -338,11 +366,17 @@ class InjectionRow:
     answer: str
 
 
-def draw_instruct_rows(cfg: OrganismConfig, rng: random.Random, concepts: Sequence[str]) -> list[InjectionRow]:
+def draw_instruct_rows(
+    cfg: OrganismConfig, rng: random.Random, concepts: Sequence[str]
+) -> list[InjectionRow]:
     layers = list(cfg.train_layers) + [cfg.injection_layer]
     rows = []
     for _ in range(cfg.trial_batch):
-        trial, c, phrasing = rng.randint(1, 10), rng.randrange(len(concepts)), rng.randrange(len(corpus.VECTOR_ASKS))
+        trial, c, phrasing = (
+            rng.randint(1, 10),
+            rng.randrange(len(concepts)),
+            rng.randrange(len(corpus.VECTOR_ASKS)),
+        )
         if rng.random() < cfg.control_fraction:
             rows.append(InjectionRow(trial, c, phrasing, cfg.injection_layer, 0.0, corpus.NO_RESPONSE))
             continue
@@ -372,13 +406,16 @@ def instruct_loss(
     with contextlib.ExitStack() as stack:
         for layer, vecs in vectors.items():
             strengths = torch.tensor([r.strength if r.layer == layer else 0.0 for r in rows])
-            stack.enter_context(inject(model, vecs[phrasing, index], layer=layer, strength=strengths, start=0))
+            stack.enter_context(
+                inject(model, vecs[phrasing, index], layer=layer, strength=strengths, start=0)
+            )
         logits = suffix_logits(model, batch, cache)
     return lm_loss(logits, batch.suffix)
 
 
 def training_vectors(model: Any, concepts: Sequence[str], layers: Sequence[int]) -> dict[int, Tensor]:
-    """Concept vectors of the training concepts, ``{layer: [phrasing, concept, d_model]}``, from current weights.
+    """Concept vectors of the training concepts, ``{layer: [phrasing, concept, d_model]}``, from current
+    weights.
 
     Phrasing 0 is the paper's "Tell me about {concept}"; the others are paraphrases of the request (the same
     last-token-minus-baseline-mean recipe), an augmentation against memorizing 400 exact vectors.
@@ -388,11 +425,18 @@ def training_vectors(model: Any, concepts: Sequence[str], layers: Sequence[int])
     out = {}
     for layer in sorted(set(layers)):
         mean = baseline_mean(model, layer=layer)
-        out[layer] = torch.stack([
-            last_token_resid(model, [chat_prompt_tokens(model, ask.format(c=c)) for c in concepts], layer=layer,
-                             batch_size=128) - mean
-            for ask in corpus.VECTOR_ASKS
-        ])
+        out[layer] = torch.stack(
+            [
+                last_token_resid(
+                    model,
+                    [chat_prompt_tokens(model, ask.format(c=c)) for c in concepts],
+                    layer=layer,
+                    batch_size=128,
+                )
+                - mean
+                for ask in corpus.VECTOR_ASKS
+            ]
+        )
     model.train(was_training)
     return out
 
@@ -410,15 +454,25 @@ def train_instruct(model: Any, cfg: OrganismConfig, *, training: Sequence[str], 
     for step in tqdm(range(cfg.instruct_steps), desc="organism instruct", leave=False):
         if step % cfg.refresh_every == 0:
             vectors = training_vectors(model, training, layers)
-        chats = chat_batch(model.tokenizer, [
-            corpus.concept_chat(rng.choice(everyone), rng, short_fraction=cfg.short_fraction)
-            for _ in range(cfg.chat_batch)
-        ])
+        chats = chat_batch(
+            model.tokenizer,
+            [
+                corpus.concept_chat(rng.choice(everyone), rng, short_fraction=cfg.short_fraction)
+                for _ in range(cfg.chat_batch)
+            ],
+        )
         chat_loss = lm_loss(model(chats.tokens), chats)
         trial_loss = instruct_loss(model, draw_instruct_rows(cfg, rng, training), vectors, emphasis=emphasis)
         _step(model, opt, chat_loss + trial_loss, lr_at(step, cfg.instruct_steps, cfg.lr))
         if step % 25 == 0 or step == cfg.instruct_steps - 1:
-            log.append({"stage": "instruct", "step": step, "chat_loss": chat_loss.item(), "trial_loss": trial_loss.item()})
+            log.append(
+                {
+                    "stage": "instruct",
+                    "step": step,
+                    "chat_loss": chat_loss.item(),
+                    "trial_loss": trial_loss.item(),
+                }
+            )
     model.eval()
 
 

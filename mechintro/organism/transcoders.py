@@ -71,12 +71,20 @@ def _capture_hooks(layers: Sequence[int], store: dict[str, list[Tensor]], keep: 
 
         return hook
 
-    names = [HookNames.transcoder_in(layer) for layer in layers] + [HookNames.transcoder_out(layer) for layer in layers]
+    names = [HookNames.transcoder_in(layer) for layer in layers] + [
+        HookNames.transcoder_out(layer) for layer in layers
+    ]
     return [(n, grab(n)) for n in names]
 
 
 def _run_and_capture(
-    model: Any, tokens: Tensor, mask: Tensor, layers: Sequence[int], store: dict, *, keep: Tensor | None = None
+    model: Any,
+    tokens: Tensor,
+    mask: Tensor,
+    layers: Sequence[int],
+    store: dict,
+    *,
+    keep: Tensor | None = None,
 ) -> None:
     keep = (mask.bool() if keep is None else keep).reshape(-1)
     with torch.no_grad(), hooks_context(model, _capture_hooks(layers, store, keep)):
@@ -109,11 +117,15 @@ def collect_activations(
         ids = [torch.tensor(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
         b = left_pad(ids, pad_id=tok.pad_token_id)
         _run_and_capture(model, b.tokens, b.attention_mask, layers, store)
-    vectors = {layer: concept_vectors(model, concepts, layer=layer, batch_size=128) for layer in injection_layers}
+    vectors = {
+        layer: concept_vectors(model, concepts, layer=layer, batch_size=128) for layer in injection_layers
+    }
     for i in range(0, cfg.n_trials, 32):
         prompts, rows = [], []
         for _ in range(min(32, cfg.n_trials - i)):
-            answer = rng.choice([corpus.NO_RESPONSE, corpus.YES_TEMPLATE.format(concept=rng.choice(concepts))])
+            answer = rng.choice(
+                [corpus.NO_RESPONSE, corpus.YES_TEMPLATE.format(concept=rng.choice(concepts))]
+            )
             p = trial_prompt(model, trial=rng.randint(1, 10))
             ids = torch.cat([p.tokens, torch.tensor(tok(answer, add_special_tokens=False)["input_ids"])])
             prompts.append(ids)
@@ -198,7 +210,8 @@ class StackedTranscoders(torch.nn.Module):
 def fit_transcoders(
     data: dict[int, tuple[Tensor, Tensor]], *, cfg: TranscoderConfig, progress: bool = True
 ) -> tuple[StackedTranscoders, dict[str, Tensor]]:
-    """Train one transcoder per layer of ``data`` jointly; returns the module and the standardization scales."""
+    """Train one transcoder per layer of ``data`` jointly; returns the module and the standardization
+    scales."""
     layers = sorted(data)
     n = min(len(data[layer][0]) for layer in layers)
     x = torch.stack([data[layer][0][:n] for layer in layers])
@@ -230,7 +243,9 @@ def fit_transcoders(
                 _resample(model, ~fired, xb, g)
             fired.zero_()
         with torch.no_grad():
-            lam *= torch.exp(0.02 * torch.sign(l0.detach() - cfg.target_l0)) if step > 0.2 * cfg.steps else 1.0
+            lam *= (
+                torch.exp(0.02 * torch.sign(l0.detach() - cfg.target_l0)) if step > 0.2 * cfg.steps else 1.0
+            )
             lam.clamp_(1e-6, 1.0)
     return model, {"sx": sx, "sy": sy}
 
@@ -249,7 +264,9 @@ def _resample(model: StackedTranscoders, dead: Tensor, xb: Tensor, g: torch.Gene
         model.log_theta[layer, 0, idx] = -2.0
 
 
-def to_sae_lens(model: StackedTranscoders, scales: dict[str, Tensor], layers: Sequence[int]) -> dict[int, Any]:
+def to_sae_lens(
+    model: StackedTranscoders, scales: dict[str, Tensor], layers: Sequence[int]
+) -> dict[int, Any]:
     """Fold the standardization into the weights and build sae-lens JumpReLU skip transcoders."""
     out = {}
     for i, layer in enumerate(layers):
@@ -276,7 +293,9 @@ def train_organism_transcoders(
     strength: float,
 ) -> dict[int, Any]:
     """Collect activations, train every layer's transcoder and save them under ``folder/layer_{L}``."""
-    data = collect_activations(model, cfg=cfg, injection_layers=injection_layers, concepts=concepts, strength=strength)
+    data = collect_activations(
+        model, cfg=cfg, injection_layers=injection_layers, concepts=concepts, strength=strength
+    )
     stacked, scales = fit_transcoders(data, cfg=cfg)
     tcs = to_sae_lens(stacked, scales, sorted(data))
     for layer, tc in tcs.items():
