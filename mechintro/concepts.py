@@ -15,9 +15,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechintro.models import HookNames, check_d_model, data_dir
+from mechintro.hooks import capture, check_layer
+from mechintro.models import HookNames, Model, check_d_model, data_dir
 from mechintro.prompts import chat_prompt_tokens, left_pad, stimuli
-from mechintro.steering import check_layer, hooks_context
 
 CONCEPT_PROMPT = "Tell me about {concept}"
 SPLIT_FILENAME = "organism_split.json"
@@ -76,22 +76,23 @@ def concept_set(name: str) -> list[str]:
 
 
 def last_token_resid(
-    model: Any, prompts: Sequence[Tensor], *, layer: int, batch_size: int = 32
+    model: Model, prompts: Sequence[Tensor], *, layer: int, batch_size: int = 32
 ) -> Float[Tensor, "prompt d_model"]:
     """resid_post of ``layer`` at the last token of each prompt, batched with left padding, in float32."""
-    check_layer(model, layer)
+    layer = check_layer(model, layer)
     pad_id = model.tokenizer.pad_token_id
+    name = HookNames.resid_post(layer)
+    device = model.cfg.device
     out: list[Tensor] = []
-    grabbed: dict[str, Tensor] = {}
-
-    def grab(resid: Tensor, hook: Any = None) -> None:
-        grabbed["last"] = resid[:, -1, :].detach().float()
-
-    with torch.no_grad(), hooks_context(model, [(HookNames.resid_post(layer), grab)]):
+    with torch.no_grad(), capture(model, [name], positions="last", dtype=torch.float32) as acts:
         for i in range(0, len(prompts), batch_size):
             batch = left_pad(prompts[i : i + batch_size], pad_id=pad_id)
-            model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=layer + 1)
-            out.append(grabbed.pop("last").cpu())
+            model(
+                batch.tokens.to(device),
+                attention_mask=batch.attention_mask.to(device),
+                stop_at_layer=layer + 1,
+            )
+            out.append(acts[name][:, 0].cpu())
     return torch.cat(out)
 
 

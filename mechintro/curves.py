@@ -35,7 +35,8 @@ from torch import Tensor
 
 from mechintro._stats import mean_ci
 from mechintro.concepts import concept_vectors
-from mechintro.features import default_strengths, encode_features, feature_name, parse_feature, parse_features
+from mechintro.features import default_strengths
+from mechintro.hooks import capture, check_layer
 from mechintro.interventions import intervene, read_features
 from mechintro.judges import LogitJudge
 from mechintro.metrics import wilson_interval
@@ -43,7 +44,8 @@ from mechintro.models import HookNames, spec_for
 from mechintro.prompts import TrialPrompt, forced_prefill, left_pad, trial_prompt
 from mechintro.readout import concept_logprob, concept_token_ids, yes_no_gap
 from mechintro.sampling import sample
-from mechintro.steering import check_layer, hooks_context, inject
+from mechintro.steering import inject
+from mechintro.transcoders import encode_features, feature_name, parse_feature, parse_features
 
 __all__ = [
     "CARRIER_SETS",
@@ -470,18 +472,6 @@ def carrier_sets(carriers: pd.DataFrame, sets: Sequence[str] = CARRIER_SETS) -> 
     return out
 
 
-def _gate_reader(
-    transcoders: Mapping[int, Any], gate: tuple[int, int], got: list[Tensor]
-) -> list[tuple[str, Any]]:
-    layer, index = gate
-    idx = torch.tensor([index])
-
-    def hook(x: Tensor, hook: Any = None) -> None:
-        got.append(encode_features(transcoders[layer], x[:, -1], idx)[:, 0].float().cpu())
-
-    return [(HookNames.transcoder_in(layer), hook)]
-
-
 @torch.no_grad()
 def carrier_curves(
     model: Any,
@@ -515,6 +505,7 @@ def carrier_curves(
     control = read_features(model, transcoders, union, prompt.tokens) if union else None
     plan = [(c, name, s) for c in range(len(concepts)) for name in sets for s in strengths]
     acts: list[Tensor] = []
+    gate_site = HookNames.transcoder_in(gate[0])
     for i in range(0, len(plan), batch_size):
         chunk = plan[i : i + batch_size]
         c_idx = [c for c, _, _ in chunk]
@@ -528,7 +519,7 @@ def carrier_curves(
                 strength=row_strengths,
                 start=prompt.injection_start,
             ),
-            hooks_context(model, _gate_reader(transcoders, gate, acts)),
+            capture(model, [gate_site], positions="last") as read,
         ):
             if union:
                 mask = torch.tensor([[f in members[name] for f in union] for _, name, _ in chunk])
@@ -545,6 +536,8 @@ def carrier_curves(
                     model(batch, stop_at_layer=gate[0] + 1)
             else:
                 model(batch, stop_at_layer=gate[0] + 1)
+        gate_acts = encode_features(transcoders[gate[0]], read[gate_site][:, 0], torch.tensor([gate[1]]))
+        acts.append(gate_acts[:, 0].float().cpu())
     return pd.DataFrame(
         {
             "concept": [concepts[c] for c, _, _ in plan],

@@ -20,7 +20,6 @@ Features are named ``"L{layer} F{index}"`` (:func:`feature_name`, :func:`parse_f
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,10 +32,12 @@ from torch import Tensor
 
 from mechintro._stats import pearson_columns, spearman_columns
 from mechintro.concepts import concept_vectors
-from mechintro.models import HookNames, spec_for
-from mechintro.prompts import trial_prompt
+from mechintro.hooks import capture, check_layer
+from mechintro.models import HookNames, Model, spec_for
+from mechintro.prompts import TrialPrompt, trial_prompt
 from mechintro.readout import yes_no_direction
-from mechintro.steering import check_layer, hooks_context, inject
+from mechintro.steering import inject
+from mechintro.transcoders import encode_features, feature_name, parse_feature
 
 __all__ = [
     "STRENGTH_MULTIPLES",
@@ -59,63 +60,6 @@ __all__ = [
 
 STRENGTH_MULTIPLES = (-2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0)
 """Default grid strengths as multiples of the model's default strength (the paper's -8..8 at strength 4)."""
-
-_NAME = re.compile(r"^L(\d+) F(\d+)$")
-
-# ----------------------------------------------------------------------------------------------- naming
-
-
-def feature_name(layer: int, index: int) -> str:
-    """``"L{layer} F{index}"``."""
-    return f"L{int(layer)} F{int(index)}"
-
-
-def parse_feature(feature: str | tuple[int, int]) -> tuple[int, int]:
-    """``(layer, index)`` from ``"L3 F12"`` or ``(3, 12)``."""
-    if isinstance(feature, str):
-        match = _NAME.match(feature.strip())
-        if match is None:
-            raise ValueError(f"a feature name looks like 'L3 F12', got {feature!r}")
-        return int(match.group(1)), int(match.group(2))
-    layer, index = feature
-    return int(layer), int(index)
-
-
-def parse_features(features: Any) -> list[tuple[int, int]]:
-    """Features from names, ``(layer, index)`` pairs, or a DataFrame with a ``feature`` column (in its
-    order)."""
-    if isinstance(features, pd.DataFrame):
-        if "feature" not in features.columns:
-            raise ValueError(f"a feature table needs a 'feature' column; it has {list(features.columns)}")
-        features = features["feature"].tolist()
-    if isinstance(features, str):
-        features = [features]
-    return [parse_feature(f) for f in features]
-
-
-# ----------------------------------------------------------------------------------------------- encoding
-
-
-def encode_features(
-    tc: Any, x: Float[Tensor, "... d_in"], indices: Int[Tensor, " n"]
-) -> Float[Tensor, "... n"]:
-    """``tc.encode(x)[..., indices]`` without the full ``d_sae``-wide product.
-
-    Supports sae-lens's ReLU and JumpReLU (skip) transcoders: ``relu(pre)``, times ``pre > threshold`` for
-    JumpReLU, with ``pre = process_sae_in(x) @ W_enc[:, indices] + b_enc[indices]``.
-    """
-    arch = str(tc.cfg.architecture())
-    if "topk" in arch:
-        raise ValueError(f"per-feature encoding needs a ReLU or JumpReLU transcoder, not {arch!r}")
-    idx = torch.as_tensor(indices, dtype=torch.long, device=tc.W_enc.device)
-    sae_in = tc.process_sae_in(x.to(tc.W_enc.device))
-    pre = sae_in @ tc.W_enc[:, idx] + tc.b_enc[idx]
-    acts = torch.relu(pre)
-    threshold = getattr(tc, "threshold", None)
-    if threshold is not None:
-        acts = acts * (pre > threshold[idx]).to(acts.dtype)
-    return acts
-
 
 # ----------------------------------------------------------------------------------------------- the grid
 
@@ -265,16 +209,6 @@ def default_strengths(model: Any) -> tuple[float, ...]:
     return tuple(float(base * m) for m in STRENGTH_MULTIPLES)
 
 
-def _capture_hooks(layers: Sequence[int], position: int, got: dict[int, Tensor]) -> list[tuple[str, Any]]:
-    def grab(layer: int):
-        def hook(x: Tensor, hook: Any = None) -> None:
-            got[layer] = x[:, position, :].detach()
-
-        return hook
-
-    return [(HookNames.transcoder_in(layer), grab(layer)) for layer in layers]
-
-
 def _grid_layers(model: Any, transcoders: Mapping[int, Any], layers: Sequence[int] | None) -> list[int]:
     layers = sorted(transcoders) if layers is None else sorted(layers)
     missing = [layer for layer in layers if layer not in transcoders]
@@ -298,8 +232,8 @@ def _prompt_position(position: str | int, seq: int) -> int:
 
 
 def _grid_chunk(
-    model: Any,
-    prompt: Any,
+    model: Model,
+    prompt: TrialPrompt,
     *,
     pos: int,
     vectors: Tensor,
@@ -312,28 +246,26 @@ def _grid_chunk(
 
     With ``prefix_cache`` the prompt before ``split = min(injection start, pos)`` -- identical in every row,
     since nothing is injected there -- runs once (one row) and its KV cache is repeated for every row; only
-    the rest of the prompt runs batched. The injection hook sees the suffix call as a fresh forward, so its
-    start is given relative to the split.
+    the rest of the prompt runs batched. Positions stay absolute: the injection and the reader know where the
+    suffix call sits from the cache it extends.
     """
     device, n = model.cfg.device, vectors.shape[0]
     split = min(prompt.injection_start, pos) if prefix_cache else 0
-    cache = None
+    kw: dict[str, Any] = {}
     if split > 0:
         _, cache = model(
             prompt.tokens[None, :split].to(device), use_cache=True, return_type="logits_and_cache"
         )
         cache.batch_repeat_interleave(n)
+        kw = {"past_key_values": cache, "use_cache": True}
     tokens = prompt.tokens[None, split:].expand(n, -1).to(device)
-    got: dict[int, Tensor] = {}
-    kw = {"past_key_values": cache, "use_cache": True} if cache is not None else {}
+    names = {HookNames.transcoder_in(layer): layer for layer in layers}
     with (
-        inject(
-            model, vectors, layer=injection_layer, strength=strengths, start=prompt.injection_start - split
-        ),
-        hooks_context(model, _capture_hooks(layers, pos - split, got)),
+        inject(model, vectors, layer=injection_layer, strength=strengths, start=prompt.injection_start),
+        capture(model, list(names), positions=[pos]) as acts,
     ):
         model(tokens, stop_at_layer=max(layers) + 1, **kw)
-    return got
+    return {layer: acts[name][:, 0] for name, layer in names.items()}
 
 
 @torch.no_grad()

@@ -10,11 +10,21 @@ from __future__ import annotations
 import json
 import os
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformer_lens.model_bridge import TransformerBridge
+
+Model: TypeAlias = "TransformerBridge"
+"""A model from :func:`load_model`: a TransformerLens ``TransformerBridge`` around a Hugging Face Gemma 3."""
+Transcoders: TypeAlias = "Mapping[int, SAE]"
+"""``{layer: transcoder}``: sae-lens objects wired by :func:`mechintro.transcoders.load_transcoders`."""
 
 ORGANISM_NAMES = ("organism", "organism-base")
 SPEC_FILENAME = "mechintro_spec.json"
@@ -68,6 +78,11 @@ class HookNames:
         (``hook_mlp_in`` itself is gated off in the bridge; ``ln2.hook_in`` is the same tensor.)
         """
         return f"blocks.{layer}.ln2.hook_in"
+
+    @staticmethod
+    def sae_lens_mlp_in(layer: int) -> str:
+        """The input name sae-lens's Gemma Scope 2 configs give (``hook_mlp_in``); recorded, never hooked."""
+        return f"blocks.{layer}.hook_mlp_in"
 
     @staticmethod
     def transcoder_in(layer: int) -> str:

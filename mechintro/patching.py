@@ -41,10 +41,11 @@ from torch import Tensor
 
 from mechintro._stats import mean_ci
 from mechintro.concepts import concept_vectors
-from mechintro.models import HookNames, spec_for
+from mechintro.hooks import capture, check_layer, hooks_context, tracker
+from mechintro.models import HookNames, Model, spec_for
 from mechintro.prompts import TrialPrompt, forced_prefill, trial_prompt
 from mechintro.readout import concept_logprob, concept_token_ids, yes_no_gap
-from mechintro.steering import check_layer, hooks_context, inject
+from mechintro.steering import inject
 
 __all__ = [
     "COMPONENTS",
@@ -128,22 +129,34 @@ class Replacement:
 
 
 def replacement_hooks(
-    replacements: Mapping[Site, Replacement | Sequence[Replacement]], *, positions: slice
+    model: Model, replacements: Mapping[Site, Replacement | Sequence[Replacement]], *, positions: slice
 ) -> list[tuple[str, Any]]:
     """A hook list that overwrites ``x[rows, positions]`` of each site with the stored values.
 
-    ``positions`` are absolute indices of the prompt. Calls that do not cover them (one-position KV-cached
-    decoding steps) are left alone, so the hooks compose with generation and touch only the prompt.
+    ``positions`` is a slice of absolute positions (``start`` and ``stop`` given). Each forward call
+    overwrites
+    the part of it that it covers (read from the model's :class:`mechintro.hooks.PositionTracker`), so the
+    hooks compose with a shared prefix cache and with generation (decoding steps past ``stop`` are left
+    alone).
     """
+    if positions.start is None or positions.stop is None or positions.step not in (None, 1):
+        raise ValueError(f"positions must be a slice with a start and a stop, got {positions!r}")
+    track = tracker(model)
 
     def make(reps: Sequence[Replacement]):
         def hook(x: Float[Tensor, "b s d"], hook: Any = None) -> Float[Tensor, "b s d"]:
-            if positions.stop is not None and x.shape[1] < positions.stop:
+            seq = x.shape[1]
+            offset = track.offset if track.seq == seq else 0
+            lo, hi = max(positions.start, offset), min(positions.stop, offset + seq)
+            if lo >= hi:
                 return x
             x = x.clone()
             for rep in reps:
                 rows = rep.rows.to(x.device)
-                x[rows, positions] = rep.values.to(device=x.device, dtype=x.dtype).expand(len(rows), -1, -1)
+                values = rep.values[:, lo - positions.start : hi - positions.start]
+                x[rows, lo - offset : hi - offset] = values.to(device=x.device, dtype=x.dtype).expand(
+                    len(rows), -1, -1
+                )
             return x
 
         return hook
@@ -157,23 +170,16 @@ def replacement_hooks(
 
 @torch.no_grad()
 def capture_sites(
-    model: Any, tokens: Int[Tensor, "batch seq"], sites: Sequence[Site], *, positions: slice
+    model: Model, tokens: Int[Tensor, "batch seq"], sites: Sequence[Site], *, positions: slice
 ) -> tuple[dict[Site, Float[Tensor, "batch pos d_model"]], Float[Tensor, "batch vocab"]]:
-    """Outputs of ``sites`` at ``positions`` and the last-position logits, from one forward of ``tokens``.
-
-    Install ``inject`` (or anything else) around the call for a steered run.
+    """Outputs of ``sites`` at ``positions`` (a slice of absolute positions) and the last-position logits,
+    from one forward of ``tokens``. Install ``inject`` (or anything else) around the call for a steered run.
     """
-    got: dict[Site, Tensor] = {}
-
-    def grab(site: Site):
-        def hook(x: Tensor, hook: Any = None) -> None:
-            got[site] = x[:, positions].detach().clone()
-
-        return hook
-
-    with hooks_context(model, [(_hook_name(site), grab(site)) for site in sites]):
+    names = {_hook_name(site): site for site in sites}
+    wanted = list(range(positions.start, positions.stop))
+    with capture(model, list(names), positions=wanted) as acts:
         logits = model(tokens.to(model.cfg.device))[:, -1].float()
-    return got, logits
+    return {site: acts[name] for name, site in names.items()}, logits
 
 
 # ----------------------------------------------------------------------------------------------- running
@@ -244,7 +250,7 @@ def _interventions(
                 strength=strength if steered_rows else 0.0,
                 start=start,
             ),
-            hooks_context(model, replacement_hooks(reps, positions=positions)),
+            hooks_context(model, replacement_hooks(model, reps, positions=positions)),
         ):
             out.append(model(batch)[:, -1].float())
     return torch.cat(out)

@@ -23,9 +23,10 @@ from plotly.subplots import make_subplots
 
 from mechintro._stats import mean_ci
 from mechintro.curves import summarize_gate_curves
-from mechintro.features import FeatureGrid, parse_feature
+from mechintro.features import FeatureGrid
 from mechintro.patching import EXPERIMENTS, summarize_patching
 from mechintro.plots import STYLE
+from mechintro.transcoders import parse_feature
 
 __all__ = [
     "base_vs_instruct_figure",

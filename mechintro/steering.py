@@ -1,19 +1,20 @@
 """Concept injection: add ``strength * vector`` to resid_post of one layer from a start position on.
 
 One context manager, :func:`inject`, serves every caller: one vector or one per batch row, scalar or per-row
-strengths and starts, plain forwards, uncached generation and KV-cached decoding.
+strengths and starts, plain forwards, uncached generation, KV-cached decoding and suffix runs after a shared
+prefix cache.
 
-Positions. ``start`` is an absolute index into the token tensor the model is called with (for a left-padded
-batch, :func:`mechintro.prompts.left_pad` has already shifted it). The hook tracks where a call sits in the
-sequence: a call with more than one position is a fresh forward starting at position 0; a call with exactly
-one position after an earlier call is one KV-cached decoding step, at the next position. That is how both
-HF/TransformerLens-style cached generation and mechintro's own sampler drive the model. Set
-``Injection.offset`` yourself for anything else (for example chunked prefill).
+Positions. ``start`` is an absolute index into the token tensor the model is run on (for a left-padded batch,
+:func:`mechintro.prompts.left_pad` has already shifted it). Which absolute positions a forward call covers is
+read from the KV cache it extends (:class:`mechintro.hooks.PositionTracker`), so a decoding step, a chunked
+prefill or a suffix after a shared prefix cache all get the right positions.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,25 +23,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechintro.models import HookNames, check_d_model
+from mechintro.hooks import PositionTracker, as_int, check_layer, hooks_context, tracker
+from mechintro.models import HookNames, Model, check_d_model
 
-
-def check_layer(model: Any, layer: int) -> int:
-    """Return ``layer`` or raise naming the valid range of the model's layers."""
-    n = int(model.cfg.n_layers)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
-        raise ValueError(f"layer {layer!r} does not exist: valid layers are 0..{n - 1}")
-    return layer
-
-
-def hooks_context(model: Any, fwd_hooks: Sequence[tuple[str, Any]]) -> contextlib.AbstractContextManager:
-    """``model.hooks(fwd_hooks)`` after checking every name exists (TransformerLens skips unknown names)."""
-    known = model.hook_dict
-    for name, _ in fwd_hooks:
-        if name not in known:
-            close = sorted(k for k in known if k.split(".")[-1] == name.split(".")[-1])[:6]
-            raise ValueError(f"no hook point {name!r} in this model; similar names: {close}")
-    return model.hooks(fwd_hooks=list(fwd_hooks))
+__all__ = ["Injection", "check_strengths", "inject", "make_injection"]
 
 
 @dataclass
@@ -51,9 +37,10 @@ class Injection:
     vectors: Float[Tensor, "rows d_model"]
     strengths: Float[Tensor, " rows"]
     starts: Int[Tensor, " rows"]
-    offset: int = 0
-    """Absolute position of the first position of the next call (maintained automatically)."""
+    positions: PositionTracker = field(default_factory=PositionTracker, repr=False)
+    """The model's position tracker (where each forward call sits in the sequence)."""
     calls: int = field(default=0, repr=False)
+    """Forward calls the hook has seen."""
 
     @property
     def hook_name(self) -> str:
@@ -63,36 +50,90 @@ class Injection:
     def hooks(self) -> list[tuple[str, Any]]:
         return [(self.hook_name, self.hook)]
 
+    @property
+    def offset(self) -> int:
+        """The absolute position right after the latest call (the next decoding step's position)."""
+        return self.positions.stop
+
     def delta(
-        self, batch: int, seq: int, *, dtype: torch.dtype, device: torch.device
+        self, batch: int, seq: int, *, offset: int, dtype: torch.dtype, device: torch.device
     ) -> Float[Tensor, "b s d"]:
-        """What the hook adds to resid_post for a call of ``batch`` rows at ``self.offset .. + seq``."""
+        """What the hook adds to resid_post for a call of ``batch`` rows at positions ``offset .. + seq``."""
         rows = {self.vectors.shape[0], self.strengths.shape[0], self.starts.shape[0]} - {1}
         if rows and rows != {batch}:
             raise ValueError(
                 f"the injection has per-row settings for {sorted(rows)} rows but the batch has {batch} rows"
             )
-        positions = torch.arange(self.offset, self.offset + seq, device=device)
+        positions = torch.arange(offset, offset + seq, device=device)
         on = positions[None, :] >= self.starts.to(device)[:, None]  # [rows|1, seq]
         step = self.strengths.to(device=device, dtype=dtype)[:, None] * self.vectors.to(
             device=device, dtype=dtype
         )
-        return torch.where(
-            on[..., None], step[:, None, :], torch.zeros((), dtype=dtype, device=device)
-        ).expand(batch, seq, -1)
+        zero = torch.zeros((), dtype=dtype, device=device)
+        return torch.where(on[..., None], step[:, None, :], zero).expand(batch, seq, -1)
+
+    def _check_starts(self, seq: int) -> None:
+        """On a call that starts at position 0 (a prompt), every start must lie inside it."""
+        too_far = self.starts >= seq
+        if bool(too_far.any()):
+            bad = sorted({int(s) for s in self.starts[too_far]})
+            raise ValueError(
+                f"injection start {bad} is past the end of the sequence (length {seq}), so nothing would be "
+                f"injected; valid starts are 0..{seq - 1} (absolute positions, after left padding)"
+            )
 
     def hook(self, resid: Float[Tensor, "b s d"], hook: Any = None) -> Float[Tensor, "b s d"]:
         batch, seq, _ = resid.shape
-        if seq > 1 or self.calls == 0:
-            self.offset = 0
-        out = resid + self.delta(batch, seq, dtype=resid.dtype, device=resid.device)
-        self.offset += seq
+        offset = self.positions.offset if self.positions.seq == seq else 0
+        if offset == 0:
+            self._check_starts(seq)
         self.calls += 1
-        return out
+        return resid + self.delta(batch, seq, offset=offset, dtype=resid.dtype, device=resid.device)
+
+
+def check_strengths(strength: Any) -> Float[Tensor, " rows"]:
+    """A scalar, a sequence or a tensor of finite strengths as a 1-D tensor (tensors keep their autograd)."""
+    if torch.is_tensor(strength):
+        if strength.dtype == torch.bool or strength.is_complex():
+            raise TypeError(f"strength must be real numbers, got a {strength.dtype} tensor")
+        values = strength.reshape(-1)
+        values = values if values.is_floating_point() else values.float()
+    else:
+        items = (
+            list(strength) if isinstance(strength, Sequence) and not isinstance(strength, str) else [strength]
+        )
+        for s in items:
+            if isinstance(s, bool) or not isinstance(s, numbers.Real):
+                raise TypeError(
+                    "strength must be a number, or a sequence or tensor of numbers, got "
+                    f"{s!r} ({type(s).__name__})"
+                )
+        values = torch.tensor([float(s) for s in items], dtype=torch.float32)
+    if values.numel() == 0:
+        raise ValueError("strength is empty")
+    if not torch.isfinite(values.detach()).all():
+        bad = [v for v in values.detach().tolist() if not math.isfinite(v)]
+        raise ValueError(f"strength must be finite, got {bad}")
+    return values
+
+
+def _check_starts(start: Any) -> Int[Tensor, " rows"]:
+    if torch.is_tensor(start):
+        if start.is_floating_point() or start.dtype == torch.bool:
+            raise TypeError(f"start must be integer positions, got a {start.dtype} tensor")
+        starts = start.reshape(-1).long()
+    else:
+        items = list(start) if isinstance(start, Sequence) and not isinstance(start, str) else [start]
+        starts = torch.tensor([as_int(s, what="start") for s in items], dtype=torch.long)
+    if starts.numel() == 0:
+        raise ValueError("start is empty")
+    if (starts < 0).any():
+        raise ValueError(f"start positions must be >= 0, got {starts.tolist()}")
+    return starts
 
 
 def make_injection(
-    model: Any,
+    model: Model,
     vectors: Float[Tensor, " d_model"] | Float[Tensor, "rows d_model"],
     *,
     layer: int,
@@ -100,7 +141,7 @@ def make_injection(
     start: int | Sequence[int] | Tensor,
 ) -> Injection:
     """Validate the settings and build an :class:`Injection` (without installing it)."""
-    check_layer(model, layer)
+    layer = check_layer(model, layer)
     vectors = torch.as_tensor(vectors)
     if vectors.ndim == 1:
         vectors = vectors[None]
@@ -109,21 +150,18 @@ def make_injection(
     check_d_model(model, vectors.shape[-1], what="the concept vector")
     if not torch.isfinite(vectors.detach()).all():
         raise ValueError("the concept vector has NaN or inf entries")
-    strengths = (
-        strength.reshape(-1) if torch.is_tensor(strength) else torch.tensor(strength, dtype=torch.float32)
+    return Injection(
+        layer=layer,
+        vectors=vectors,
+        strengths=check_strengths(strength),
+        starts=_check_starts(start),
+        positions=tracker(model),
     )
-    strengths = strengths.reshape(-1)
-    if not torch.isfinite(strengths.detach()).all():
-        raise ValueError(f"strength must be finite, got {strength!r}")
-    starts = torch.as_tensor(start, dtype=torch.long).reshape(-1)
-    if (starts < 0).any():
-        raise ValueError(f"start positions must be >= 0, got {start!r}")
-    return Injection(layer=layer, vectors=vectors, strengths=strengths, starts=starts)
 
 
 @contextlib.contextmanager
 def inject(
-    model: Any,
+    model: Model,
     vectors: Float[Tensor, " d_model"] | Float[Tensor, "rows d_model"],
     *,
     layer: int,
@@ -135,10 +173,12 @@ def inject(
     Args:
         vectors: ``[d_model]`` for all rows, or ``[batch, d_model]`` one per row.
         layer: block whose output (resid_post) receives the vector.
-        strength: scalar or ``[batch]``; may be a tensor that requires grad (for attribution).
-        start: scalar or ``[batch]`` absolute positions in the (padded) token tensor.
+        strength: scalar or ``[batch]``; may be a tensor that requires grad or carries a forward-mode tangent
+            (for attribution).
+        start: scalar or ``[batch]`` absolute positions in the (padded) token tensor; each must lie inside the
+            prompt.
 
-    Yields the :class:`Injection`, whose ``offset`` tracks cached decoding.
+    Yields the :class:`Injection`.
     """
     injection = make_injection(model, vectors, layer=layer, strength=strength, start=start)
     with hooks_context(model, injection.hooks):

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from mechintro.concepts import concept_vectors
+from mechintro.hooks import hooks_context
 from mechintro.interventions import feature_directions, intervene, read_features
 from mechintro.models import HookNames, spec_for
 from mechintro.prompts import left_pad, trial_prompt
 from mechintro.sampling import sample
-from mechintro.steering import hooks_context, inject
+from mechintro.steering import inject
 from mechintro.transcoders import transcoder_inputs
 
 FEATURES = ["L3 F5", "L3 F17", "L3 F40"]
@@ -155,8 +156,8 @@ def test_composes_with_cached_generation(tiny, tcs, setup, positions):
 
 
 def test_bad_settings_name_the_valid_choices(tiny, tcs):
-    with pytest.raises(ValueError, match=r"valid: \['last', 'from_start'\]"):
-        with intervene(tiny, tcs, FEATURES, target=0.0, positions="all"):
+    with pytest.raises(ValueError, match=r"valid: \['last', 'all', 'from_start'\]"):
+        with intervene(tiny, tcs, FEATURES, target=0.0, positions="everywhere"):
             pass
     with pytest.raises(ValueError, match="needs start="):
         with intervene(tiny, tcs, FEATURES, target=0.0, positions="from_start"):

@@ -21,11 +21,12 @@ import torch
 
 from mechintro.concepts import concept_vectors
 from mechintro.features import feature_grid, find_gates
+from mechintro.hooks import hooks_context
 from mechintro.interventions import intervene, read_features
 from mechintro.models import HookNames, spec_for
 from mechintro.prompts import trial_prompt
 from mechintro.readout import unembedding, yes_no_direction, yes_no_gap
-from mechintro.steering import hooks_context, inject
+from mechintro.steering import inject
 from mechintro.testing import save_random_transcoders
 from mechintro.transcoders import load_transcoders, replace_mlps, transcoder_inputs
 

@@ -7,9 +7,9 @@ import torch
 from conftest import hf_capture
 
 import mechintro.models as mm
+from mechintro.hooks import hooks_context
 from mechintro.models import HookNames, ModelNotAvailableError, load_model, paper_layer, spec_for
 from mechintro.prompts import trial_prompt
-from mechintro.steering import hooks_context
 
 
 def _capture(model, tokens, names):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mechintro.concepts import concept_vectors
+from mechintro.hooks import hooks_context
 from mechintro.models import spec_for
 from mechintro.patching import (
     PatchingConfig,
@@ -18,7 +19,7 @@ from mechintro.patching import (
 )
 from mechintro.prompts import trial_prompt
 from mechintro.readout import yes_no_gap
-from mechintro.steering import hooks_context, inject
+from mechintro.steering import inject
 
 CONCEPTS = ["Bread", "Oceans", "Dust"]
 INJ = 1  # inject early so that layers 2 and 3 are patched
@@ -45,14 +46,14 @@ def test_ablating_with_the_steered_runs_own_values_is_a_no_op(tiny, vecs):
         with (
             torch.no_grad(),
             inject(tiny, vecs, **kw),
-            hooks_context(tiny, replacement_hooks({site: Replacement(rows, own[site])}, positions=pos)),
+            hooks_context(tiny, replacement_hooks(tiny, {site: Replacement(rows, own[site])}, positions=pos)),
         ):
             torch.testing.assert_close(tiny(tokens)[:, -1].float(), steered, rtol=1e-5, atol=1e-5)
     every = {site: Replacement(rows, own[site]) for site in _sites(INJ + 1)}
     with (
         torch.no_grad(),
         inject(tiny, vecs, **kw),
-        hooks_context(tiny, replacement_hooks(every, positions=pos)),
+        hooks_context(tiny, replacement_hooks(tiny, every, positions=pos)),
     ):
         torch.testing.assert_close(tiny(tokens)[:, -1].float(), steered, rtol=1e-5, atol=1e-5)
 
@@ -70,7 +71,7 @@ def test_patching_every_component_reproduces_the_steered_logits(tiny, vecs):
         with torch.no_grad():
             steered = tiny(tokens)
     every = {site: Replacement(torch.arange(3), steered_values[site]) for site in _sites(0)}
-    with torch.no_grad(), hooks_context(tiny, replacement_hooks(every, positions=pos)):
+    with torch.no_grad(), hooks_context(tiny, replacement_hooks(tiny, every, positions=pos)):
         components_only = tiny(tokens)
         with inject(tiny, vecs, layer=3, strength=strength, start=p.injection_start):  # the direct path
             patched = tiny(tokens)
@@ -93,7 +94,8 @@ def test_batched_component_patching_equals_one_forward_per_intervention(tiny, ve
             torch.no_grad(),
             inject(tiny, vecs[c], layer=INJ, strength=8.0, start=p.injection_start),
             hooks_context(
-                tiny, replacement_hooks({site: Replacement(torch.tensor([0]), clean[site])}, positions=pos)
+                tiny,
+                replacement_hooks(tiny, {site: Replacement(torch.tensor([0]), clean[site])}, positions=pos),
             ),
         ):
             alone = yes_no_gap(tiny(p.tokens[None])[0, -1].float(), spec)

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from mechintro.concepts import concept_vectors
+from mechintro.hooks import hooks_context
 from mechintro.models import HookNames
 from mechintro.prompts import left_pad, trial_prompt
 from mechintro.sampling import sample
-from mechintro.steering import hooks_context, inject
+from mechintro.steering import inject
 
 LAYER = 2
 

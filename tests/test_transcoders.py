@@ -87,7 +87,7 @@ def test_encode_at_reads_the_pre_feedforward_norm_output(tiny, hf_tiny, raw_fold
 
     pre = transcoder_inputs(tiny, [1], tokens, positions="last")[1]
     with torch.no_grad():
-        from mechintro.steering import hooks_context
+        from mechintro.hooks import hooks_context
 
         got = {}
         with hooks_context(
@@ -111,7 +111,7 @@ def test_encode_at_positions_batches_and_sparse(tiny, raw_folder):
     many = encode_at(tiny, tcs, prompts[0].tokens, positions=[0, -1, 5])
     assert many[1].shape == (1, 3, D_SAE)
     torch.testing.assert_close(many[1][:, 1], dense[1][0, :1, :].squeeze(0)[None], rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="outside the sequence"):
+    with pytest.raises(ValueError, match="outside this forward call"):
         encode_at(tiny, tcs, prompts[0].tokens, positions=[10_000])
 
 
@@ -200,7 +200,7 @@ def test_transcoders_for_another_gemma_are_refused(tiny_dir, offline_hub):
 
 
 def test_replace_mlps_substitutes_the_transcoder_output(tiny, hf_tiny, raw_folder):
-    from mechintro.steering import hooks_context
+    from mechintro.hooks import hooks_context
     from mechintro.transcoders import replace_mlps
 
     tcs = load_transcoders(tiny, [1, 2], source=raw_folder)

@@ -286,7 +286,7 @@ def prefix_cache(model: Any, batch: TrialBatch) -> Any:
 
 
 def suffix_logits(model: Any, batch: TrialBatch, cache: Any) -> Float[Tensor, "batch seq vocab"]:
-    """Logits of the suffixes after the shared preamble (inject with ``start=0`` around this call)."""
+    """Logits of the suffixes after the shared preamble (the suffix starts at the injection start)."""
     return model(batch.suffix.tokens, past_key_values=cache, use_cache=True)
 
 
@@ -403,11 +403,12 @@ def instruct_loss(
     phrasing = torch.tensor([r.phrasing for r in rows])
     index = torch.tensor([r.concept_index for r in rows])
     cache = prefix_cache(model, batch)  # everything before the injection start: never injected
+    start = len(batch.prefix)  # the suffix, and the injection, begin at the injection start
     with contextlib.ExitStack() as stack:
         for layer, vecs in vectors.items():
             strengths = torch.tensor([r.strength if r.layer == layer else 0.0 for r in rows])
             stack.enter_context(
-                inject(model, vecs[phrasing, index], layer=layer, strength=strengths, start=0)
+                inject(model, vecs[phrasing, index], layer=layer, strength=strengths, start=start)
             )
         logits = suffix_logits(model, batch, cache)
     return lm_loss(logits, batch.suffix)

@@ -27,10 +27,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechintro.concepts import concept_vectors
+from mechintro.hooks import capture
 from mechintro.models import HookNames
 from mechintro.organism import corpus
 from mechintro.prompts import left_pad, trial_prompt
-from mechintro.steering import hooks_context, inject
+from mechintro.steering import inject
 from mechintro.transcoders import from_raw_params, save_transcoder
 
 
@@ -63,20 +64,6 @@ class TranscoderConfig:
 # ----------------------------------------------------------------------------------------------- data
 
 
-def _capture_hooks(layers: Sequence[int], store: dict[str, list[Tensor]], keep: Tensor | None) -> list:
-    def grab(name: str):
-        def hook(x: Tensor, hook: Any = None) -> None:
-            flat = x.detach().reshape(-1, x.shape[-1])
-            store.setdefault(name, []).append(flat[keep] if keep is not None else flat)
-
-        return hook
-
-    names = [HookNames.transcoder_in(layer) for layer in layers] + [
-        HookNames.transcoder_out(layer) for layer in layers
-    ]
-    return [(n, grab(n)) for n in names]
-
-
 def _run_and_capture(
     model: Any,
     tokens: Tensor,
@@ -86,9 +73,17 @@ def _run_and_capture(
     *,
     keep: Tensor | None = None,
 ) -> None:
+    """Append the transcoder input and output of every layer at the ``keep`` positions (default: real
+    tokens)."""
     keep = (mask.bool() if keep is None else keep).reshape(-1)
-    with torch.no_grad(), hooks_context(model, _capture_hooks(layers, store, keep)):
+    names = [HookNames.transcoder_in(layer) for layer in layers] + [
+        HookNames.transcoder_out(layer) for layer in layers
+    ]
+    with torch.no_grad(), capture(model, names) as acts:
         model(tokens, attention_mask=mask)
+    for name in names:
+        flat = acts[name].reshape(-1, acts[name].shape[-1])
+        store.setdefault(name, []).append(flat[keep])
 
 
 def collect_activations(
