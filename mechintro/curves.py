@@ -38,12 +38,13 @@ from mechintro.concepts import concept_vectors
 from mechintro.features import default_strengths
 from mechintro.hooks import capture, check_layer
 from mechintro.interventions import intervene, read_features
-from mechintro.judges import LogitJudge
+from mechintro.judges import Scorer, error_mask, judge_kind
 from mechintro.metrics import wilson_interval
 from mechintro.models import HookNames, spec_for
 from mechintro.prompts import TrialPrompt, forced_prefill, left_pad, trial_prompt
 from mechintro.readout import concept_logprob, concept_token_ids, yes_no_gap
-from mechintro.sampling import sample
+from mechintro.sampling import sample, trial_seed
+from mechintro.settings import BATCHING, EXPERIMENTS, SAMPLING, TRIALS
 from mechintro.steering import inject
 from mechintro.transcoders import encode_features, feature_name, parse_feature, parse_features
 
@@ -60,7 +61,7 @@ __all__ = [
     "summarize_gate_curves",
 ]
 
-GATE_EXPERIMENTS = ("ablation", "patching", "forced_ablation")
+GATE_EXPERIMENTS = EXPERIMENTS
 """Gate-curve experiments."""
 
 _CONDITION = {"ablation": "injection", "patching": "control", "forced_ablation": "forced"}
@@ -183,11 +184,11 @@ def gate_curves_logit(
     experiments: Sequence[str] = GATE_EXPERIMENTS,
     strength: float | None = None,
     injection_layer: int | None = None,
-    trial: int = 1,
-    variant: str = "original",
+    trial: int = TRIALS.trial,
+    variant: str = TRIALS.variant,
     positions: str = "last",
     scale: str = "unit",
-    batch_size: int = 64,
+    batch_size: int = BATCHING.batch_size,
 ) -> pd.DataFrame:
     """Gate curves scored from logits: Yes-vs-No gap (ablation, patching) or P(concept) (forced_ablation).
 
@@ -260,13 +261,6 @@ def gate_curves_logit(
     return pd.concat(frames, ignore_index=True)
 
 
-def _seed(seed: int, concept: str, trial: int, sample_index: int, condition: str) -> int:
-    """The seed :func:`mechintro.trials.run_trials` uses for the same trial (shared by every ``k``)."""
-    from mechintro.trials import trial_seed
-
-    return trial_seed(seed, concept, trial, sample_index, condition)
-
-
 @torch.no_grad()
 def gate_curves_sampled(
     model: Any,
@@ -279,26 +273,26 @@ def gate_curves_sampled(
     ks: Sequence[int] | None = None,
     experiments: Sequence[str] = GATE_EXPERIMENTS,
     n_samples: int = 10,
-    trial: int = 1,
+    trial: int = TRIALS.trial,
     strength: float | None = None,
     injection_layer: int | None = None,
-    variant: str = "original",
+    variant: str = TRIALS.variant,
     positions: str = "last",
     scale: str = "unit",
-    max_new_tokens: int = 40,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 64,
+    max_new_tokens: int = SAMPLING.max_new_tokens,
+    temperature: float = SAMPLING.temperature,
+    seed: int = SAMPLING.seed,
+    batch_size: int = BATCHING.batch_size,
 ) -> pd.DataFrame:
     """Gate curves from sampled, judged trials (the paper's version).
 
     Each (experiment, k, concept) gets ``n_samples`` samples of the trial prompt under its injection and gate
     intervention, judged by ``judge`` (``judge(*, responses, concepts, forced) -> list[Verdict]``). Sample
-    ``i`` of a concept uses the same seed for every ``k`` (that of :func:`mechintro.trials.trial_seed`), so
+    ``i`` of a concept uses the same seed for every ``k`` (that of :func:`mechintro.sampling.trial_seed`), so
     curves differ only by the intervention. Returns columns experiment, k, concept, trial, sample, condition
     (injection / control / forced), response, detected, identified, forced_identified, judge_error.
     """
-    if isinstance(judge, LogitJudge):
+    if judge_kind(judge) == "logits":
         return _logit_verdicts(
             judge,
             gate_curves_logit(
@@ -343,7 +337,7 @@ def gate_curves_sampled(
             c_idx = [rows.concept[r] for r in r_idx]
             names = [concepts[c] for c in c_idx]
             batch = left_pad([rows.prompt] * len(chunk), pad_id=pad_id)
-            seeds = [_seed(seed, concepts[rows.concept[r]], trial, s, condition) for r, s in chunk]
+            seeds = [trial_seed(seed, concepts[rows.concept[r]], trial, s, condition) for r, s in chunk]
             with (
                 inject(
                     model,
@@ -389,12 +383,12 @@ def gate_curves_sampled(
     return pd.concat(frames, ignore_index=True)
 
 
-def _logit_verdicts(judge: LogitJudge, scores: pd.DataFrame) -> pd.DataFrame:
+def _logit_verdicts(judge: Scorer, scores: pd.DataFrame) -> pd.DataFrame:
     """Sampled-curve rows from logit scores: one deterministic "sample" per row, judged by ``judge``."""
     forced = (scores["experiment"] == "forced_ablation").tolist()
     gaps = scores["value"].where(~pd.Series(forced, index=scores.index), 0.0).tolist()
     p_concepts = scores["value"].where(pd.Series(forced, index=scores.index), 0.0).tolist()
-    verdicts = judge.verdicts(gaps=gaps, p_concepts=p_concepts, forced=forced)
+    verdicts = judge.score(gaps=gaps, p_concepts=p_concepts, forced=forced)
     return pd.DataFrame(
         {
             "experiment": scores["experiment"],
@@ -424,7 +418,7 @@ def summarize_gate_curves(df: pd.DataFrame, *, level: float = 0.95) -> pd.DataFr
     rows = []
     for (experiment, k), group in df.groupby(["experiment", "k"], sort=True):
         if "judge_error" in group.columns:
-            group = group[group["judge_error"].isna()]
+            group = group[~error_mask(group["judge_error"])]
         column = "forced_identified" if experiment == "forced_ablation" else "detected"
         verdicts = group[column].dropna().astype(bool)
         hits, n = int(verdicts.sum()), len(verdicts)
@@ -484,11 +478,11 @@ def carrier_curves(
     strengths: Sequence[float] | None = None,
     sets: Sequence[str] = CARRIER_SETS,
     injection_layer: int | None = None,
-    trial: int = 1,
-    variant: str = "original",
+    trial: int = TRIALS.trial,
+    variant: str = TRIALS.variant,
     positions: str = "last",
     scale: str = "unit",
-    batch_size: int = 64,
+    batch_size: int = BATCHING.batch_size,
 ) -> pd.DataFrame:
     """The gate's activation at the last prompt token against strength, with carrier sets ablated.
 
@@ -559,9 +553,9 @@ def gate_response(
     vectors: Float[Tensor, "concept d_model"] | None = None,
     strengths: Sequence[float] | None = None,
     injection_layer: int | None = None,
-    trial: int = 1,
-    variant: str = "original",
-    batch_size: int = 64,
+    trial: int = TRIALS.trial,
+    variant: str = TRIALS.variant,
+    batch_size: int = BATCHING.batch_size,
 ) -> pd.DataFrame:
     """The gate's activation against strength (no intervention): columns concept, strength, gate,
     gate_activation.

@@ -33,9 +33,11 @@ from torch import Tensor
 from mechintro._stats import pearson_columns, spearman_columns
 from mechintro.concepts import concept_vectors
 from mechintro.hooks import capture, check_layer
+from mechintro.judges.base import error_mask
 from mechintro.models import HookNames, Model, spec_for
 from mechintro.prompts import TrialPrompt, trial_prompt
 from mechintro.readout import yes_no_direction
+from mechintro.settings import BATCHING, TRIALS
 from mechintro.steering import inject
 from mechintro.transcoders import encode_features, feature_name, parse_feature
 
@@ -280,9 +282,9 @@ def feature_grid(
     position: str | int = "last",
     injection_layer: int | None = None,
     default_strength: float | None = None,
-    trial: int = 1,
-    variant: str = "original",
-    batch_size: int = 64,
+    trial: int = TRIALS.trial,
+    variant: str = TRIALS.variant,
+    batch_size: int = BATCHING.batch_size,
     prefix_cache: bool = True,
 ) -> FeatureGrid:
     """Transcoder activations at one prompt position for every (concept, strength), kept sparse.
@@ -430,7 +432,7 @@ def concept_rates(behaviour: Any, *, strength: float | None = None, layer: int |
     if missing := sorted(need - set(df.columns)):
         raise ValueError(f"the trial table lacks {missing}; it has {sorted(df.columns)}")
     if "judge_error" in df.columns:
-        df = df[df["judge_error"].isna() | (df["judge_error"].astype("string").str.strip() == "")]
+        df = df[~error_mask(df["judge_error"])]
     for column, value in (("strength", strength), ("layer", layer)):
         if value is not None and column in df.columns:
             df = df[np.isclose(df[column].astype(float), float(value))]

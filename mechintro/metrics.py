@@ -23,10 +23,11 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from mechintro.judges.base import error_mask
+from mechintro.settings import CONDITIONS
+
 __all__ = ["CONDITIONS", "detection_metrics", "newcombe_interval", "wilson_interval"]
 
-CONDITIONS = ("injection", "control", "forced")
-"""Valid values of the ``condition`` column."""
 
 Z95 = 1.959963984540054
 """The standard normal quantile of 0.975 (two-sided 95%)."""
@@ -75,11 +76,6 @@ def _flag(series: pd.Series) -> pd.Series:
     return series.astype("boolean")
 
 
-def _has_error(series: pd.Series) -> pd.Series:
-    """True where a judge error is recorded (a non-empty string)."""
-    return series.notna() & (series.astype("string").str.strip().fillna("") != "")
-
-
 def _check_columns(df: pd.DataFrame, by: Sequence[str]) -> None:
     """Raise a ValueError naming the missing and available columns, or unknown conditions."""
     needed = [*by, "condition", *_VERDICT_COLUMNS]
@@ -100,7 +96,7 @@ def _check_columns(df: pd.DataFrame, by: Sequence[str]) -> None:
 def _condition_stats(rows: pd.DataFrame, condition: str) -> tuple[pd.DataFrame, int]:
     """The error-free rows of one condition with their needed verdict present, and the error count."""
     rows = rows[rows["condition"] == condition]
-    errors = _has_error(rows["judge_error"]) if "judge_error" in rows else pd.Series(False, index=rows.index)
+    errors = error_mask(rows["judge_error"]) if "judge_error" in rows else pd.Series(False, index=rows.index)
     needed = "forced_identified" if condition == "forced" else "detected"
     valid = rows[~errors & _flag(rows[needed]).notna()]
     return valid, int(errors.sum())

@@ -8,6 +8,7 @@ Yes/No tokens, chat markers).
 from __future__ import annotations
 
 import json
+import operator
 import os
 import weakref
 from collections.abc import Mapping
@@ -151,11 +152,15 @@ class ModelSpec:
 
     def check_layer(self, layer: int) -> int:
         """Return ``layer`` or raise naming the valid range."""
-        if not isinstance(layer, (int,)) or isinstance(layer, bool) or not 0 <= layer < self.n_layers:
+        try:
+            index = None if isinstance(layer, bool) else operator.index(layer)
+        except TypeError:
+            index = None
+        if index is None or not 0 <= index < self.n_layers:
             raise ValueError(
                 f"layer {layer!r} does not exist in {self.name}: valid layers are 0..{self.n_layers - 1}"
             )
-        return int(layer)
+        return index
 
 
 # Gemma 3 instruction-tuned sizes: number of layers per HF id.

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -45,6 +45,7 @@ from mechintro.hooks import capture, check_layer, hooks_context, tracker
 from mechintro.models import HookNames, Model, spec_for
 from mechintro.prompts import TrialPrompt, forced_prefill, trial_prompt
 from mechintro.readout import concept_logprob, concept_token_ids, yes_no_gap
+from mechintro.settings import BATCHING, COMPONENTS, EXPERIMENTS, TRIALS, Component, Experiment
 from mechintro.steering import inject
 
 __all__ = [
@@ -58,12 +59,6 @@ __all__ = [
     "summarize_patching",
 ]
 
-COMPONENTS = ("attn", "mlp")
-"""Components patched per layer: attention output and MLP output."""
-
-EXPERIMENTS = ("ablation", "patching", "forced_ablation")
-"""The three experiments, in the order of the paper's figure rows."""
-
 Site = tuple[int, str]
 """A (layer, component) pair."""
 
@@ -74,24 +69,24 @@ class PatchingConfig:
 
     layers: tuple[int, ...] | None = None
     """Layers to intervene on (default: every layer after the injection layer)."""
-    components: tuple[str, ...] = COMPONENTS
+    components: tuple[Component, ...] = COMPONENTS
     """Components per layer, from :data:`COMPONENTS`."""
-    experiments: tuple[str, ...] = EXPERIMENTS
+    experiments: tuple[Experiment, ...] = EXPERIMENTS
     """Experiments to run, from :data:`EXPERIMENTS`."""
-    positions: str = "from_start"
+    positions: Literal["from_start", "last"] = "from_start"
     """``"from_start"`` (every prompt position from the injection start) or ``"last"`` (last prompt token)."""
-    reference: str = "matched"
+    reference: Literal["matched", "trial_mean"] = "matched"
     """Ablation values: ``"matched"`` (the same trial's unsteered run) or ``"trial_mean"`` (mean over
     trials)."""
-    trials: tuple[int, ...] = (1,)
+    trials: tuple[int, ...] = (TRIALS.trial,)
     """Trial numbers; each is its own prompt."""
     strength: float | None = None
     """Injection strength (default: the model's)."""
     injection_layer: int | None = None
     """Injection layer (default: the model's)."""
-    variant: str = "original"
+    variant: str = TRIALS.variant
     """Prompt variant."""
-    batch_size: int = 64
+    batch_size: int = BATCHING.batch_size
     """Rows per batched forward (results do not depend on it)."""
 
     def __post_init__(self) -> None:

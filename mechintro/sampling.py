@@ -7,6 +7,8 @@ call (``inject``, feature interventions) see the prompt once and then one new po
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +34,16 @@ class Sampled:
             tokenizer.decode(row[:n].tolist(), skip_special_tokens=skip_special_tokens).strip()
             for row, n in zip(self.tokens, self.lengths.tolist(), strict=True)
         ]
+
+
+def trial_seed(seed: int, concept: str, trial: int, sample: int, condition: str) -> int:
+    """A trial's own sampling seed: a 63-bit hash (sha256) of ``(seed, concept, trial, sample, condition)``.
+
+    Stable across processes and Python versions (no salted ``hash()``); independent of layer, strength,
+    variant and persona, so those comparisons share random numbers.
+    """
+    ident = json.dumps([int(seed), concept, int(trial), int(sample), condition]).encode()
+    return int.from_bytes(hashlib.sha256(ident).digest()[:8], "big") & (2**63 - 1)
 
 
 def stop_ids(model: Any) -> list[int]:

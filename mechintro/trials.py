@@ -23,9 +23,8 @@ number is run and the rows record ``temperature=0`` and ``max_new_tokens=0``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
+import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -38,8 +37,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechintro.concepts import concept_vectors
-from mechintro.judges import LogitJudge, Verdict
-from mechintro.models import check_d_model, spec_for
+from mechintro.judges import LogitJudge, Verdict, check_judge, judge_kind
+from mechintro.models import Model, check_d_model, spec_for
 from mechintro.prompts import (
     PERSONAS,
     VARIANTS,
@@ -50,12 +49,14 @@ from mechintro.prompts import (
     trial_prompt,
 )
 from mechintro.readout import concept_logprob, concept_token_ids, yes_no_gap
-from mechintro.sampling import sample
+from mechintro.sampling import sample, trial_seed
+from mechintro.settings import BATCHING, CONDITIONS, SAMPLING, TRIALS, check_choices
 from mechintro.steering import inject
 from mechintro.store import KEY_COLUMNS, TrialStore
 
 __all__ = [
     "CONDITIONS",
+    "PAPER_TRIALS",
     "RunSettings",
     "Trial",
     "build_prompts",
@@ -67,11 +68,8 @@ __all__ = [
     "trial_seed",
 ]
 
-CONDITIONS = ("injection", "control", "forced")
-"""Trial conditions: injected, not injected (strength 0), injected with the forced-identification prefill."""
-
-PAPER_TRIALS = range(1, 11)
-"""The paper's trial numbers."""
+PAPER_TRIALS = TRIALS.trials
+"""The paper's trial numbers (1..10)."""
 
 
 @dataclass(frozen=True)
@@ -125,15 +123,6 @@ class Trial:
         return tuple(row[c] for c in KEY_COLUMNS)
 
 
-def trial_seed(seed: int, concept: str, trial: int, sample: int, condition: str) -> int:
-    """A trial's own sampling seed: a 63-bit hash of ``(seed, concept, trial, sample, condition)``.
-
-    Independent of layer, strength, variant and persona, so those comparisons share random numbers.
-    """
-    ident = json.dumps([int(seed), concept, int(trial), int(sample), condition]).encode()
-    return int.from_bytes(hashlib.sha256(ident).digest()[:8], "big") & (2**63 - 1)
-
-
 # ----------------------------------------------------------------------------------------------- validation
 
 
@@ -150,18 +139,17 @@ def _check_concepts(concepts: Sequence[str]) -> list[str]:
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 def _check_strengths(strengths: Iterable[Any]) -> list[float]:
     out = []
-    for s in strengths:
-        try:
-            value = float(s)
-        except (TypeError, ValueError):
-            raise ValueError(f"strength must be a finite number, got {s!r}") from None
+    for s in [strengths] if isinstance(strengths, (numbers.Real, str)) else strengths:
+        if isinstance(s, (bool, str)) or not isinstance(s, numbers.Real):
+            raise ValueError(f"strength must be a finite number, got {s!r} ({type(s).__name__})")
+        value = float(s)
         if not math.isfinite(value):
             raise ValueError(f"strength must be a finite number, got {s!r}")
         out.append(value)
@@ -175,28 +163,6 @@ def _check_trials(trials: Iterable[int]) -> list[int]:
     if not trials or len(set(trials)) != len(trials):
         raise ValueError(f"trials must be distinct trial numbers (the paper uses 1..10), got {trials!r}")
     return [_check_int("a trial number", t, minimum=1) for t in trials]
-
-
-def _check_choices(name: str, values: Iterable[str], valid: Sequence[str]) -> list[str]:
-    values = [values] if isinstance(values, str) else list(values)
-    bad = [v for v in values if v not in valid]
-    if bad or not values:
-        raise ValueError(f"unknown {name} {bad or values!r}; valid: {list(valid)}")
-    return values
-
-
-def check_judge(judge: Any) -> str:
-    """Check that ``judge`` can judge (and, via its ``check()``, that it can reach its API); return its
-    name."""
-    if not callable(getattr(judge, "judge", None)):
-        raise TypeError(
-            f"judge must have a judge(*, responses, concepts, forced) method (RuleJudge(), LLMJudge(...), "
-            f"LogitJudge()), got {judge!r}"
-        )
-    check = getattr(judge, "check", None)
-    if callable(check):
-        check()
-    return str(getattr(judge, "name", type(judge).__name__))
 
 
 def _check_vectors(model: Any, vectors: Tensor, concepts: Sequence[str]) -> Float[Tensor, "concept d_model"]:
@@ -310,7 +276,7 @@ def _grid(
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     name = check_judge(judge)
-    logit = isinstance(judge, LogitJudge)
+    logit = judge_kind(judge) == "logits"
     settings = RunSettings(
         model=spec.name,
         seed=_check_int("seed", seed, minimum=0),
@@ -322,8 +288,8 @@ def _grid(
         concepts=_check_concepts(concepts),
         layers=layers,
         strengths=_check_strengths(strengths),
-        variants=_check_choices("prompt variant", variants, VARIANTS),
-        personas=_check_choices("persona", personas, PERSONAS),
+        variants=check_choices("prompt variant", variants, VARIANTS),
+        personas=check_choices("persona", personas, PERSONAS),
         trials=_check_trials(trials),
         n_trials=_check_int("n_trials", n_trials, minimum=1),
         forced=bool(forced),
@@ -431,9 +397,9 @@ def _verdict_columns(verdict: Verdict) -> dict[str, Any]:
 def _run_batch(model: Any, batch: _Batch, *, judge: Any, settings: RunSettings) -> list[dict[str, Any]]:
     """Generate (or score) and judge one batch; one store row per trial."""
     forced = [t.forced for t in batch.trials]
-    if isinstance(judge, LogitJudge):
+    if judge_kind(judge) == "logits":
         gaps, p_concepts = _scores(model, batch)
-        verdicts = judge.verdicts(gaps=gaps, p_concepts=p_concepts, forced=forced)
+        verdicts = judge.score(gaps=gaps, p_concepts=p_concepts, forced=forced)
         responses, lengths = [None] * len(gaps), [0] * len(gaps)
     else:
         responses, lengths = _generate(model, batch, settings)
@@ -563,23 +529,23 @@ def _run_grid(
 
 
 def run_trials(
-    model: Any,
+    model: Model,
     concepts: Sequence[str],
     *,
-    layer: int,
-    strength: float,
+    layer: int | None = None,
+    strength: float | None = None,
     n_trials: int,
     judge: Any,
-    variant: str = "original",
-    persona: str = "standard_assistant",
+    variant: str = TRIALS.variant,
+    persona: str = TRIALS.persona,
     forced: bool = False,
     controls: bool = True,
-    temperature: float = 1.0,
-    max_new_tokens: int = 100,
-    seed: int = 0,
-    batch_size: int = 64,
+    temperature: float = SAMPLING.temperature,
+    max_new_tokens: int = SAMPLING.max_new_tokens,
+    seed: int = SAMPLING.seed,
+    batch_size: int = BATCHING.batch_size,
     store: TrialStore | str | Path | None = None,
-    trials: Sequence[int] = PAPER_TRIALS,
+    trials: Sequence[int] = TRIALS.trials,
     vectors: Float[Tensor, "concept d_model"] | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
@@ -588,18 +554,18 @@ def run_trials(
     Args:
         model: a model from :func:`mechintro.load_model` (its ``spec_for(model).name`` goes in the key).
         concepts: concept words.
-        layer: injection layer (resid_post of this block).
-        strength: injection strength (scales the raw concept vector).
+        layer: injection layer (resid_post of this block); default: the model's (:func:`~mechintro.spec_for`).
+        strength: injection strength (scales the raw concept vector); default: the model's.
         n_trials: trials per concept and condition, cycling through ``trials`` (``sample`` = repeat count).
-        judge: a :class:`~mechintro.judges.Judge` (``RuleJudge()``, ``LLMJudge(...)``), or
-            :class:`~mechintro.judges.LogitJudge` to score logits instead of generating. A judge's
-            ``check()``, if it has one, is called before any model work (a missing API key fails fast).
+        judge: a text judge (``RuleJudge()``, ``LLMJudge(...)``), or a scorer (``LogitJudge()``) to score
+            logits instead of generating. A judge's ``check()``, if it has one, is called before any model
+            work (a missing API key fails fast).
         variant / persona: prompt and persona variant; ``anti_reward`` fills ``{category}`` with
             :func:`~mechintro.prompts.category_of` (concept), ``thoughts_in_context`` uses the concept.
         forced: also run "forced" trials (the forced-identification prefill appended, injected).
         controls: also run "control" trials (the same prompts, strength 0).
-        temperature / max_new_tokens: sampling settings.
-        seed: the run seed; each trial samples with :func:`trial_seed`.
+        temperature / max_new_tokens: sampling settings (defaults: :data:`mechintro.settings.SAMPLING`).
+        seed: the run seed; each trial samples with :func:`~mechintro.sampling.trial_seed`.
         batch_size: rows per batch (results do not depend on it).
         store: a :class:`~mechintro.store.TrialStore` or a path to one; each batch is written as it
             completes, and trials already stored are skipped.
@@ -613,72 +579,59 @@ def run_trials(
     persona, seed, judge, max_new_tokens, temperature, response, n_new_tokens, detected, identified,
     forced_identified, judge_error, created_at. Judge errors are rows with ``judge_error`` set.
     """
-    grid = _grid(
+    spec = spec_for(model)
+    layer = spec.injection_layer if layer is None else layer
+    strength = spec.strength if strength is None else strength
+    return sweep(
         model,
         concepts,
         layers=[layer],
         strengths=[strength],
-        variants=[variant],
-        personas=[persona],
         n_trials=n_trials,
         judge=judge,
+        variants=[variant],
+        personas=[persona],
         forced=forced,
         controls=controls,
         temperature=temperature,
         max_new_tokens=max_new_tokens,
         seed=seed,
+        batch_size=batch_size,
+        store=store,
         trials=trials,
-    )
-    given = None if vectors is None else {layer: vectors}
-    return _run_grid(
-        model, grid, judge=judge, store=store, batch_size=batch_size, vectors=given, progress=progress
+        vectors=None if vectors is None else {spec.check_layer(layer): vectors},
+        progress=progress,
     )
 
 
 def sweep(
-    model: Any,
+    model: Model,
     concepts: Sequence[str],
     *,
     layers: Sequence[int],
     strengths: Sequence[float],
     n_trials: int,
     judge: Any,
-    variants: Sequence[str] = ("original",),
-    personas: Sequence[str] = ("standard_assistant",),
+    variants: Sequence[str] = (TRIALS.variant,),
+    personas: Sequence[str] = (TRIALS.persona,),
+    forced: bool = False,
+    controls: bool = True,
+    temperature: float = SAMPLING.temperature,
+    max_new_tokens: int = SAMPLING.max_new_tokens,
+    seed: int = SAMPLING.seed,
+    batch_size: int = BATCHING.batch_size,
     store: TrialStore | str | Path | None = None,
+    trials: Sequence[int] = TRIALS.trials,
     vectors: Mapping[int, Tensor] | None = None,
-    **kw: Any,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """:func:`run_trials` over layers x strengths x variants x personas, with one progress bar.
 
     Concept vectors are computed once per layer (or taken from ``vectors``, a ``{layer: [n_concepts,
     d_model]}`` mapping); controls run once per (layer, variant, persona), not per strength (they carry
-    strength 0.0). Trials of every strength, variant and persona of a layer share batches. ``kw``: the
-    other settings of :func:`run_trials` (forced, controls, temperature, max_new_tokens, seed, batch_size,
-    trials, progress). Returns one row per requested trial.
+    strength 0.0). Trials of every strength, variant and persona of a layer share batches. The other
+    settings are those of :func:`run_trials`. Returns one row per requested trial.
     """
-    valid = {
-        "forced",
-        "controls",
-        "temperature",
-        "max_new_tokens",
-        "seed",
-        "batch_size",
-        "trials",
-        "progress",
-    }
-    unknown = sorted(set(kw) - valid)
-    if unknown:
-        raise TypeError(f"unknown sweep settings {unknown}; valid: {sorted(valid)}")
-    run = {"batch_size": kw.pop("batch_size", 64), "progress": kw.pop("progress", True)}
-    plan = {
-        "forced": False,
-        "controls": True,
-        "temperature": 1.0,
-        "max_new_tokens": 100,
-        "seed": 0,
-        "trials": PAPER_TRIALS,
-    } | kw
     grid = _grid(
         model,
         concepts,
@@ -688,27 +641,34 @@ def sweep(
         personas=personas,
         n_trials=n_trials,
         judge=judge,
-        **plan,
+        forced=forced,
+        controls=controls,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        trials=trials,
     )
-    return _run_grid(model, grid, judge=judge, store=store, vectors=vectors, **run)
+    return _run_grid(
+        model, grid, judge=judge, store=store, vectors=vectors, batch_size=batch_size, progress=progress
+    )
 
 
 # ----------------------------------------------------------------------------------------------- logit scores
 
 
 def logit_scores(
-    model: Any,
+    model: Model,
     concepts: Sequence[str],
     *,
-    layer: int,
-    strength: float,
-    trials: Sequence[int] = PAPER_TRIALS,
-    variant: str = "original",
-    persona: str = "standard_assistant",
+    layer: int | None = None,
+    strength: float | None = None,
+    trials: Sequence[int] = TRIALS.trials,
+    variant: str = TRIALS.variant,
+    persona: str = TRIALS.persona,
     forced: bool = False,
     controls: bool = True,
     vectors: Float[Tensor, "concept d_model"] | None = None,
-    batch_size: int = 64,
+    batch_size: int = BATCHING.batch_size,
 ) -> pd.DataFrame:
     """Score trials from their logits, without generating: one injected forward pass per batch.
 
@@ -717,13 +677,15 @@ def logit_scores(
     position (the last prompt token):
 
     * ``gap`` = logsumexp(Yes-token logits) - logsumexp(No-token logits)
-    (:func:`~mechintro.readout.yes_no_gap`),
-      on injection and control rows (NaN on forced rows);
+      (:func:`~mechintro.readout.yes_no_gap`), on injection and control rows (NaN on forced rows);
     * ``p_concept`` = P(the concept's first token) (:func:`~mechintro.readout.concept_logprob`), on forced
       rows (after "... The thought is about"; NaN elsewhere).
 
     Returns columns concept, trial, condition, layer, strength, variant, persona, gap, p_concept.
     """
+    spec = spec_for(model)
+    layer = spec.check_layer(spec.injection_layer if layer is None else layer)
+    strength = spec.strength if strength is None else strength
     trials = list(trials)
     grid = _grid(
         model,

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mechintro.judges import LLMJudge, LogitJudge, MissingAPIKeyError, RuleJudge, Verdict
+from mechintro.judges import LLMJudge, LogitJudge, MissingAPIKeyError, RuleJudge, Verdict, judge_kind
 from mechintro.metrics import detection_metrics
 from mechintro.store import COLUMNS, KEY_COLUMNS, TrialStore
 from mechintro.trials import logit_scores, run_trials, sweep, trial_seed
@@ -121,8 +121,7 @@ def test_logit_judge_runs_without_generating(tiny, vecs, monkeypatch):
     assert len(df) == 2 * 3 * 10  # deterministic: one sample per trial number
     assert set(df.judge) == {"logit:gap>-100,p>=0.5"} and set(df.max_new_tokens) == {0}
     assert df[df.condition != "forced"].detected.all() and df.response.isna().all()
-    with pytest.raises(TypeError, match="scores logits, not texts"):
-        LogitJudge().judge(responses=["Yes"], concepts=["Bread"], forced=[False])
+    assert judge_kind(LogitJudge()) == "logits" and not hasattr(LogitJudge(), "judge")
 
 
 def test_trial_result_does_not_depend_on_batch_composition(tiny, vecs):
