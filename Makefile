@@ -2,11 +2,12 @@
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
+QUICK_OUT ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test lint format reproduce figures bench clean
+.PHONY: setup browser test test-slow lint format reproduce reproduce-quick figures bench mutants clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -16,6 +17,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# PNG figures need Chrome/Chromium (kaleido). As root on Debian this installs Debian's chromium; elsewhere it
+# says what to do. It never fails: without a browser the figures are written as HTML (MECHINTRO_BROWSER=none
+# hides a browser on purpose).
+browser: $(STAMP)
+	$(PY) -m mechintro.browser --install
 
 lint: $(STAMP)
 	.venv/bin/ruff check mechintro tests analyses
@@ -31,8 +38,12 @@ test: lint
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-reproduce: $(STAMP)
+reproduce: browser
 	$(PY) -m mechintro.cli reproduce
+
+# The whole pipeline on the organism with tiny settings, into a temporary folder (or QUICK_OUT): CI runs it.
+reproduce-quick: browser
+	$(PY) -m mechintro.cli reproduce --quick $(if $(QUICK_OUT),--out $(QUICK_OUT))
 
 figures: $(STAMP)
 	$(PY) -m mechintro.cli figures

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import _mechanism as mech
 import pandas as pd
 
-from mechintro import cli
+from mechintro import runs
 from mechintro.concepts import concept_vectors
 from mechintro.curves import gate_response, success_failure
 from mechintro.models import spec_for, with_spec
@@ -22,17 +21,17 @@ from mechintro.plots_mechanism import base_vs_instruct_figure
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = mech.parser(__doc__)
+    p = runs.mechanism_parser(__doc__)
     p.add_argument("--base", default="organism-base", help="the base variant (default organism-base)")
     p.add_argument("--gate", default=None, help="e.g. 'L45 F1234' (default: the instruct model's top gate)")
     p.add_argument("--n-concepts", type=int, default=3, help="success and failure concepts (each)")
     args = p.parse_args(argv)
-    s = mech.load(args)
-    rates = mech.behaviour(s)
-    grid, gates = mech.grid_and_gates(s, rates)
+    s = runs.load_setup(args)
+    rates = runs.behaviour(s)
+    grid, gates = runs.grid_and_gates(s, rates)
     gate = args.gate or gates["feature"].iloc[0]
     groups = success_failure(rates, n=args.n_concepts)
-    base = cli.load_cli_model(args.base, device=args.device)
+    base = runs.load_named_model(args.base, device=args.device)
     with_spec(base, injection_layer=s.spec.injection_layer, strength=s.spec.strength)
     frames = []
     base_name = args.base if args.base != args.model else f"{args.base} (base)"
@@ -45,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             frames.append(df.assign(model=name, group=group))
     df = pd.concat(frames, ignore_index=True)
     print(df.groupby(["model", "group", "strength"])["gate_activation"].mean().unstack().round(3).to_string())
-    mech.save(base_vs_instruct_figure(df), "base_vs_instruct", args.out, [("base_vs_instruct", df)])
+    runs.save(base_vs_instruct_figure(df), "base_vs_instruct", args.out, [("base_vs_instruct", df)])
 
 
 if __name__ == "__main__":

@@ -10,24 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import _mechanism as mech
-
+from mechintro import runs
 from mechintro.curves import carrier_curves, success_failure
 from mechintro.features import find_evidence_carriers
 from mechintro.plots_mechanism import carrier_ablation_figure
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = mech.parser(__doc__)
+    p = runs.mechanism_parser(__doc__)
     p.add_argument("--gate", default=None, help="e.g. 'L45 F1234' (default: the top gate)")
     p.add_argument("--n-concepts", type=int, default=2, help="high- and low-detection concepts shown (each)")
     args = p.parse_args(argv)
-    s = mech.load(args)
-    rates = mech.behaviour(s)
-    grid, gates = mech.grid_and_gates(s, rates)
+    s = runs.load_setup(args)
+    rates = runs.behaviour(s)
+    grid, gates = runs.grid_and_gates(s, rates)
     gate = args.gate or gates["feature"].iloc[0]
     carriers = find_evidence_carriers(
-        s.model, s.transcoders, grid, gate, behaviour=mech.carrier_behaviour(rates)
+        s.model, s.transcoders, grid, gate, behaviour=runs.carrier_behaviour(rates)
     )
     picked = success_failure(rates, n=args.n_concepts)
     shown = picked["success"] + picked["failure"]
@@ -43,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         batch_size=args.batch_size,
     )
     print(df.groupby(["carrier_set", "strength"])["gate_activation"].mean().unstack().round(3).to_string())
-    mech.save(carrier_ablation_figure(df), "carrier_ablation", args.out, [("carrier_ablation", df)])
+    runs.save(carrier_ablation_figure(df), "carrier_ablation", args.out, [("carrier_ablation", df)])
 
 
 if __name__ == "__main__":

@@ -9,30 +9,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import _mechanism as mech
-
+from mechintro import runs
 from mechintro.features import find_evidence_carriers
 from mechintro.plots_mechanism import carriers_figure
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = mech.parser(__doc__)
+    p = runs.mechanism_parser(__doc__)
     p.add_argument("--gate", default=None, help="e.g. 'L45 F1234' (default: the top gate)")
     p.add_argument("--top", type=int, default=20, help="carriers and suppressors shown")
     args = p.parse_args(argv)
-    s = mech.load(args)
-    rates = mech.behaviour(s)
-    grid, gates = mech.grid_and_gates(s, rates)
+    s = runs.load_setup(args)
+    rates = runs.behaviour(s)
+    grid, gates = runs.grid_and_gates(s, rates)
     gate = args.gate or gates["feature"].iloc[0]
     carriers = find_evidence_carriers(
-        s.model, s.transcoders, grid, gate, behaviour=mech.carrier_behaviour(rates)
+        s.model, s.transcoders, grid, gate, behaviour=runs.carrier_behaviour(rates)
     )
     print(
         f"gate {gate}: {int((carriers['role'] == 'carrier').sum())} carriers, "
         f"{int((carriers['role'] == 'suppressor').sum())} suppressors"
     )
     print(carriers.head(args.top).to_string(index=False))
-    mech.save(
+    runs.save(
         carriers_figure(carriers, top=args.top, gate=gate), "carriers", args.out, [("carriers", carriers)]
     )
 

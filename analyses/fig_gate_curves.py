@@ -9,27 +9,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import _mechanism as mech
-
-from mechintro import cli
+from mechintro import runs
 from mechintro.curves import gate_curves_sampled, summarize_gate_curves
 from mechintro.plots_mechanism import gate_curves_figure
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = mech.parser(__doc__)
-    p.add_argument("--ks", type=cli.int_list, default=None, help="numbers of gates (default 0,1,2,5,...,k)")
+    p = runs.mechanism_parser(__doc__)
+    p.add_argument("--ks", type=runs.int_list, default=None, help="numbers of gates (default 0,1,2,5,...,k)")
     p.add_argument("--positions", default="last", choices=["last", "from_start"])
     args = p.parse_args(argv)
-    s = mech.load(args)
-    _, gates = mech.grid_and_gates(s, mech.behaviour(s))
+    s = runs.load_setup(args)
+    _, gates = runs.grid_and_gates(s, runs.behaviour(s))
     ks = None if args.ks is None else [k for k in args.ks if k <= len(gates)]
     df = gate_curves_sampled(
         s.model,
         s.transcoders,
         gates,
         s.concepts,
-        judge=cli.parse_judge(args.judge),
+        judge=runs.parse_judge(args.judge),
         vectors=s.vectors,
         ks=ks,
         n_samples=args.n_trials,
@@ -40,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         batch_size=args.batch_size,
     )
     print(summarize_gate_curves(df).to_string(index=False))
-    mech.save(gate_curves_figure(df), "gate_curves", args.out, [("gate_curves", df)])
+    runs.save(gate_curves_figure(df), "gate_curves", args.out, [("gate_curves", df)])
 
 
 if __name__ == "__main__":

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import _mechanism as mech
-
+from mechintro import runs
 from mechintro.plots_mechanism import gates_figure
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = mech.parser(__doc__)
+    p = runs.mechanism_parser(__doc__)
     p.add_argument("--gate", default=None, help="the gate whose activation is shown (default: rank 1)")
     args = p.parse_args(argv)
-    s = mech.load(args)
-    grid, gates = mech.grid_and_gates(s, mech.behaviour(s))
+    s = runs.load_setup(args)
+    grid, gates = runs.grid_and_gates(s, runs.behaviour(s))
     print(gates.head(20).to_string(index=False))
-    mech.save(gates_figure(gates, grid, gate=args.gate), "gates", args.out, [("gates", gates)])
+    runs.save(gates_figure(gates, grid, gate=args.gate), "gates", args.out, [("gates", gates)])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from mechintro import cli, plots
+from mechintro import plots, runs
 from mechintro.metrics import detection_metrics
 from mechintro.trials import sweep
 
@@ -19,20 +19,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    cli.add_run_options(parser)
-    parser.add_argument("--layers", type=cli.int_list, default=None, help="e.g. 0,2,4 (default: every layer)")
-    parser.add_argument("--strengths", type=cli.float_list, default=None, help="default: the model's sweep")
+    runs.add_run_options(parser)
+    parser.add_argument(
+        "--layers", type=runs.int_list, default=None, help="e.g. 0,2,4 (default: every layer)"
+    )
+    parser.add_argument("--strengths", type=runs.float_list, default=None, help="default: the model's sweep")
     parser.add_argument("--out", default="figures", help="output folder")
-    parser.set_defaults(store=cli.DEFAULT_STORE, n_trials=10, forced=True, threads=1)
+    parser.set_defaults(store=runs.DEFAULT_STORE, n_trials=10, forced=True, threads=1)
     args = parser.parse_args(argv)
-    judge, concepts, model, spec = cli.prepare_run(args)
+    judge, concepts, model, spec = runs.prepare_run(args)
     df = sweep(
         model,
         concepts,
         layers=args.layers or list(spec.valid_layers()),
         strengths=args.strengths or list(spec.strength_sweep),
         judge=judge,
-        **cli.run_settings(args),
+        **runs.run_settings(args),
     )
     metrics = detection_metrics(df, by=("layer", "strength"))
     fig = plots.layer_sweep_figure(metrics, model_name=args.model)

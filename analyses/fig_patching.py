@@ -9,23 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import _mechanism as mech
-
-from mechintro import cli
+from mechintro import runs
 from mechintro.patching import PatchingConfig, component_patching, summarize_patching
 from mechintro.plots_mechanism import patching_figure
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = mech.parser(__doc__)
-    p.add_argument("--trials", type=cli.int_list, default=[1], help="trial numbers (default 1)")
+    p = runs.mechanism_parser(__doc__)
+    p.add_argument("--trials", type=runs.int_list, default=[1], help="trial numbers (default 1)")
     p.add_argument("--positions", default="from_start", choices=["from_start", "last"])
     args = p.parse_args(argv)
-    s = mech.load(args)
+    s = runs.load_setup(args)
     cfg = PatchingConfig(trials=tuple(args.trials), positions=args.positions, batch_size=args.batch_size)
     df = component_patching(s.model, s.concepts, vectors=s.vectors, config=cfg)
     print(summarize_patching(df).to_string(index=False))
-    mech.save(patching_figure(df), "patching", args.out, [("patching", df)])
+    runs.save(patching_figure(df), "patching", args.out, [("patching", df)])
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Figure: TPR and FPR per prompt variant (the paper's seven, or --variants), at one layer and strength.
-Store-backed: re-running resumes where it stopped.
+"""Figure: TPR and FPR per prompt variant (the paper's seven) or per persona variant (the paper's six), at one
+layer and strength. Store-backed: re-running resumes where it stopped.
 
-    python analyses/fig_variants.py --model organism --n-trials 10
-    python analyses/fig_variants.py --model tiny --n-trials 2 --concepts Bread,Oceans --max-new-tokens 8
+    python analyses/fig_variants.py --axis variant --model organism --n-trials 10
+    python analyses/fig_variants.py --axis persona --model organism --n-trials 10
+    python analyses/fig_variants.py --axis variant --model tiny --n-trials 2 --concepts Bread,Oceans
+    --max-new-tokens 8
 """
 
 from __future__ import annotations
@@ -10,40 +12,44 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from mechintro import cli, plots
+from mechintro import plots, runs
 from mechintro.metrics import detection_metrics
-from mechintro.prompts import PAPER_VARIANTS
+from mechintro.prompts import PAPER_VARIANTS, PERSONAS
 from mechintro.trials import sweep
+
+DEFAULT_VALUES = {"variant": list(PAPER_VARIANTS), "persona": list(PERSONAS)}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    cli.add_run_options(parser)
+    runs.add_run_options(parser)
+    parser.add_argument(
+        "--axis", choices=sorted(DEFAULT_VALUES), default="variant", help="what the bars compare"
+    )
+    parser.add_argument("--values", type=runs.name_list, default=None, help="default: the paper's variants")
     parser.add_argument("--layer", type=int, default=None, help="default: the model's injection layer")
-    parser.add_argument("--strength", type=float, default=None, help="default: the model's strength")
-    parser.add_argument("--variants", type=cli.name_list, default=list(PAPER_VARIANTS))
+    parser.add_argument(
+        "--strength", type=runs.finite_float, default=None, help="default: the model's strength"
+    )
     parser.add_argument("--out", default="figures", help="output folder")
-    parser.set_defaults(store=cli.DEFAULT_STORE, n_trials=10, threads=1)
+    parser.set_defaults(store=runs.DEFAULT_STORE, threads=1)
     args = parser.parse_args(argv)
-    judge, concepts, model, spec = cli.prepare_run(args)
+    values = args.values or DEFAULT_VALUES[args.axis]
+    setattr(args, args.axis + "s", values)
+    judge, concepts, model, spec = runs.prepare_run(args)
     layer = spec.injection_layer if args.layer is None else args.layer
     strength = spec.strength if args.strength is None else args.strength
+    axis = {"variants": values} if args.axis == "variant" else {"personas": values}
     df = sweep(
-        model,
-        concepts,
-        layers=[layer],
-        strengths=[strength],
-        variants=args.variants,
-        judge=judge,
-        **cli.run_settings(args),
+        model, concepts, layers=[layer], strengths=[strength], judge=judge, **axis, **runs.run_settings(args)
     )
-    fig = plots.variants_figure(
-        detection_metrics(df, by=("variant",)),
-        title=f"Prompt variants: detection ({args.model}, layer {layer}, strength {strength:g})",
+    title = (
+        f"{args.axis.capitalize()} variants: detection ({args.model}, layer {layer}, strength {strength:g})"
     )
-    for path in plots.save_figure(fig, "variants", args.out):
+    fig = plots.rate_bars_figure(detection_metrics(df, by=(args.axis,)), axis=args.axis, title=title)
+    for path in plots.save_figure(fig, f"{args.axis}s", args.out):
         print(path)
 
 

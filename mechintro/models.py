@@ -242,6 +242,23 @@ def _hub_snapshot(hf_id: str) -> Path:
         ) from err
 
 
+def peek_n_layers(name_or_path: str | os.PathLike) -> int | None:
+    """The number of layers of a model, read from its ``config.json`` without loading it (None if unknown).
+
+    Lets the command line check a ``--layer`` before spending time on loading.
+    """
+    try:
+        name, folder = _resolve(name_or_path)
+    except (ModelNotAvailableError, ValueError):
+        return None
+    if folder is None:
+        return GEMMA3_LAYERS.get(name)
+    config = json.loads((folder / "config.json").read_text())
+    config = config.get("text_config", config)
+    n = config.get("num_hidden_layers")
+    return int(n) if isinstance(n, int) else None
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     *,

@@ -12,15 +12,18 @@ rate with ``_lo``/``_hi`` 95% Wilson bounds). :func:`save_figure` writes ``<name
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
+from mechintro.browser import browser_path, warn_once
 from mechintro.models import data_dir
 from mechintro.prompts import PERSONAS, VARIANTS
 
@@ -31,6 +34,7 @@ __all__ = [
     "layer_sweep_figure",
     "paper_layer_metrics",
     "personas_figure",
+    "rate_bars_figure",
     "save_figure",
     "variants_figure",
 ]
@@ -245,17 +249,24 @@ def layer_sweep_figure(
 # ----------------------------------------------------------------------------------------------- bars
 
 
-def _rate_bars(metrics: pd.DataFrame, column: str, order: Sequence[str], *, title: str) -> go.Figure:
-    """TPR and FPR bars per value of ``column`` with 95% CI error bars."""
-    rows = _check_metrics(metrics, (column,), what=f"the {column} figure")
-    rank = {v: i for i, v in enumerate(order)}
-    rows = rows.assign(_rank=rows[column].map(lambda v: rank.get(v, len(rank))))
-    rows = rows.sort_values(["_rank", column])
+def rate_bars_figure(
+    metrics: pd.DataFrame, *, axis: Literal["variant", "persona"], title: str | None = None
+) -> go.Figure:
+    """TPR and FPR bars per prompt variant or persona variant, with 95% Wilson error bars.
+
+    ``metrics`` comes from ``detection_metrics(df, by=(axis,))``; bars follow the stimuli's order.
+    """
+    order = {"variant": VARIANTS, "persona": PERSONAS}
+    if axis not in order:
+        raise ValueError(f"unknown axis {axis!r}; valid: {sorted(order)}")
+    rows = _check_metrics(metrics, (axis,), what=f"the {axis} figure")
+    rank = {v: i for i, v in enumerate(order[axis])}
+    rows = rows.assign(_rank=rows[axis].map(lambda v: rank.get(v, len(rank)))).sort_values(["_rank", axis])
     fig = go.Figure()
     for metric, color in zip(("tpr", "fpr"), STYLE.bar_colors, strict=True):
         value = rows[metric]
         fig.add_bar(
-            x=rows[column],
+            x=rows[axis],
             y=value,
             name=METRICS[metric],
             marker_color=color,
@@ -267,18 +278,19 @@ def _rate_bars(metrics: pd.DataFrame, column: str, order: Sequence[str], *, titl
                 "color": "#333333",
             },
         )
-    fig.update_layout(barmode="group", yaxis={"title": "rate", "range": [0, 1.05]}, xaxis={"title": column})
-    return _apply_style(fig, title=title, height=460)
+    fig.update_layout(barmode="group", yaxis={"title": "rate", "range": [0, 1.05]}, xaxis={"title": axis})
+    default = {"variant": "Prompt variants: detection", "persona": "Persona variants: detection"}[axis]
+    return _apply_style(fig, title=title or default, height=460)
 
 
 def variants_figure(metrics: pd.DataFrame, *, title: str = "Prompt variants: detection") -> go.Figure:
-    """TPR and FPR per prompt variant (bars, 95% Wilson CIs); ``metrics`` from ``by=("variant",)``."""
-    return _rate_bars(metrics, "variant", VARIANTS, title=title)
+    """TPR and FPR per prompt variant (:func:`rate_bars_figure` with ``axis="variant"``)."""
+    return rate_bars_figure(metrics, axis="variant", title=title)
 
 
 def personas_figure(metrics: pd.DataFrame, *, title: str = "Persona variants: detection") -> go.Figure:
-    """TPR and FPR per persona variant (bars, 95% Wilson CIs); ``metrics`` from ``by=("persona",)``."""
-    return _rate_bars(metrics, "persona", PERSONAS, title=title)
+    """TPR and FPR per persona variant (:func:`rate_bars_figure` with ``axis="persona"``)."""
+    return rate_bars_figure(metrics, axis="persona", title=title)
 
 
 # ----------------------------------------------------------------------------------------------- saving
@@ -287,10 +299,12 @@ def personas_figure(metrics: pd.DataFrame, *, title: str = "Persona variants: de
 def save_figure(
     fig: go.Figure, name: str, out_dir: str | Path = "figures", *, formats: Sequence[str] = ("html", "png")
 ) -> list[Path]:
-    """Write ``fig`` as ``<out_dir>/<name>.html`` and ``.png`` (PNG through kaleido); return the paths.
+    """Write ``fig`` as ``<out_dir>/<name>.html`` and ``.png`` (PNG through kaleido); return the paths
+    written.
 
-    PNG export needs a Chrome/Chromium that kaleido can find (``plotly_get_chrome``, or a system
-    ``chromium``); without one this raises with that advice after writing the HTML.
+    Static formats (png, svg, pdf) need a Chrome/Chromium (:mod:`mechintro.browser`). Without one -- or with
+    ``MECHINTRO_BROWSER=none`` -- the HTML is still written, the static files are skipped, and one message
+    per process says how to get them.
     """
     valid = ("html", "png", "svg", "pdf")
     bad = [f for f in formats if f not in valid]
@@ -299,17 +313,31 @@ def save_figure(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
+    static = [f for f in formats if f != "html"]
+    browser = browser_path() if static else None
     for fmt in formats:
         path = out / f"{name}.{fmt}"
         if fmt == "html":
             fig.write_html(path, include_plotlyjs="cdn")
+        elif browser is None:
+            warn_once(f"{name} (and every later figure)")
+            continue
         else:
-            try:
-                fig.write_image(path, scale=2 if fmt == "png" else 1)
-            except (RuntimeError, ValueError) as err:
-                raise RuntimeError(
-                    f"could not write {path}: kaleido needs Chrome or Chromium (run `plotly_get_chrome`, or "
-                    f"install a system chromium): {err}"
-                ) from err
+            _write_static(fig, path, browser=browser)
         paths.append(path)
     return paths
+
+
+def _write_static(fig: go.Figure, path: Path, *, browser: str) -> None:
+    """PNG/SVG/PDF through kaleido with the given browser."""
+    saved = os.environ.get("BROWSER_PATH")
+    os.environ["BROWSER_PATH"] = browser
+    try:
+        fig.write_image(path, scale=2 if path.suffix == ".png" else 1)
+    except Exception as err:  # kaleido and its browser raise many kinds
+        raise RuntimeError(f"could not write {path} with the browser {browser}: {err}") from err
+    finally:
+        if saved is None:
+            os.environ.pop("BROWSER_PATH", None)
+        else:
+            os.environ["BROWSER_PATH"] = saved

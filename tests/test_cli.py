@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechintro.cli import main, parse_concepts, parse_judge
+from mechintro.cli import main
 from mechintro.judges import LLMJudge, LogitJudge, MissingAPIKeyError, RuleJudge
+from mechintro.runs import parse_concepts, parse_judge
 from mechintro.store import TrialStore
 
 torch.set_num_threads(1)
@@ -108,14 +109,16 @@ def test_parse_judge_and_concepts(monkeypatch):
 def test_demo_still_parses():
     from mechintro.cli import build_parser
 
-    assert build_parser().parse_args(["demo"]).func.__name__ == "_demo"
-    assert build_parser().parse_args(["reproduce"]).func.__name__ == "_reproduce"
+    assert build_parser().parse_args(["demo"]).func.__name__ == "demo"
+    assert build_parser().parse_args(["reproduce"]).func.__name__ == "reproduce"
 
 
 def test_mechanism_commands_hand_their_arguments_to_the_analyses_scripts(capsys):
     import pytest
 
-    from mechintro.cli import SCRIPT_COMMANDS, analyses_dir, main
+    from mechintro.cli import main
+    from mechintro.commands import SCRIPT_COMMANDS
+    from mechintro.runs import analyses_dir
 
     for command, (_, scripts) in SCRIPT_COMMANDS.items():
         for script in scripts:
@@ -124,3 +127,25 @@ def test_mechanism_commands_hand_their_arguments_to_the_analyses_scripts(capsys)
             main([command, "--help"])
         assert stop.value.code == 0
         assert scripts[0] in capsys.readouterr().out
+
+
+def test_quick_reproduce_never_writes_the_committed_figures(capsys):
+    from mechintro.runs import analyses_dir
+
+    with pytest.raises(SystemExit) as stop:
+        main(["reproduce", "--quick", "--out", str(analyses_dir().parent / "figures")])
+    assert stop.value.code == 2 and "never writes over the committed figures" in capsys.readouterr().err
+
+
+def test_figures_refuses_a_missing_or_empty_store(tmp_path, capsys):
+    out = tmp_path / "figs"
+    for store, needle in (
+        (tmp_path / "missing.sqlite", "no trial store"),
+        (tmp_path / "empty.sqlite", "holds no trials"),
+    ):
+        if "empty" in store.name:
+            TrialStore(store).close()
+        with pytest.raises(SystemExit) as stop:
+            main(["figures", "--store", str(store), "--out", str(out)])
+        assert stop.value.code == 2 and needle in capsys.readouterr().err
+    assert not out.exists()

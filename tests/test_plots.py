@@ -101,3 +101,54 @@ def test_save_figure_writes_html(tmp_path):
     assert paths == [tmp_path / "figs" / "variants.html"] and paths[0].stat().st_size > 1000
     with pytest.raises(ValueError, match="valid"):
         plots.save_figure(fig, "variants", tmp_path, formats=("gif",))
+
+
+def test_without_a_browser_figures_degrade_to_html_with_one_message(tmp_path, monkeypatch, capsys):
+    """CI's machine has a browser, so the missing one is simulated: the HTML is written, PNG skipped, and one
+    message per process says how to get PNGs; MECHINTRO_BROWSER=none hides a browser on purpose."""
+    from mechintro import browser
+
+    fig = plots.variants_figure(
+        detection_metrics(synthetic_trials(layers=(1,), variants=PAPER_VARIANTS), by=("variant",))
+    )
+    monkeypatch.setattr(browser, "_warned", set())
+    monkeypatch.setattr(plots, "browser_path", lambda: None)
+    monkeypatch.setattr(
+        type(fig), "write_image", lambda *a, **k: pytest.fail("tried to render without a browser")
+    )
+    first = plots.save_figure(fig, "variants", tmp_path)
+    second = plots.save_figure(fig, "personas", tmp_path)
+    assert first == [tmp_path / "variants.html"] and second == [tmp_path / "personas.html"]
+    assert (tmp_path / "variants.html").stat().st_size > 1000 and not list(tmp_path.glob("*.png"))
+    err = capsys.readouterr().err
+    assert err.count("written as HTML only") == 1 and "MECHINTRO_BROWSER" in err
+
+    monkeypatch.undo()
+    monkeypatch.setenv("MECHINTRO_BROWSER", "none")
+    assert browser.browser_path() is None and "none hides" in browser.hint()
+    monkeypatch.setenv("MECHINTRO_BROWSER", str(tmp_path / "no-such-chrome"))
+    assert browser.browser_path() is None and "not an executable" in browser.hint()
+
+
+def test_static_export_uses_the_browser_found(tmp_path, monkeypatch):
+    """With a browser the PNG goes through kaleido with BROWSER_PATH set to it (restored afterwards)."""
+    seen = {}
+    fig = plots.variants_figure(
+        detection_metrics(synthetic_trials(layers=(1,), variants=PAPER_VARIANTS), by=("variant",))
+    )
+
+    def fake_write_image(self, path, scale=1):
+        import os
+
+        seen["browser"], seen["scale"] = os.environ.get("BROWSER_PATH"), scale
+        path.write_bytes(b"\x89PNG")
+
+    monkeypatch.delenv("BROWSER_PATH", raising=False)
+    monkeypatch.setattr(plots, "browser_path", lambda: "/opt/chrome/chrome")
+    monkeypatch.setattr(type(fig), "write_image", fake_write_image)
+    paths = plots.save_figure(fig, "variants", tmp_path)
+    assert paths == [tmp_path / "variants.html", tmp_path / "variants.png"]
+    assert seen == {"browser": "/opt/chrome/chrome", "scale": 2}
+    import os
+
+    assert "BROWSER_PATH" not in os.environ

@@ -18,18 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # analyses/_mechanism.py
-
-import _mechanism as mech  # noqa: E402
-
-from mechintro import cli  # noqa: E402
+from mechintro import runs  # noqa: E402
 from mechintro.concepts import all_concepts, concept_vectors  # noqa: E402
 from mechintro.features import default_strengths, feature_grid  # noqa: E402
 from mechintro.models import spec_for, with_spec  # noqa: E402
@@ -66,10 +61,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = cli.load_cli_model(args.model, device=args.device)
-    if args.model == cli.TINY:
-        with_spec(model, injection_layer=mech.TINY_INJECTION_LAYER)
-        transcoders = load_transcoders(model, source=mech.tiny_transcoders_folder())
+    model = runs.load_named_model(args.model, device=args.device)
+    if args.model == runs.TINY:
+        with_spec(model, injection_layer=runs.TINY_INJECTION_LAYER)
+        transcoders = load_transcoders(model, source=runs.tiny_transcoders_folder())
     else:
         transcoders = load_transcoders(model)
     spec = spec_for(model)
@@ -133,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"  stored       : {nnz} nonzero of {dense_values} ({100 * nnz / dense_values:.1f}%)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     device = "cuda" if "cuda" in result["device"] else "cpu"
-    name = "tiny" if args.model == cli.TINY else Path(spec.name).name
+    name = "tiny" if args.model == runs.TINY else Path(spec.name).name
     path = RESULTS / f"feature_grid_{name}_{device}.json"
     path.write_text(json.dumps(result, indent=2))
     print(path)

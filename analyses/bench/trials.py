@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from mechintro import cli
+from mechintro import runs
 from mechintro.concepts import concept_vectors, original_concepts
 from mechintro.judges import RuleJudge
 from mechintro.models import ORGANISM_NAMES, HookNames, data_dir, spec_for
@@ -42,8 +42,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def model_folder(name: str) -> Path:
     """The local folder holding the weights of ``--model``."""
-    if name == cli.TINY:
-        return cli.tiny_model_folder()
+    if name == runs.TINY:
+        return runs.tiny_model_folder()
     if name in ORGANISM_NAMES:
         return data_dir() / name
     if Path(name).exists():
@@ -271,7 +271,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = cli.load_cli_model(args.model, device=args.device)
+    model = runs.load_named_model(args.model, device=args.device)
     spec = spec_for(model)
     layer, strength = spec.injection_layer, spec.strength
     concepts = original_concepts()[: args.n_concepts]
