@@ -17,7 +17,7 @@ from torch import Tensor
 
 from mechintro.hooks import capture, check_layer
 from mechintro.models import HookNames, Model, check_d_model, data_dir
-from mechintro.prompts import chat_prompt_tokens, left_pad, stimuli
+from mechintro.prompts import chat_prompt_tokens, check_spelling, left_pad, stimuli
 
 CONCEPT_PROMPT = "Tell me about {concept}"
 SPLIT_FILENAME = "organism_split.json"
@@ -96,7 +96,12 @@ def last_token_resid(
     return torch.cat(out)
 
 
-def concept_prompts(model: Any, words: Sequence[str]) -> list[Tensor]:
+def concept_prompts(model: Model, words: Sequence[str]) -> list[Tensor]:
+    """The tokens of "Tell me about {word}" for each word; a word the tokenizer cannot spell is refused."""
+    if isinstance(words, str):
+        raise TypeError(f"words must be a list of words, not one string ({words!r})")
+    for word in words:
+        check_spelling(model, word, what="concept")
     return [chat_prompt_tokens(model, CONCEPT_PROMPT.format(concept=w)) for w in words]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,37 @@ def category_of(concept: str) -> str:
         if concept in members:
             return name
     return "other"
+
+
+def unknown_words(model_or_tokenizer: Any, text: str) -> list[str]:
+    """The pieces of ``text`` that the tokenizer can only spell with its unknown token (in order, once each).
+
+    Gemma's own tokenizer falls back to bytes and never needs it; a word-level tokenizer (the organism's)
+    does, and two different unknown words would then give the same input.
+    """
+    tok = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is None:
+        return []
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    pairs = zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+    found = [text[a:b].strip() or text[a:b] for i, (a, b) in pairs if i == unk]
+    return list(dict.fromkeys(found))
+
+
+def check_spelling(model_or_tokenizer: Any, text: str, *, what: str) -> str:
+    """Return ``text``, or raise naming the words of it the tokenizer cannot spell (see
+    :func:`unknown_words`)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"the {what} must be non-empty text, got {text!r}")
+    bad = unknown_words(model_or_tokenizer, text)
+    if bad:
+        shown = text if len(text) <= 60 else f"{text[:30]}...{text[-20:]}"
+        raise ValueError(
+            f"the {what} {shown!r} contains {bad}, which this model's tokenizer can only read as its unknown "
+            "token (two such words would be the same input); use words in its vocabulary"
+        )
+    return text
 
 
 @dataclass(frozen=True)
@@ -124,8 +156,12 @@ def trial_text(
         raise ValueError(f"unknown prompt variant {variant!r}; valid: {list(VARIANTS)}")
     if persona not in PERSONAS:
         raise ValueError(f"unknown persona {persona!r}; valid: {list(PERSONAS)}")
-    if not isinstance(trial, int) or trial < 1:
-        raise ValueError(f"trial must be a positive int, got {trial!r}")
+    if isinstance(trial, bool) or not isinstance(trial, numbers.Integral) or trial < 1:
+        raise ValueError(f"trial must be a positive int (the paper's are 1..10), got {trial!r}")
+    trial = int(trial)
+    for name, value in (("thoughts", thoughts), ("prefill", prefill), ("category", category)):
+        if value is not None:
+            check_spelling(model, value, what=f"{name}= text")
     if persona == "standard_assistant":
         text = chat_text(model, _variant_messages(variant, trial=trial, category=category, thoughts=thoughts))
         return text + prefill if prefill else text
@@ -178,6 +214,7 @@ def tokenize_trial(model: Any, text: str, *, trial: int) -> TrialPrompt:
         raise ValueError(
             f"the prompt has no {marker!r} marker, so it has no injection start: {text[:120]!r}..."
         )
+    check_spelling(model, text, what=f"trial prompt (trial {trial})")
     enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     holder = next((i for i, (s, e) in enumerate(offsets) if s <= at < e), None)
@@ -192,6 +229,7 @@ def tokenize_trial(model: Any, text: str, *, trial: int) -> TrialPrompt:
 
 def chat_prompt_tokens(model: Any, user: str, *, system: str | None = None) -> Int[Tensor, " seq"]:
     """Tokens of a one-turn chat prompt with the generation prompt (e.g. "Tell me about {concept}")."""
+    check_spelling(model, user, what="prompt")
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": user}
     ]

@@ -25,6 +25,7 @@ def stimuli_texts() -> list[str]:
     """Every prompt text in the stimuli, with placeholders left as words."""
     s = stimuli()
     texts = [s["forced_identification_prefill"], *RESPONSE_TEXTS, "user model system", "Trial 10"]
+    texts += ["Tell me about", "Describe"]  # a user turn opens on these words without a leading space
     for v in s["prompt_variants"].values():
         texts += [v["system"], v["user_turn1"], v["assistant_turn1"], v["user_turn2"]]
     texts += [p["raw_text"] for p in s["persona_variants"].values() if "raw_text" in p]

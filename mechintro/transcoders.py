@@ -248,13 +248,14 @@ def _layer_loader(
             f"{spec.name} has no default transcoders; pass source= a sae-lens release or a folder"
         )
     local = Path(source).expanduser()
-    pattern = id_pattern or (LOCAL_LAYER_PATTERN if local.is_dir() else spec.transcoder_id_pattern)
+    is_folder = local.is_dir()  # decided once: a lazy mapping keeps its meaning if the folder goes away
+    pattern = id_pattern or (LOCAL_LAYER_PATTERN if is_folder else spec.transcoder_id_pattern)
     if pattern is None or "{layer}" not in pattern:
         raise ValueError(f"id_pattern must contain '{{layer}}', got {pattern!r}")
     device = device or str(model.cfg.device)
 
     def load(layer: int) -> Any:
-        if local.is_dir():
+        if is_folder:
             tc = load_folder(local / pattern.format(layer=layer), layer=layer, device=device)
         else:
             tc = _from_release(str(source), pattern.format(layer=layer), layer=layer, device=device)

@@ -149,3 +149,44 @@ def test_figures_refuses_a_missing_or_empty_store(tmp_path, capsys):
             main(["figures", "--store", str(store), "--out", str(out)])
         assert stop.value.code == 2 and needle in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["evaluate", "--layer", "9"], "valid layers are 0..3"),
+        (["evaluate", "--strength", "nan"], "finite"),
+        (["evaluate", "--variant", "skeptic"], "valid: ['original'"),
+        (["sweep", "--personas", "robot"], "valid: ['standard_assistant'"),
+        (["sweep", "--layers", "1,7"], "valid layers are 0..3"),
+        (["evaluate", "--threads", "-1"], "expected an integer >= 1"),
+        (["evaluate", "--device", "cuda"], "CUDA is not available"),
+        (["evaluate", "--device", "tpu"], "valid: cpu, cuda, cuda:N"),
+        (["evaluate", "--n-trials", "0"], "expected an integer >= 1"),
+    ],
+)
+def test_argument_errors_come_before_the_model_loads(tiny_dir, monkeypatch, capsys, argv, needle):
+    import mechintro.models as models
+
+    if "--device" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model before checking"))
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--model", str(tiny_dir), "--concepts", "Bread", "--quiet"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and needle in err
+    last = err.strip().splitlines()[-1]  # argparse prints its usage first
+    assert "Traceback" not in err and last.startswith(f"mechintro {argv[0]}: error:") and needle in last
+
+
+def test_environment_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    corrupt = tmp_path / "corrupt.sqlite"
+    corrupt.write_bytes(b"this is not a database" * 100)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for argv, needle in [
+        (["evaluate", "--model", "google/gemma-3-1b-it"], "not in the local Hugging Face cache"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            main([*argv, *(["--concepts", "Bread", "--quiet"] if argv[0] == "evaluate" else [])])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and needle in err and "Traceback" not in err, err

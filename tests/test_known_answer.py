@@ -67,7 +67,19 @@ def test_find_gates_ranks_the_planted_gate_first(tiny, planted, vecs):
     assert top["dla_score"] < 2 * gates["dla_score"].iloc[1]  # well ahead of the runner-up
     # the planted gate is an inverted V: suppressed at both signs
     assert top["spearman_pos"] < -0.5 and top["spearman_neg"] < -0.5
-    assert top["inverted_v"] > 0.3 and top["peak_at_zero"]
+    assert top["inverted_v"] > 0 and top["peak_at_zero"]
+    # ... by exactly the amount its construction gives: activation = relu(x0_hat . x) at the last token
+    p, spec = trial_prompt(tiny, trial=1), spec_for(tiny)
+    x0 = transcoder_inputs(tiny, [3], p.tokens, positions="last")[3][0, 0]
+    mean = {}
+    for s in grid.strengths:
+        with inject(tiny, vecs, layer=spec.injection_layer, strength=s, start=p.injection_start):
+            x = transcoder_inputs(tiny, [3], p.tokens[None].expand(len(CONCEPTS), -1), positions="last")[3][
+                :, 0
+            ]
+        mean[s] = torch.relu(x @ (x0 / x0.norm())).mean()
+    ends = max(mean[min(grid.strengths)], mean[max(grid.strengths)])
+    assert top["inverted_v"] == pytest.approx(float((mean[0.0] - ends) / mean[0.0]), rel=1e-4)
 
 
 def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:

@@ -295,4 +295,22 @@ def train_organism_transcoders(
     tcs = to_sae_lens(stacked, scales, sorted(data))
     for layer, tc in tcs.items():
         save_transcoder(tc, folder / f"layer_{layer}")
+    record_model(folder, model)
     return tcs
+
+
+def record_model(folder: Path, model: Any) -> None:
+    """Write the model's name and weight fingerprint into every ``folder/layer_*/cfg.json`` (sae-lens
+    metadata),
+    so that loading these transcoders onto another checkpoint (organism-base's onto organism, say) is
+    refused."""
+    import json
+
+    from mechintro.models import spec_for
+    from mechintro.transcoders import model_fingerprint
+
+    fingerprint, name = model_fingerprint(model), Path(spec_for(model).name).name
+    for cfg_path in sorted(Path(folder).glob("layer_*/cfg.json")):
+        cfg = json.loads(cfg_path.read_text())
+        cfg.setdefault("metadata", {}).update(model_name=name, model_fingerprint=fingerprint)
+        cfg_path.write_text(json.dumps(cfg))
