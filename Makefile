@@ -25,12 +25,12 @@ browser: $(STAMP)
 	$(PY) -m mechintro.browser --install
 
 lint: $(STAMP)
-	.venv/bin/ruff check mechintro tests analyses
-	.venv/bin/ruff format --check mechintro tests analyses
+	.venv/bin/ruff check mechintro tests analyses tools
+	.venv/bin/ruff format --check mechintro tests analyses tools
 
 format: $(STAMP)
-	.venv/bin/ruff format mechintro tests analyses
-	.venv/bin/ruff check --fix mechintro tests analyses
+	.venv/bin/ruff format mechintro tests analyses tools
+	.venv/bin/ruff check --fix mechintro tests analyses tools
 
 test: lint
 	$(PY) -m pytest -q
@@ -50,6 +50,10 @@ figures: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) analyses/bench/trials.py
+
+# Plant one named bug per exactness claim in a temporary copy; every one must make its tests fail (~10 min).
+mutants: $(STAMP)
+	$(PY) tools/mutants.py
 
 clean:
 	rm -rf .venv

@@ -8,6 +8,7 @@ prefill), so every mechintro code path runs on it exactly as on a real Gemma 3, 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
@@ -40,9 +41,41 @@ def stimuli_words() -> list[str]:
     return words
 
 
+def build_subword_tokenizer(*, vocab_size: int = 600) -> Any:
+    """A small BPE tokenizer (Gemma-like ``▁`` spaces, Gemma's turn markers and chat template) trained on the
+    stimuli, so that most words split into several pieces: prompts then have different lengths and batches
+    need padding, as with Gemma's own tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from mechintro.organism.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False
+    )
+    answers = ["yes Yes YES no No NO"] * 100  # frequent enough to become whole tokens, as in Gemma
+    texts = stimuli_texts() + stimuli_words() + answers + ["user\nmodel\nTell me about\n\n"]
+    core.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        padding_side="left",
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
 def save_tiny_gemma3(
     folder: str | Path,
     *,
+    tokenizer: Literal["word", "subword"] = "word",
     n_layers: int = 4,
     d_model: int = 64,
     n_heads: int = 4,
@@ -51,11 +84,20 @@ def save_tiny_gemma3(
     sliding_window: int = 16,
     seed: int = 0,
 ) -> Path:
-    """Save a random tiny ``Gemma3ForCausalLM`` + tokenizer with ``save_pretrained`` and return the folder."""
+    """Save a random tiny ``Gemma3ForCausalLM`` + tokenizer with ``save_pretrained`` and return the folder.
+
+    ``tokenizer="word"`` (default): one token per word, covering every stimulus; ``"subword"``: a small BPE
+    (:func:`build_subword_tokenizer`), so concept prompts differ in length as with Gemma's tokenizer.
+    """
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     folder = Path(folder)
-    tok = build_tokenizer(vocabulary(stimuli_texts(), extra_words=stimuli_words()))
+    if tokenizer not in ("word", "subword"):
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; valid: ['word', 'subword']")
+    if tokenizer == "word":
+        tok = build_tokenizer(vocabulary(stimuli_texts(), extra_words=stimuli_words()))
+    else:
+        tok = build_subword_tokenizer()
     cfg = Gemma3TextConfig(
         vocab_size=len(tok),
         hidden_size=d_model,

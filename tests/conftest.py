@@ -61,3 +61,37 @@ def tcs(tiny, tmp_path_factory):
     from mechintro.transcoders import load_transcoders
 
     return load_transcoders(tiny, source=save_random_transcoders(tmp_path_factory.mktemp("tcs"), seed=3))
+
+
+@pytest.fixture(scope="session")
+def subword_dir(tmp_path_factory):
+    """A tiny random Gemma 3 with a small BPE tokenizer: words split into pieces, prompts differ in length."""
+    from mechintro.testing import save_tiny_gemma3
+
+    return save_tiny_gemma3(tmp_path_factory.mktemp("tiny_subword"), tokenizer="subword", seed=1)
+
+
+@pytest.fixture(scope="session")
+def subword(subword_dir):
+    from mechintro.models import load_model
+
+    return load_model(subword_dir, device="cpu")
+
+
+def hf_injected_logits(hf_model, tokens, *, layer, vector, strength, start):
+    """Last-position logits of a plain-HF forward of ``tokens`` ([seq]) with ``strength * vector`` added to
+    the output of decoder layer ``layer`` at every position >= ``start``: an injection written independently
+    of mechintro's hooks."""
+
+    def hook(_module, _inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden.clone()
+        hidden[:, start:] += strength * vector.to(hidden.dtype)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = hf_model.model.layers[layer].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return hf_model(tokens[None]).logits[0, -1].float()
+    finally:
+        handle.remove()

@@ -51,3 +51,28 @@ def test_precomputed_baseline_mean(tiny):
     a = concept_vectors(tiny, ["Bread"], layer=1, baseline=mean)
     b = concept_vectors(tiny, ["Bread"], layer=1, baseline=["Sand", "Clay"])
     torch.testing.assert_close(a, b)
+
+
+def test_left_padded_batches_equal_plain_hf_one_prompt_at_a_time(subword, subword_dir):
+    """With a subword tokenizer concept prompts differ in length, so batches are left-padded: each batched
+    vector must equal a plain-HF forward of its prompt alone (no padding). Dropping the attention mask, or
+    reading a padded position, breaks this."""
+    from transformers import Gemma3ForCausalLM
+
+    hf = Gemma3ForCausalLM.from_pretrained(subword_dir, attn_implementation="eager").eval()
+    concepts = ["Bread", "Kaleidoscopes", "Dust", "Avalanches", "Sugar", "Amphitheaters"]
+    words = ["Sand", "Constellations", "Fog"]
+    lengths = {len(p) for p in concept_prompts(subword, concepts + words)}
+    assert len(lengths) >= 3, "the test needs prompts of different lengths"
+    layer = 2
+    ours = concept_vectors(subword, concepts, layer=layer, baseline=words, batch_size=4)
+
+    def alone(word):
+        tokens = concept_prompts(subword, [word])[0][None]
+        with torch.no_grad():
+            out = hf(tokens, output_hidden_states=True)
+        return out.hidden_states[layer + 1][0, -1]  # hidden_states[0] is the embedding
+
+    mean = torch.stack([alone(w) for w in words]).mean(0)
+    for i, concept in enumerate(concepts):
+        torch.testing.assert_close(ours[i], alone(concept) - mean, rtol=1e-4, atol=1e-4)

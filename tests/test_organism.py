@@ -16,32 +16,63 @@ from mechintro.organism.train import OrganismConfig, hf_state_dict, make_tokeniz
 from mechintro.transcoders import load_transcoders
 
 
+def _rows_in(rows: torch.Tensor, allowed: torch.Tensor) -> bool:
+    """Whether every row of ``rows`` ([n, d]) equals (exactly) some row of ``allowed`` ([m, d])."""
+    return bool((rows[:, None, :] == allowed[None, :, :]).all(-1).any(-1).all())
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory, monkeypatch_module):
-    """Train the --quick organism once, spying on every injection and every concept-vector request."""
-    injected, vector_requests = [], []
-    real_inject, real_vectors = train_mod.inject, train_mod.training_vectors
+    """Train the --quick organism once, spying on every concept-vector request and every injection of both
+    stages that inject: instruct training and the transcoders' activation data."""
+    import mechintro.organism.transcoders as tc_mod
 
-    def spy_inject(model, vectors, **kw):
-        injected.append((vectors.detach().clone(), kw["strength"].detach().clone()))
-        return real_inject(model, vectors, **kw)
+    spied = {"requests": [], "injections": [], "latest": None, "signs": set()}
+    real = {
+        "train_inject": train_mod.inject,
+        "train_vectors": train_mod.training_vectors,
+        "tc_inject": tc_mod.inject,
+        "tc_vectors": tc_mod.concept_vectors,
+    }
 
-    def spy_vectors(model, concepts, layers):
-        vector_requests.append(list(concepts))
-        return real_vectors(model, concepts, layers)
+    def record_vectors(stage, concepts, result):
+        spied["requests"].append((stage, list(concepts)))
+        tensors = (
+            list(result.values()) if isinstance(result, dict) else [result]
+        )  # {layer: [phrasing, concept, d]}
+        flat = torch.cat([t.reshape(-1, t.shape[-1]) for t in tensors]).detach().clone()
+        spied["latest"] = flat if spied["latest"] is None else torch.cat([spied["latest"], flat])
+        return result
 
-    monkeypatch_module.setattr(train_mod, "inject", spy_inject)
-    monkeypatch_module.setattr(train_mod, "training_vectors", spy_vectors)
+    def record_injection(stage, vectors, strength):
+        rows = torch.as_tensor(vectors).reshape(-1, vectors.shape[-1]).detach()
+        strengths = torch.as_tensor(strength).reshape(-1).detach().expand(len(rows))
+        injected = rows[strengths != 0]
+        spied["injections"].append((stage, len(injected), _rows_in(injected, spied["latest"])))
+        spied.setdefault("signs", set()).update(torch.sign(strengths).tolist())
+
+    def train_vectors(model, concepts, layers):
+        return record_vectors("instruct", concepts, real["train_vectors"](model, concepts, layers))
+
+    def train_inject(model, vectors, **kw):
+        record_injection("instruct", vectors, kw["strength"])
+        return real["train_inject"](model, vectors, **kw)
+
+    def tc_vectors(model, concepts, **kw):
+        return record_vectors("transcoders", concepts, real["tc_vectors"](model, concepts, **kw))
+
+    def tc_inject(model, vectors, **kw):
+        record_injection("transcoders", vectors, kw["strength"])
+        return real["tc_inject"](model, vectors, **kw)
+
+    monkeypatch_module.setattr(train_mod, "training_vectors", train_vectors)
+    monkeypatch_module.setattr(train_mod, "inject", train_inject)
+    monkeypatch_module.setattr(tc_mod, "concept_vectors", tc_vectors)
+    monkeypatch_module.setattr(tc_mod, "inject", tc_inject)
     out = tmp_path_factory.mktemp("organism")
     cfg = OrganismConfig.quick(seed=3)
     report = build(out, cfg=cfg, evaluate=False)
-    return {
-        "out": out,
-        "cfg": cfg,
-        "report": report,
-        "injected": injected,
-        "vector_requests": vector_requests,
-    }
+    return {"out": out, "cfg": cfg, "report": report, **spied}
 
 
 @pytest.fixture(scope="module")
@@ -57,22 +88,26 @@ def test_split_is_recorded_and_respected(quick):
     assert set(split["training"]) | set(split["heldout"]) == set(all_concepts())
     assert not set(split["training"]) & set(split["heldout"])
     assert split == {"_note": split["_note"], **split_concepts(seed=3)}
-    # every concept vector the instruct stage computed (and so could inject) is a training concept's
-    assert quick["vector_requests"], "the instruct stage must compute concept vectors"
-    for requested in quick["vector_requests"]:
-        assert set(requested) == set(split["training"])
+    # every concept vector computed in a stage that injects is a training concept's ...
+    stages = {stage for stage, _ in quick["requests"]}
+    assert stages == {"instruct", "transcoders"}, "both injecting stages must compute concept vectors"
+    for stage, requested in quick["requests"]:
+        assert set(requested) <= set(split["training"]), f"{stage} computed a held-out concept's vector"
+    # ... and every vector injected (nonzero strength) is exactly one of the vectors computed just before
+    by_stage = {stage: [ok for s, n, ok in quick["injections"] if s == stage and n] for stage in stages}
+    for stage, checks in by_stage.items():
+        assert checks and all(checks), f"{stage} injected a vector that is not a training concept's"
 
 
-def test_training_injects_through_mechintros_inject(quick):
-    assert (
-        train_mod.inject.__wrapped__ is mechintro.steering.inject
-        if hasattr(train_mod.inject, "__wrapped__")
-        else True
+def test_training_injects_both_signs_through_mechintros_inject(quick):
+    import mechintro.organism.transcoders as tc_mod
+
+    assert quick["injections"], "training must inject"
+    assert train_mod.training_vectors.__name__ == "train_vectors", "the spy is in place"
+    assert tc_mod.concept_vectors.__name__ == "tc_vectors"
+    assert quick["signs"] == {-1.0, 0.0, 1.0}, (
+        "both signs are trained; other layers' rows and controls carry 0"
     )
-    assert quick["injected"], "instruct training must inject"
-    strengths = torch.cat([s for _, s in quick["injected"]])
-    assert (strengths > 0).any() and (strengths < 0).any(), "both signs are trained"
-    assert (strengths == 0).any(), "rows at other layers / controls carry strength 0"
 
 
 def test_the_module_uses_the_same_inject_as_evaluation():
@@ -131,28 +166,36 @@ shipped = pytest.mark.skipif(
 
 
 @shipped
-def test_shipped_organism_detects_heldout_injections():
+def test_shipped_organism_matches_its_report():
+    """A fresh held-out run at the report's operating point agrees with data/organism_report.json: each
+    reported rate lies in the 99.9% Wilson interval of the new measurement (300 trials per condition)."""
     from mechintro.concepts import heldout_concepts
     from mechintro.judges import RuleJudge
-    from mechintro.metrics import detection_metrics
+    from mechintro.metrics import detection_metrics, wilson_interval
     from mechintro.trials import run_trials
 
+    report = json.loads((data_dir() / "organism_report.json").read_text())
+    reported = report["instruct_heldout"]
     model = load_model("organism")
     spec = spec_for(model)
+    point = report.get("operating_point", {"layer": spec.injection_layer, "strength": spec.strength})
     df = run_trials(
         model,
         heldout_concepts(),
-        layer=spec.injection_layer,
-        strength=spec.strength,
+        layer=point["layer"],
+        strength=point["strength"],
         n_trials=3,
         judge=RuleJudge(),
         max_new_tokens=24,
         batch_size=100,
+        seed=7,
         progress=False,
     )
     m = detection_metrics(df, by=["layer", "strength"]).iloc[0]
-    assert m["n_injection"] >= 300 and m["n_control"] >= 300
-    assert m["tpr"] > m["fpr"] + 0.4, m
+    for rate, n in (("tpr", "n_injection"), ("fpr", "n_control")):
+        assert m[n] == 300
+        lo, hi = wilson_interval(round(m[rate] * m[n]), int(m[n]), z=3.29)
+        assert lo <= reported[rate] <= hi, (rate, m[rate], reported[rate], (lo, hi))
 
 
 @pytest.mark.slow

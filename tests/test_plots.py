@@ -152,3 +152,25 @@ def test_static_export_uses_the_browser_found(tmp_path, monkeypatch):
     import os
 
     assert "BROWSER_PATH" not in os.environ
+
+
+def test_plotted_values_are_the_metrics(tmp_path):
+    """Each plotted point is the metric it is labelled with: our TPR line at a strength is that strength's TPR
+    per layer, the FPR line the FPR, and the variant bars each variant's TPR / FPR (swapping fails)."""
+    trials = synthetic_trials(layers=(0, 1, 2, 3), strengths=(1.0, 4.0), n=40, seed=3)
+    metrics = detection_metrics(trials, by=("layer", "strength"))
+    fig = plots.layer_sweep_figure(metrics, model_name="synthetic")
+    axes = {name: f"y{2 * i + 1}" if i else "y" for i, name in enumerate(plots.METRICS)}  # column 1 of row i
+    for metric, axis in axes.items():
+        for strength in (1.0, 4.0):
+            (line,) = [t for t in fig.data if t.name == f"ours: strength {strength:g}" and t.yaxis == axis]
+            expected = metrics[metrics.strength == strength].sort_values("layer")[metric].to_numpy()
+            np.testing.assert_allclose(np.asarray(line.y, dtype=float), expected)
+    tpr, fpr = (metrics[metrics.strength == 4.0][m].to_numpy() for m in ("tpr", "fpr"))
+    assert not np.allclose(tpr, fpr), "the synthetic rates must tell TPR from FPR"
+
+    trials = synthetic_trials(layers=(1,), strengths=(4.0,), variants=PAPER_VARIANTS, n=40, seed=4)
+    by_variant = detection_metrics(trials, by=("variant",)).set_index("variant").loc[list(PAPER_VARIANTS)]
+    bars = plots.variants_figure(by_variant.reset_index())
+    np.testing.assert_allclose(np.asarray(bars.data[0].y, dtype=float), by_variant["tpr"].to_numpy())
+    np.testing.assert_allclose(np.asarray(bars.data[1].y, dtype=float), by_variant["fpr"].to_numpy())

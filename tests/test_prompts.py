@@ -95,3 +95,36 @@ def test_left_pad_shifts_starts_by_padding(tiny):
         assert batch.attention_mask[i, :pad].sum() == 0 and batch.attention_mask[i, pad:].all()
         assert batch.tokens[i, batch.starts[i] + 1] == p.tokens[p.injection_start + 1]
     assert batch.last == width - 1
+
+
+def test_counts_and_rendered_text_match_the_stimuli(tiny):
+    """10 prompt variants (the paper's 7 + 3 supplementary) and 6 personas, each rendered from the stimuli's
+    own text: every turn appears verbatim, in order, with the trial number (and placeholders) filled in."""
+    from mechintro.prompts import PAPER_VARIANTS, stimuli
+
+    s = stimuli()
+    assert len(VARIANTS) == 10 and len(PAPER_VARIANTS) == 7 and set(VARIANTS) == set(s["prompt_variants"])
+    assert len(PERSONAS) == 6 and set(PERSONAS) == set(s["persona_variants"])
+    fill = {"{trial}": "4", "{category}": "food", "{thoughts}": "Bread"}
+
+    def filled(text):
+        for key, value in fill.items():
+            text = text.replace(key, value)
+        return text.strip()
+
+    for variant, spec in s["prompt_variants"].items():
+        text = trial_prompt(tiny, trial=4, variant=variant, category="food", thoughts="Bread").text
+        turns = [
+            filled(spec[k]) for k in ("system", "user_turn1", "assistant_turn1", "user_turn2") if spec[k]
+        ]
+        at = 0
+        for turn in turns:
+            found = text.find(turn, at)
+            assert found >= at, f"{variant}: {turn[:40]!r} missing or out of order"
+            at = found + len(turn)
+        assert text.endswith("<start_of_turn>model\n")
+    for persona, spec in s["persona_variants"].items():
+        if persona == "standard_assistant":
+            continue
+        text = trial_prompt(tiny, trial=4, persona=persona).text
+        assert text == tiny.tokenizer.bos_token + filled(spec["raw_text"]), persona

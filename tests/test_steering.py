@@ -154,3 +154,24 @@ def test_bad_input_names_valid_choices(tiny, vecs):
     with pytest.raises(ValueError, match="no hook point"):
         with hooks_context(tiny, [("blocks.0.hook_nonsense", lambda x, hook: x)]):
             pass
+
+
+def test_cached_decoding_equals_uncached_at_every_step(tiny, vecs, batch):
+    """The final-norm output (hence the logits) of every KV-cached decoding step equals an uncached forward
+    of the whole sequence, per row of a left-padded injected batch: not just the same sampled tokens."""
+    from mechintro.hooks import capture
+
+    _, b = batch
+    kw = dict(layer=LAYER, strength=torch.tensor([6.0, -4.0, 8.0]), start=b.starts)
+    site = "ln_final.hook_out"
+    with inject(tiny, vecs, **kw), capture(tiny, site, positions="last", append=True) as steps:
+        out = sample(tiny, b, max_new_tokens=6, seeds=[5, 6, 7], use_cache=True)
+    n = int(out.lengths.min())
+    assert n >= 3 and len(steps.calls[site]) >= n
+    full = torch.cat([b.tokens, out.tokens[:, :n]], dim=1)
+    mask = torch.cat([b.attention_mask, torch.ones(3, n, dtype=torch.long)], dim=1)
+    with torch.no_grad(), inject(tiny, vecs, **kw), capture(tiny, site) as whole:
+        tiny(full, attention_mask=mask)
+    last = b.tokens.shape[1] - 1
+    for t in range(n):
+        torch.testing.assert_close(steps.calls[site][t][:, 0], whole[site][:, last + t], rtol=1e-4, atol=1e-4)

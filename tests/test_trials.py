@@ -103,6 +103,53 @@ def test_injection_reaches_the_logits(tiny, vecs):
     assert (pivot["injection"] == pivot["control"]).all()
 
 
+def test_logit_scores_equal_an_independent_plain_hf_forward(tiny, hf_tiny, vecs):
+    """Every row's gap (and forced P(concept)) equals yes_no_gap of a plain-HF forward of that trial's prompt
+    alone, with the injection added by an independent HF hook: reading another position, the wrong prompt,
+    or the wrong row's vector breaks it."""
+    from conftest import hf_injected_logits
+
+    from mechintro.models import spec_for
+    from mechintro.prompts import forced_prefill, trial_prompt
+    from mechintro.readout import concept_token_ids, yes_no_gap
+
+    spec = spec_for(tiny)
+    df = logit_scores(tiny, CONCEPTS, layer=1, strength=6.0, trials=[1, 2, 7], forced=True, vectors=vecs)
+    assert len(df) == 2 * 3 * 3
+    for row in df.itertuples():
+        forced = row.condition == "forced"
+        p = trial_prompt(tiny, trial=row.trial, prefill=forced_prefill() if forced else None)
+        c = CONCEPTS.index(row.concept)
+        logits = hf_injected_logits(
+            hf_tiny, p.tokens, layer=1, vector=vecs[c], strength=row.strength, start=p.injection_start
+        )
+        if forced:
+            expected = logits.softmax(-1)[concept_token_ids(tiny, [row.concept])[0]]
+            assert row.p_concept == pytest.approx(float(expected), rel=1e-3, abs=1e-6)
+        else:
+            assert row.gap == pytest.approx(float(yes_no_gap(logits, spec)), abs=2e-4)
+
+
+def test_logit_judge_verdicts_split_at_the_threshold(tiny, vecs):
+    """A threshold inside the range of gaps gives both verdicts, each exactly ``gap > threshold``."""
+    scores = logit_scores(tiny, CONCEPTS, layer=1, strength=8.0, trials=range(1, 11), vectors=vecs)
+    threshold = float(scores["gap"].median())
+    judged = run_trials(
+        tiny,
+        CONCEPTS,
+        layer=1,
+        strength=8.0,
+        n_trials=10,
+        judge=LogitJudge(threshold=threshold),
+        vectors=vecs,
+        progress=False,
+    )
+    merged = judged.merge(scores, on=["concept", "trial", "condition"])
+    assert len(merged) == len(scores) == 40
+    assert merged["detected"].astype(bool).tolist() == (merged["gap"] > threshold).tolist()
+    assert 0 < merged["detected"].sum() < len(merged)
+
+
 def test_logit_judge_runs_without_generating(tiny, vecs, monkeypatch):
     import mechintro.trials as trials
 
@@ -142,7 +189,10 @@ def test_trial_result_does_not_depend_on_batch_composition(tiny, vecs):
 
 
 def test_trial_seed_is_a_stable_hash():
-    assert trial_seed(0, "Bread", 1, 0, "injection") == trial_seed(0, "Bread", 1, 0, "injection")
+    """Pinned values (sha256 of the trial identity): a salted ``hash()`` or any change of the recipe fails."""
+    assert trial_seed(0, "Bread", 1, 0, "injection") == 691506752231590758
+    assert trial_seed(1, "Oceans", 7, 2, "forced") == 7426300504791569473
+    assert trial_seed(0, "Bread", 1, 0, "control") == 6747017112516253118
     seeds = {
         trial_seed(s, c, t, k, cond)
         for s in (0, 1)
@@ -152,6 +202,21 @@ def test_trial_seed_is_a_stable_hash():
         for cond in ("injection", "control", "forced")
     }
     assert len(seeds) == 2 * 2 * 2 * 2 * 3 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_trial_seed_is_the_same_in_processes_with_other_hash_seeds():
+    code = "from mechintro.sampling import trial_seed; print(trial_seed(3, 'Dust', 4, 1, 'control'))"
+    values = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env=os.environ | {"PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for seed in ("1", "2", "12345")
+    }
+    assert values == {str(trial_seed(3, "Dust", 4, 1, "control"))}
 
 
 def test_store_resume_skips_done_trials(tiny, vecs, tmp_path):

@@ -1,0 +1,227 @@
+"""Mutation check: plant named bugs, one per exactness claim of the README, and check the tests catch each.
+
+Each mutant replaces one exact piece of source text (it must occur exactly once) in a temporary copy of the
+repository and runs the tests that should catch it; a mutant the tests still pass on "survives" and fails this
+script. It is not part of CI's time budget: run it before a release with ``make mutants`` (about 10 minutes on
+2 cores), or ``python tools/mutants.py --only NAME`` for one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """A planted bug: ``old`` -> ``new`` in ``path``, which ``tests`` must catch."""
+
+    name: str
+    claim: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTANTS = (
+    Mutant(
+        "inject-off-by-one",
+        "the inject delta is exactly strength*v from the start and zero before it",
+        "mechintro/steering.py",
+        "on = positions[None, :] >= self.starts.to(device)[:, None]",
+        "on = positions[None, :] > self.starts.to(device)[:, None]",
+        ("tests/test_steering.py",),
+    ),
+    Mutant(
+        "left-pad-unshifted-starts",
+        "each padded row reproduces its unpadded run (starts shifted by the padding in one place)",
+        "mechintro/prompts.py",
+        "starts=pad + torch.as_tensor(starts)",
+        "starts=torch.as_tensor(starts)",
+        ("tests/test_steering.py", "tests/test_prompts.py"),
+    ),
+    Mutant(
+        "tracker-ignores-cache",
+        "positions come from the KV cache a call extends, not the call's shape",
+        "mechintro/hooks.py",
+        "self.offset = 0 if cache is None else int(cache.get_seq_length())",
+        "self.offset = 0",
+        ("tests/test_hooks.py",),
+    ),
+    Mutant(
+        "decode-mask",
+        "cached decoding equals uncached decoding at every step",
+        "mechintro/sampling.py",
+        "mask = torch.cat([mask, (~done | torch.isin(nxt, stops)).long()[:, None]], dim=1)",
+        "mask = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, 1:], torch.ones_like(mask[:, :1])], dim=1)",
+        ("tests/test_steering.py",),
+    ),
+    Mutant(
+        "concepts-no-attention-mask",
+        "concept vectors from left-padded batches equal plain HF one prompt at a time",
+        "mechintro/concepts.py",
+        "attention_mask=batch.attention_mask.to(device),",
+        "",
+        ("tests/test_concepts.py",),
+    ),
+    Mutant(
+        "concepts-no-baseline",
+        "a concept vector is the activation minus the baseline-word mean",
+        "mechintro/concepts.py",
+        "    return acts - mean",
+        "    return acts",
+        ("tests/test_concepts.py",),
+    ),
+    Mutant(
+        "transcoder-reads-pre-norm",
+        "transcoders read the pre-feedforward-norm output (ln2.hook_out), not the residual before it",
+        "mechintro/models.py",
+        'return f"blocks.{layer}.ln2.hook_out"',
+        'return f"blocks.{layer}.ln2.hook_in"',
+        ("tests/test_transcoders.py",),
+    ),
+    Mutant(
+        "replacement-keeps-mlp",
+        "with replace_mlps the MLP output is the transcoder's prediction",
+        "mechintro/transcoders.py",
+        "return tc(x.to(tc.W_enc.dtype)).to(y.dtype)",
+        "return y",
+        ("tests/test_transcoders.py",),
+    ),
+    Mutant(
+        "logit-judge-wrong-position",
+        "the logit judge reads the gap at the first response position",
+        "mechintro/trials.py",
+        "logits = logits[:, -1].float()",
+        "logits = logits[:, -2].float()",
+        ("tests/test_trials.py",),
+    ),
+    Mutant(
+        "patching-hook-does-nothing",
+        "component ablation/patching rows equal an independent plain-HF recomputation",
+        "mechintro/patching.py",
+        "            x = x.clone()\n            for rep in reps:",
+        "            return x\n            x = x.clone()\n            for rep in reps:",
+        ("tests/test_patching.py",),
+    ),
+    Mutant(
+        "intervention-raw-decoder",
+        "interventions add (a_target - a_current) times the unit decoder direction",
+        "mechintro/interventions.py",
+        'return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12) if scale == "unit" else rows',
+        "return rows",
+        ("tests/test_interventions.py",),
+    ),
+    Mutant(
+        "dla-sign",
+        "gates are the features whose decoder promotes No (DLA to Yes minus No)",
+        "mechintro/readout.py",
+        "return w_u[:, list(spec.yes_ids)].mean(-1) - w_u[:, list(spec.no_ids)].mean(-1)",
+        "return w_u[:, list(spec.no_ids)].mean(-1) - w_u[:, list(spec.yes_ids)].mean(-1)",
+        ("tests/test_known_answer.py", "tests/test_features.py"),
+    ),
+    Mutant(
+        "salted-trial-seed",
+        "a trial's sample depends only on its identity (stable seeds)",
+        "mechintro/sampling.py",
+        'return int.from_bytes(hashlib.sha256(ident).digest()[:8], "big") & (2**63 - 1)',
+        "return hash((seed, concept, trial, sample, condition)) & (2**63 - 1)",
+        ("tests/test_trials.py",),
+    ),
+    Mutant(
+        "judge-error-counted-as-no",
+        "a judge error is recorded as an error, never counted as No",
+        "mechintro/metrics.py",
+        "valid = rows[~errors & _flag(rows[needed]).notna()]",
+        "valid = rows",
+        ("tests/test_metrics.py", "tests/test_trials.py"),
+    ),
+    Mutant(
+        "capture-always-detaches",
+        "capture(detach=False) keeps autograd and forward-mode tangents",
+        "mechintro/hooks.py",
+        "            if detach:",
+        "            if True:",
+        ("tests/test_hooks.py",),
+    ),
+    Mutant(
+        "unknown-words-accepted",
+        "a word the tokenizer cannot spell is refused by name",
+        "mechintro/prompts.py",
+        "    bad = unknown_words(model_or_tokenizer, text)\n",
+        "    bad = []\n",
+        ("tests/test_bad_input.py",),
+    ),
+)
+
+
+def _copy_repo(dest: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in files:
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def run(mutant: Mutant, workdir: Path) -> tuple[bool, float]:
+    """Plant ``mutant`` in ``workdir``, run its tests, restore; (caught, seconds)."""
+    path = workdir / mutant.path
+    source = path.read_text()
+    if source.count(mutant.old) != 1:
+        raise SystemExit(
+            f"mutant {mutant.name}: the text to replace occurs {source.count(mutant.old)} times in "
+            f"{mutant.path}"
+        )
+    path.write_text(source.replace(mutant.old, mutant.new))
+    start = time.time()
+    try:
+        env = os.environ | {"PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1"}
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *mutant.tests]
+        result = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    finally:
+        path.write_text(source)
+    return result.returncode != 0, time.time() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", default=None, help="comma-separated mutant names")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTANTS if args.only is None or m.name in args.only.split(",")]
+    if args.list or not chosen:
+        for m in MUTANTS:
+            print(f"{m.name:28s} {m.claim}")
+        return 0 if args.list else 2
+    survived = []
+    with tempfile.TemporaryDirectory(prefix="mechintro-mutants-") as tmp:
+        _copy_repo(Path(tmp))
+        for mutant in chosen:
+            caught, seconds = run(mutant, Path(tmp))
+            print(
+                f"{'caught  ' if caught else 'SURVIVED'} {mutant.name:28s} {seconds:6.1f}s  {mutant.claim}",
+                flush=True,
+            )
+            if not caught:
+                survived.append(mutant.name)
+    print(f"{len(chosen) - len(survived)} of {len(chosen)} planted bugs caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
