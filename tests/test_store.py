@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -641,6 +642,39 @@ def test_claims_exclude_other_owners_until_written_released_or_expired(tmp_path)
         assert again.done == (batch_keys(2)[0],) and again.keys == (batch_keys(2)[1],)
         assert a.release() == 1
         assert a.claim(batch_keys(2)[:2], ttl_s=60, retry_errors=False).done == tuple(batch_keys(2)[:2])
+
+
+def test_concurrent_claims_wait_for_each_other(tmp_path, monkeypatch):
+    """b claims the same keys while a is between reading the table and writing its leases."""
+    path = tmp_path / "t.sqlite"
+    with TrialStore(path) as a:
+        results: dict[str, object] = {}
+
+        def b_claims():
+            try:
+                with TrialStore(path) as b:
+                    results["b"] = b.claim(batch_keys(0), ttl_s=60)
+            except Exception as e:  # noqa: BLE001 - reported below
+                results["b"] = e
+
+        done = TrialStore._done
+
+        def slow_done(self, conn, retry_errors):
+            found = done(self, conn, retry_errors)  # a has read the table...
+            if self is a:
+                thread = threading.Thread(target=b_claims)
+                thread.start()
+                thread.join(timeout=0.5)  # ...and b tries to claim meanwhile
+                results["b waited"] = thread.is_alive()
+                results["thread"] = thread
+            return found
+
+        monkeypatch.setattr(TrialStore, "_done", slow_done)
+        got = a.claim(batch_keys(0), ttl_s=60)
+        results["thread"].join(timeout=30)
+    assert got.keys == tuple(batch_keys(0))
+    assert results["b waited"] is True  # b waits for a's transaction...
+    assert results["b"].busy == tuple(batch_keys(0)) and not results["b"]  # ...and then finds the keys taken
 
 
 def test_renew_keeps_a_slow_batch(tmp_path):
