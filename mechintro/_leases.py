@@ -85,6 +85,8 @@ class ClaimQueue:
         self._pending = [(i, [tuple(k) for k in keys]) for i, keys in enumerate(batches)]
         self._held: Claim | None = None
         self._heartbeat: _Heartbeat | None = None
+        self.skipped = 0
+        """Keys found done when their batch was claimed (stored meanwhile, e.g. by another process)."""
 
     def __iter__(self) -> Iterator[Claim]:
         """Claims of granted keys, batch by batch; busy keys are tried again after the others."""
@@ -95,6 +97,7 @@ class ClaimQueue:
                     claim = self.store.claim(
                         keys, ttl_s=self.ttl_s, owner=self.owner, retry_errors=self.retry_errors
                     )
+                    self.skipped += len(claim.done)
                     if claim.busy:
                         waiting.append((index, list(claim.busy)))
                     if not claim:

@@ -706,6 +706,7 @@ def test_claim_queue_skips_done_waits_for_busy_and_releases(tmp_path):
                     assert b.claim(claim.keys, ttl_s=1).busy == claim.keys
                 a.write([make_row(claim.index, s) for s in range(4)])
         assert seen == [(0, 4), (3, 4)]
+        assert queue.skipped == 8  # batch 1, and batch 2 once b had written it
         assert len(a) == 16 and a.leases().empty
 
         # on an error inside the loop, the claim is given back at once (not after the lease expires)
