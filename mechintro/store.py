@@ -332,12 +332,16 @@ class TrialStore:
         return wanted
 
     def _probed(self, conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> set[tuple]:
-        """Stored-form keys of ``_probe`` rows selected by ``sql`` (``p`` is the probe table)."""
+        """Stored-form keys of ``_probe`` rows selected by ``sql`` (``p`` is the probe table).
+
+        Joins are written ``_probe p CROSS JOIN table``, which makes SQLite loop over the probed keys and
+        look each up by primary key; left to itself it scans the whole trials table for every batch.
+        """
         return set(conn.execute(f"SELECT {_LIST('p.' + c for c in KEY_COLUMNS)} {sql}", params).fetchall())
 
     def _done(self, conn: sqlite3.Connection, retry_errors: bool) -> set[tuple]:
         error = f" AND NOT {_is_error('t')}" if retry_errors else ""
-        return self._probed(conn, f"FROM _probe p JOIN trials t ON {_match('p', 't')}{error}")
+        return self._probed(conn, f"FROM _probe p CROSS JOIN trials t ON {_match('p', 't')}{error}")
 
     def done_keys(self, keys: Iterable[Sequence[Any]], *, retry_errors: bool = True) -> set[tuple]:
         """The subset of ``keys`` (tuples in :data:`KEY_COLUMNS` order) that is done, as given.
@@ -422,11 +426,8 @@ class TrialStore:
             now = time.time()
             wanted = self._probe(conn, keys)
             done = self._done(conn, retry_errors)
-            busy = self._probed(
-                conn,
-                f"FROM _probe p JOIN leases l ON {_match('p', 'l')} WHERE l.owner != ? AND l.expires > ?",
-                (owner, now),
-            )
+            leased = f"FROM _probe p CROSS JOIN leases l ON {_match('p', 'l')}"
+            busy = self._probed(conn, f"{leased} WHERE l.owner != ? AND l.expires > ?", (owner, now))
             granted = [k for k in wanted if k not in done and k not in busy]
             conn.execute("DELETE FROM leases WHERE expires <= ?", (now,))
             conn.executemany(
