@@ -18,7 +18,10 @@ One row per trial, keyed by the trial's full identity (:data:`KEY_COLUMNS`, the 
   leases expire and another process takes them over. ``claims`` runs that loop over a run's batches.
   Leases assume the processes share one clock and a file system with working locks (one machine).
 * **Read-only locations.** ``TrialStore(path, readonly=True)``, or a file that cannot be written, opens for
-  reading only; anything that writes then raises :class:`PermissionError` naming the file.
+  reading only; anything that writes then raises :class:`PermissionError` naming the file. In a folder
+  where SQLite cannot create its ``-shm`` file the store is read as immutable (exact as long as nobody
+  writes it meanwhile); a store whose write-ahead log still holds commits is then refused, never read
+  without them.
 
 The database runs in WAL mode (readers, e.g. a notebook, do not block the writer). Verdict columns
 (``detected``, ``identified``, ``forced_identified``) are stored as 0/1/NULL and loaded as pandas nullable
