@@ -18,7 +18,7 @@ from mechintro.models import HookNames, ModelSpec, load_model, spec_for
 from mechintro.prompts import PERSONAS, VARIANTS, TrialPrompt, forced_prefill, left_pad, trial_prompt
 from mechintro.sampling import sample
 from mechintro.steering import inject
-from mechintro.store import TrialStore
+from mechintro.store import StoreError, TrialStore
 from mechintro.transcoders import encode_at, load_transcoders
 from mechintro.trials import run_trials, sweep
 
@@ -27,6 +27,7 @@ __all__ = [
     "LLMJudge",
     "LogitJudge",
     "RuleJudge",
+    "StoreError",
     "TrialStore",
     "detection_metrics",
     "run_trials",

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mechintro.metrics import CONDITIONS
+from mechintro.settings import CONDITIONS
 
 KEY_COLUMNS: tuple[str, ...] = (
     "model",

@@ -21,9 +21,10 @@ from mechintro.runs import (
     float_list,
     int_list,
     name_list,
+    positive_float,
     positive_int,
 )
-from mechintro.settings import TRIALS
+from mechintro.settings import STORE, TRIALS
 
 __all__ = ["build_parser", "main"]
 
@@ -85,6 +86,18 @@ def _trial_parsers(sub: argparse._SubParsersAction) -> None:
     fg.set_defaults(func=commands.figures)
 
 
+def _rejudge_parser(sub: argparse._SubParsersAction) -> None:
+    rj = sub.add_parser("rejudge", help="judge again the stored responses whose judge failed (no generation)")
+    rj.add_argument("--store", required=True, help="the trial store")
+    rj.add_argument(
+        "--judge", required=True, help="the judge the rows were stored with (e.g. llm:gpt-4.1-mini)"
+    )
+    rj.add_argument("--model", default=None, help="only this model's rows (as stored)")
+    rj.add_argument("--batch-size", type=positive_int, default=32, help="responses per judge batch")
+    rj.add_argument("--lease-s", type=positive_float, default=STORE.lease_s, help="lease of a claimed batch")
+    rj.set_defaults(func=commands.rejudge)
+
+
 def _organism_parser(sub: argparse._SubParsersAction) -> None:
     org = sub.add_parser("organism", help="the model organism").add_subparsers(
         dest="organism_command", required=True
@@ -103,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="concept injection on a tiny random Gemma 3").set_defaults(func=commands.demo)
     _reproduce_parser(sub)
     _trial_parsers(sub)
+    _rejudge_parser(sub)
     for command, (text, scripts) in commands.SCRIPT_COMMANDS.items():
         sc = sub.add_parser(
             command, help=f"{text} (runs analyses/{', '.join(scripts)}; see its --help)", add_help=False

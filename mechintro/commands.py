@@ -123,6 +123,52 @@ def _report_trials(df: Any, *, spec: Any, judge: Any, concepts: list[str], metri
     return 0
 
 
+def rejudge(args: argparse.Namespace) -> int:
+    """Judge again the stored responses whose judge failed, without generating them again.
+
+    The judge is part of a trial's identity, so only rows stored under the same judge name are re-judged.
+    Batches are claimed in the store, so several rejudge processes can share the work. Exit status 1 when
+    errors remain.
+    """
+    from mechintro.judges import check_judge, judge_kind
+    from mechintro.store import KEY_COLUMNS, TrialStore
+    from mechintro.trials import verdict_columns
+
+    judge = runs.parse_judge(args.judge)
+    check_judge(judge)
+    if judge_kind(judge) != "text":
+        raise ValueError(
+            f"rejudge re-reads stored responses, which a {judge.name!r} scorer cannot; re-run those trials"
+        )
+    if not Path(args.store).exists():
+        raise FileNotFoundError(f"no trial store at {args.store}")
+    filters = {"judge": judge.name} | ({"model": args.model} if args.model else {})
+    with TrialStore(args.store) as store:
+        rows = store.error_rows(**filters)
+        rows = rows[rows["response"].notna()]
+        print(f"{len(rows)} stored responses with a judge error ({judge.name}) in {args.store}")
+        keys = [tuple(r) for r in rows[list(KEY_COLUMNS)].itertuples(index=False)]
+        by_key = dict(zip(keys, rows.itertuples(index=False), strict=True))
+        batches = [keys[i : i + args.batch_size] for i in range(0, len(keys), args.batch_size)]
+        with store.claims(batches, ttl_s=args.lease_s) as queue:
+            for claim in queue:
+                part = [by_key[k] for k in claim.keys]
+                verdicts = judge.judge(
+                    responses=[r.response for r in part],
+                    concepts=[r.concept for r in part],
+                    forced=[r.condition == "forced" for r in part],
+                )
+                store.replace_verdicts(
+                    [
+                        dict(zip(KEY_COLUMNS, k, strict=True)) | verdict_columns(v)
+                        for k, v in zip(claim.keys, verdicts, strict=True)
+                    ]
+                )
+        left = store.count_errors(**filters)
+    print(f"{len(rows) - left} re-judged; {left} still have a judge error")
+    return 1 if left else 0
+
+
 # ----------------------------------------------------------------------------------------------- figures
 
 

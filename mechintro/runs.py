@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from mechintro.settings import BATCHING, SAMPLING, TRIALS
+from mechintro.settings import BATCHING, SAMPLING, STORE, TRIALS
 
 __all__ = [
     "CONCEPT_SETS",
@@ -138,6 +138,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -176,6 +184,18 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--no-retry-errors",
+        dest="retry_errors",
+        action="store_false",
+        help="keep stored trials whose judge failed instead of running them again",
+    )
+    p.add_argument(
+        "--lease-s",
+        type=positive_float,
+        default=STORE.lease_s,
+        help=f"seconds a claimed batch stays reserved in a shared store (default {STORE.lease_s:g})",
+    )
 
 
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -189,6 +209,8 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "store": args.store,
         "progress": not args.quiet,
+        "retry_errors": args.retry_errors,
+        "lease_s": args.lease_s,
     }
 
 

@@ -17,12 +17,14 @@ __all__ = [
     "CONDITIONS",
     "EXPERIMENTS",
     "SAMPLING",
+    "STORE",
     "TRIALS",
     "Batching",
     "Component",
     "Condition",
     "Experiment",
     "Sampling",
+    "StorePolicy",
     "TrialDefaults",
     "check_choice",
     "check_choices",
@@ -64,6 +66,17 @@ class Batching:
 
 
 @dataclass(frozen=True)
+class StorePolicy:
+    """How runs use the trial store."""
+
+    retry_errors: bool = True
+    """Re-run trials whose judge failed (their error rows do not count as done)."""
+    lease_s: float = 600.0
+    """How long a batch claimed by one process stays reserved (renewed while it runs); a crashed process's
+    batches are taken over once their lease expires."""
+
+
+@dataclass(frozen=True)
 class TrialDefaults:
     """Which trials are run."""
 
@@ -82,6 +95,7 @@ class TrialDefaults:
 
 SAMPLING = Sampling()
 BATCHING = Batching()
+STORE = StorePolicy()
 TRIALS = TrialDefaults()
 
 

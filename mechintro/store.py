@@ -112,6 +112,22 @@ def _new_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
+def _is_dead_here(owner: str) -> bool:
+    """True when ``owner`` names a process on this host that no longer exists (it crashed or was killed), so
+    its leases need not wait for their expiry. Owners on other hosts, or still alive, are not dead."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by another user
+        return False
+    return False
+
+
 class TrialStore:
     """A SQLite file of trials (stdlib sqlite3, WAL mode); use as a context manager or call ``close()``.
 
@@ -418,7 +434,9 @@ class TrialStore:
         In one ``BEGIN IMMEDIATE`` transaction: keys that are done (as :meth:`done_keys` with
         ``retry_errors``) go to ``claim.done``; keys leased to another owner until later than now go to
         ``claim.busy``; every other key is leased to ``owner`` (default: ``self.owner``) for ``ttl_s``
-        seconds and goes to ``claim.keys``. An expired lease is taken over. The claim is true when
+        seconds and goes to ``claim.keys``. An expired lease is taken over, and so is the lease of a process
+        on this host that no longer exists (a re-run after a crash does not wait for the expiry). The claim is
+        true when
         ``claim.keys`` is not empty: then run those trials and ``write`` their rows (which releases them),
         renewing the lease (:meth:`renew`) if the work may outlast ``ttl_s``.
         """
@@ -427,6 +445,9 @@ class TrialStore:
         ttl_s = _check_ttl(ttl_s)
         with _transaction(conn):
             now = time.time()
+            live = conn.execute("SELECT DISTINCT owner FROM leases WHERE expires > ?", (now,)).fetchall()
+            dead = [(o,) for (o,) in live if o != owner and _is_dead_here(o)]
+            conn.executemany("UPDATE leases SET expires = 0 WHERE owner = ?", dead)  # a crashed run's batches
             wanted = self._probe(conn, keys)
             done = self._done(conn, retry_errors)
             leased = f"FROM _probe p CROSS JOIN leases l ON {_match('p', 'l')}"

@@ -50,7 +50,7 @@ from mechintro.prompts import (
 )
 from mechintro.readout import concept_logprob, concept_token_ids, yes_no_gap
 from mechintro.sampling import sample, trial_seed
-from mechintro.settings import BATCHING, CONDITIONS, SAMPLING, TRIALS, check_choices
+from mechintro.settings import BATCHING, CONDITIONS, SAMPLING, STORE, TRIALS, check_choices
 from mechintro.steering import inject
 from mechintro.store import KEY_COLUMNS, TrialStore
 
@@ -66,6 +66,7 @@ __all__ = [
     "run_trials",
     "sweep",
     "trial_seed",
+    "verdict_columns",
 ]
 
 PAPER_TRIALS = TRIALS.trials
@@ -385,7 +386,7 @@ def _scores(model: Any, batch: _Batch) -> tuple[list[float], list[float]]:
     return gap.cpu().tolist(), concept_logprob(logits, ids).exp().cpu().tolist()
 
 
-def _verdict_columns(verdict: Verdict) -> dict[str, Any]:
+def verdict_columns(verdict: Verdict) -> dict[str, Any]:
     return {
         "detected": verdict.detected,
         "identified": verdict.identified,
@@ -408,7 +409,7 @@ def _run_batch(model: Any, batch: _Batch, *, judge: Any, settings: RunSettings) 
         if len(verdicts) != len(responses):
             raise ValueError(f"the judge returned {len(verdicts)} verdicts for {len(responses)} responses")
     return [
-        t.row(settings) | {"response": r, "n_new_tokens": n} | _verdict_columns(v)
+        t.row(settings) | {"response": r, "n_new_tokens": n} | verdict_columns(v)
         for t, r, n, v in zip(batch.trials, responses, lengths, verdicts, strict=True)
     ]
 
@@ -446,7 +447,7 @@ def _layer_vectors(
 
 
 def _execute(
-    model: Any,
+    model: Model,
     grid: _Grid,
     planned: list[Trial],
     prompts: Mapping[tuple, TrialPrompt],
@@ -456,24 +457,44 @@ def _execute(
     batch_size: int,
     vectors: Mapping[int, Tensor] | None,
     progress: bool,
+    retry_errors: bool,
+    lease_s: float,
 ) -> None:
-    """Run every planned trial that the store does not hold yet, writing each batch as it completes."""
+    """Run every planned trial that the store does not hold yet, writing each batch as it completes.
+
+    Batches are claimed in the store before they run (:meth:`~mechintro.store.TrialStore.claims`), so several
+    processes on one store split the work, and a crashed process's batches are taken over when their lease
+    expires. With ``retry_errors`` a stored row whose judge failed is run again.
+    """
     from tqdm.auto import tqdm
 
-    done = store.done_keys(t.key(grid.settings) for t in planned)
-    todo = [t for t in planned if t.key(grid.settings) not in done]
-    with tqdm(total=len(todo), disable=not progress, desc="trials", unit="trial") as bar:
-        for layer in grid.layers:
-            rows = [t for t in todo if t.layer == layer]
-            if not rows:
-                continue
-            by_concept = _layer_vectors(model, grid, layer, vectors)
-            rows.sort(key=lambda t: len(prompts[_prompt_key(t)].tokens))  # less padding; results unaffected
+    s = grid.settings
+    done = store.done_keys((t.key(s) for t in planned), retry_errors=retry_errors)
+    todo = [t for t in planned if t.key(s) not in done]
+    chunks = []
+    for layer in grid.layers:  # shortest prompts together: less padding; results unaffected
+        rows = sorted(
+            (t for t in todo if t.layer == layer), key=lambda t: len(prompts[_prompt_key(t)].tokens)
+        )
+        chunks += list(_chunks(rows, batch_size))
+    by_key = {t.key(s): t for t in todo}
+    by_layer: dict[int, dict[str, Tensor]] = {}  # concept vectors, computed on first use of a layer
+    batches = [[t.key(s) for t in chunk] for chunk in chunks]
+    with (
+        tqdm(total=len(todo), disable=not progress, desc="trials", unit="trial") as bar,
+        store.claims(batches, ttl_s=lease_s, retry_errors=retry_errors) as queue,
+    ):
+        for claim in queue:
+            chunk = [by_key[k] for k in claim.keys]
+            layer = chunk[0].layer
+            if layer not in by_layer:
+                by_layer[layer] = _layer_vectors(model, grid, layer, vectors)
             bar.set_description(f"layer {layer}")
-            for chunk in _chunks(rows, batch_size):
-                batch = _make_batch(chunk, prompts, by_concept)
-                store.write(_run_batch(model, batch, judge=judge, settings=grid.settings))
-                bar.update(len(chunk))
+            store.write(
+                _run_batch(model, _make_batch(chunk, prompts, by_layer[layer]), judge=judge, settings=s)
+            )
+            bar.update(len(chunk))
+        bar.update(queue.skipped)
 
 
 def _collect(store: TrialStore, grid: _Grid, planned: list[Trial]) -> pd.DataFrame:
@@ -506,8 +527,12 @@ def _run_grid(
     batch_size: int,
     vectors: Mapping[int, Tensor] | None,
     progress: bool,
+    retry_errors: bool,
+    lease_s: float,
 ) -> pd.DataFrame:
     _check_int("batch_size", batch_size, minimum=1)
+    if not (isinstance(lease_s, (int, float)) and math.isfinite(lease_s) and lease_s > 0):
+        raise ValueError(f"lease_s must be a positive number of seconds, got {lease_s!r}")
     for layer in grid.layers:
         if vectors is not None and layer in vectors:
             _check_vectors(model, vectors[layer], grid.concepts)
@@ -524,6 +549,8 @@ def _run_grid(
             batch_size=batch_size,
             vectors=vectors,
             progress=progress,
+            retry_errors=bool(retry_errors),
+            lease_s=float(lease_s),
         )
         return _collect(opened, grid, planned)
 
@@ -548,6 +575,8 @@ def run_trials(
     trials: Sequence[int] = TRIALS.trials,
     vectors: Float[Tensor, "concept d_model"] | None = None,
     progress: bool = True,
+    retry_errors: bool = STORE.retry_errors,
+    lease_s: float = STORE.lease_s,
 ) -> pd.DataFrame:
     """Run introspection trials for every concept at one layer and strength; one row per trial.
 
@@ -573,6 +602,9 @@ def run_trials(
         vectors: ``[n_concepts, d_model]`` concept vectors; computed with
             :func:`~mechintro.concepts.concept_vectors` at ``layer`` when None.
         progress: show a progress bar.
+        retry_errors: run again the stored trials whose judge failed (default); False keeps their error rows.
+        lease_s: how long a claimed batch stays reserved for this process in a shared store (renewed while it
+            runs); several processes on one store split the batches, and a crashed one's are taken over.
 
     Returns the stored rows of every requested trial (also those done by earlier calls), with the columns
     of :data:`mechintro.store.COLUMNS`: model, concept, trial, sample, condition, layer, strength, variant,
@@ -601,6 +633,8 @@ def run_trials(
         trials=trials,
         vectors=None if vectors is None else {spec.check_layer(layer): vectors},
         progress=progress,
+        retry_errors=retry_errors,
+        lease_s=lease_s,
     )
 
 
@@ -624,6 +658,8 @@ def sweep(
     trials: Sequence[int] = TRIALS.trials,
     vectors: Mapping[int, Tensor] | None = None,
     progress: bool = True,
+    retry_errors: bool = STORE.retry_errors,
+    lease_s: float = STORE.lease_s,
 ) -> pd.DataFrame:
     """:func:`run_trials` over layers x strengths x variants x personas, with one progress bar.
 
@@ -649,7 +685,15 @@ def sweep(
         trials=trials,
     )
     return _run_grid(
-        model, grid, judge=judge, store=store, vectors=vectors, batch_size=batch_size, progress=progress
+        model,
+        grid,
+        judge=judge,
+        store=store,
+        vectors=vectors,
+        batch_size=batch_size,
+        progress=progress,
+        retry_errors=retry_errors,
+        lease_s=lease_s,
     )
 
 

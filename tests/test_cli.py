@@ -185,6 +185,9 @@ def test_environment_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for argv, needle in [
         (["evaluate", "--model", "google/gemma-3-1b-it"], "not in the local Hugging Face cache"),
+        (["evaluate", "--model", "tiny", "--store", str(corrupt)], str(corrupt)),
+        (["figures", "--store", str(corrupt), "--out", str(tmp_path / "f")], str(corrupt)),
+        (["rejudge", "--store", str(corrupt), "--judge", "rule"], str(corrupt)),
     ]:
         with pytest.raises(SystemExit) as stop:
             main([*argv, *(["--concepts", "Bread", "--quiet"] if argv[0] == "evaluate" else [])])

@@ -325,3 +325,69 @@ def test_bugs_are_raised_not_recorded(api, tmp_path):
     judge._backend = replace(judge._backend, complete=broken)
     with pytest.raises(TypeError, match="bad call"):
         judge.judge(responses=["Yes."], concepts=["Bread"], forced=[False])
+
+
+class FailingAPI(FakeAPI):
+    """The fake API answering 400 (not retried) while ``failing`` is set."""
+
+    failing = True
+
+    def answer(self, path, headers, body):
+        if self.failing:
+            return 400, {"error": {"message": "bad request", "type": "invalid_request_error"}}
+        return super().answer(path, headers, body)
+
+
+def test_failed_judging_exits_non_zero_then_rejudge_and_reruns_fix_it(
+    tiny_dir, tmp_path, monkeypatch, capsys
+):
+    """Through the command line: a run whose every judge call fails exits 1 (the errors are stored, not
+    counted as No); `mechintro rejudge` re-judges the stored responses without generating; a re-run retries
+    any error left, and generates nothing once everything is judged."""
+    import mechintro.trials as trials
+    from mechintro.cli import main
+    from mechintro.store import TrialStore
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the judge's reply cache
+    store = tmp_path / "runs.sqlite"
+    run = [
+        "--model",
+        str(tiny_dir),
+        "--concepts",
+        "Bread,Oceans",
+        "--n-trials",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--quiet",
+        "--store",
+        str(store),
+        "--judge",
+        "llm:test-model",
+    ]
+    with FailingAPI() as api:
+        monkeypatch.setenv("OPENAI_BASE_URL", f"{api.url}/v1")
+        assert main(["evaluate", *run]) == 1
+        out = capsys.readouterr().out
+        assert "8 of 8 trials have a judge error" in out and "every judge call failed" in out
+        with TrialStore(store) as s:
+            assert s.count_errors() == 8 and s.load()["response"].notna().all()
+        api.failing = False
+        assert main(["rejudge", "--store", str(store), "--judge", "llm:test-model"]) == 0
+        assert "8 re-judged; 0 still have a judge error" in capsys.readouterr().out
+        with TrialStore(store) as s:
+            df = s.load()
+        assert df["judge_error"].isna().all() and df["detected"].notna().all()
+        monkeypatch.setattr(trials, "sample", lambda *a, **k: pytest.fail("re-generated judged trials"))
+        assert main(["evaluate", *run]) == 0
+        api.failing = True
+        monkeypatch.undo()
+        monkeypatch.setenv("HOME", str(tmp_path))
+        monkeypatch.setenv("OPENAI_BASE_URL", f"{api.url}/v1")
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test-openai")
+        more = [*run[:-1], "llm:test-model", "--n-trials", "3"]  # 4 new trials fail, then are retried
+        assert main(["evaluate", *more]) == 0  # 8 of 12 judged: not every call failed
+        assert "4 of 12 trials have a judge error" in capsys.readouterr().out
+        api.failing = False
+        assert main(["evaluate", *more]) == 0
+        assert "judge error" not in capsys.readouterr().out

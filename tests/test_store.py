@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mechintro.metrics import _has_error
+from mechintro.judges import error_mask as _has_error
 from mechintro.store import COLUMNS, KEY_COLUMNS, VERDICT_COLUMNS, StoreError, TrialStore
 
 REPO = Path(__file__).parents[1]
@@ -818,7 +818,7 @@ def test_two_processes_split_the_batches(tmp_path):
         assert set(df[df["trial"].isin([e["index"] for e in log])]["response"]) == owners[name]
 
 
-def test_killed_claimant_batch_is_taken_over_after_expiry(tmp_path):
+def test_killed_claimant_batch_is_taken_over(tmp_path):
     n_batches, batch, ttl = 8, 5, 1.0
     (tmp_path / "go").touch()
     hung = start_runner(tmp_path, "hung", n_batches=n_batches, batch=batch, ttl=ttl, work_s=0.0, hang=True)
@@ -844,8 +844,27 @@ def test_killed_claimant_batch_is_taken_over_after_expiry(tmp_path):
     log = read_log(tmp_path / "worker.log")
     taken = [e for e in log if e["index"] == held]
     assert len(taken) == 1 and taken[0]["n"] == batch
-    assert taken[0]["t"] >= expires and taken[0]["t"] > killed_at  # only once the lease had run out
-    assert taken[0]["t"] < killed_at + ttl + 2.0  # and soon after
+    # only once its claimant was dead (the lease, renewed until then, would have held until `expires`), and
+    # at once: a dead process on this host holds nothing
+    assert taken[0]["t"] > killed_at and taken[0]["t"] < killed_at + 2.0
     assert sorted(e["index"] for e in log) == list(range(n_batches))
     df = check_every_batch_once(tmp_path, n_batches, batch)
     assert df[df["trial"] == held]["response"].unique().tolist() == [taken[0]["owner"]]
+
+
+def test_leases_of_a_dead_process_on_this_host_do_not_wait_for_their_expiry(tmp_path):
+    """A re-run after a crash takes the dead run's batches at once (its lease could be minutes long); a lease
+    of a live owner, or of an owner on another host, is respected until it expires."""
+    import socket
+
+    host = socket.gethostname()
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(finished.stdout)  # that process has exited
+    with TrialStore(tmp_path / "t.sqlite") as store:
+        assert store.claim(batch_keys(0), ttl_s=600, owner=f"{host}:{dead_pid}:crashed")
+        assert store.claim(batch_keys(1), ttl_s=600, owner=f"{host}:1:alive")  # pid 1 is always alive
+        assert store.claim(batch_keys(2), ttl_s=600, owner=f"elsewhere:{dead_pid}:remote")
+        claim = store.claim(batch_keys(0) + batch_keys(1) + batch_keys(2), ttl_s=600)
+        assert claim.keys == tuple(batch_keys(0)) and claim.busy == tuple(batch_keys(1) + batch_keys(2))

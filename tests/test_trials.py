@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -343,7 +344,8 @@ def test_killed_sweep_resumes_with_nothing_lost_or_doubled(tiny, tiny_dir, tmp_p
     path = tmp_path / "crash.sqlite"
     script = tmp_path / "crash.py"
     script.write_text(CRASH_SCRIPT)
-    env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    repo = str(Path(__file__).resolve().parent.parent)  # this checkout's mechintro, not another install's
+    env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
     proc = subprocess.Popen(
         [sys.executable, str(script), str(tiny_dir), str(path)],
         stdout=subprocess.PIPE,
