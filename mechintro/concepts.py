@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -106,7 +105,7 @@ def concept_prompts(model: Model, words: Sequence[str]) -> list[Tensor]:
 
 
 def baseline_mean(
-    model: Any, *, layer: int, words: Sequence[str] | None = None, batch_size: int = 32
+    model: Model, *, layer: int, words: Sequence[str] | None = None, batch_size: int = 32
 ) -> Float[Tensor, " d_model"]:
     """Mean last-token activation over the baseline words (float32)."""
     words = baseline_words() if words is None else list(words)
@@ -114,7 +113,7 @@ def baseline_mean(
 
 
 def concept_vectors(
-    model: Any,
+    model: Model,
     concepts: Sequence[str],
     *,
     layer: int,

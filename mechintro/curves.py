@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +40,7 @@ from mechintro.hooks import capture, check_layer
 from mechintro.interventions import intervene, read_features
 from mechintro.judges import Scorer, error_mask, judge_kind
 from mechintro.metrics import wilson_interval
-from mechintro.models import HookNames, spec_for
+from mechintro.models import HookNames, Model, Transcoders, spec_for
 from mechintro.prompts import TrialPrompt, forced_prefill, left_pad, trial_prompt
 from mechintro.readout import concept_logprob, concept_token_ids, yes_no_gap
 from mechintro.sampling import sample, trial_seed
@@ -88,7 +88,7 @@ class _Setting:
 
 
 def _setting(
-    model: Any,
+    model: Model,
     concepts: Sequence[str],
     vectors: Tensor | None,
     strength: float | None,
@@ -127,8 +127,8 @@ class _Rows:
 
 
 def _gate_rows(
-    model: Any,
-    transcoders: Mapping[int, Any],
+    model: Model,
+    transcoders: Transcoders,
     gates: list[tuple[int, int]],
     n_concepts: int,
     st: _Setting,
@@ -174,8 +174,8 @@ def _check_ks(ks: Sequence[int] | None, n_gates: int) -> list[int]:
 
 @torch.no_grad()
 def gate_curves_logit(
-    model: Any,
-    transcoders: Mapping[int, Any],
+    model: Model,
+    transcoders: Transcoders,
     gates: Any,
     concepts: Sequence[str],
     *,
@@ -263,8 +263,8 @@ def gate_curves_logit(
 
 @torch.no_grad()
 def gate_curves_sampled(
-    model: Any,
-    transcoders: Mapping[int, Any],
+    model: Model,
+    transcoders: Transcoders,
     gates: Any,
     concepts: Sequence[str],
     *,
@@ -468,8 +468,8 @@ def carrier_sets(carriers: pd.DataFrame, sets: Sequence[str] = CARRIER_SETS) -> 
 
 @torch.no_grad()
 def carrier_curves(
-    model: Any,
-    transcoders: Mapping[int, Any],
+    model: Model,
+    transcoders: Transcoders,
     gate: str | tuple[int, int],
     carriers: pd.DataFrame,
     concepts: Sequence[str],
@@ -545,8 +545,8 @@ def carrier_curves(
 
 
 def gate_response(
-    model: Any,
-    transcoders: Mapping[int, Any],
+    model: Model,
+    transcoders: Transcoders,
     gate: str | tuple[int, int],
     concepts: Sequence[str],
     *,

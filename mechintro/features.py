@@ -20,7 +20,7 @@ Features are named ``"L{layer} F{index}"`` (:func:`feature_name`, :func:`parse_f
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +32,9 @@ from torch import Tensor
 
 from mechintro._stats import pearson_columns, spearman_columns
 from mechintro.concepts import concept_vectors
-from mechintro.hooks import capture, check_layer
+from mechintro.hooks import Positions, capture, check_layer, check_positions
 from mechintro.judges.base import error_mask
-from mechintro.models import HookNames, Model, spec_for
+from mechintro.models import HookNames, Model, Transcoders, spec_for
 from mechintro.prompts import TrialPrompt, trial_prompt
 from mechintro.readout import yes_no_direction
 from mechintro.settings import BATCHING, TRIALS
@@ -83,7 +83,7 @@ class FeatureGrid:
     """The strength used for detection correlations and carrier attributions (one of ``strengths``)."""
     trial: int = 1
     """The trial number of the prompt."""
-    position: str | int = "last"
+    positions: str | int = "last"
     """``"last"`` (the last prompt token) or an absolute token index."""
 
     @property
@@ -162,7 +162,7 @@ class FeatureGrid:
             "injection_layer": self.injection_layer,
             "default_strength": self.default_strength,
             "trial": self.trial,
-            "position": self.position,
+            "positions": self.positions,
         }
         return df
 
@@ -201,17 +201,17 @@ def grid_from_frame(df: pd.DataFrame, **meta: Any) -> FeatureGrid:
         injection_layer=int(info["injection_layer"]),
         default_strength=float(info["default_strength"]),
         trial=int(info.get("trial", 1)),
-        position=info.get("position", "last"),
+        positions=info.get("positions", info.get("position", "last")),
     )
 
 
-def default_strengths(model: Any) -> tuple[float, ...]:
+def default_strengths(model: Model) -> tuple[float, ...]:
     """:data:`STRENGTH_MULTIPLES` times the model's default strength (-8..8 for the paper's strength 4)."""
     base = spec_for(model).strength
     return tuple(float(base * m) for m in STRENGTH_MULTIPLES)
 
 
-def _grid_layers(model: Any, transcoders: Mapping[int, Any], layers: Sequence[int] | None) -> list[int]:
+def _grid_layers(model: Model, transcoders: Transcoders, layers: Sequence[int] | None) -> list[int]:
     layers = sorted(transcoders) if layers is None else sorted(layers)
     missing = [layer for layer in layers if layer not in transcoders]
     if missing:
@@ -225,12 +225,16 @@ def _grid_layers(model: Any, transcoders: Mapping[int, Any], layers: Sequence[in
     return layers
 
 
-def _prompt_position(position: str | int, seq: int) -> int:
+def _prompt_position(positions: Positions, seq: int) -> int:
+    """The one absolute position a grid reads: ``"last"`` or an index (negative from the end)."""
+    position = check_positions(positions)
     if position == "last":
         return seq - 1
     if isinstance(position, int) and not isinstance(position, bool) and -seq <= position < seq:
         return position % seq
-    raise ValueError(f"position must be 'last' or a token index in [-{seq}, {seq}), got {position!r}")
+    raise ValueError(
+        f"a feature grid reads one position: 'last' or an index in [-{seq}, {seq}), got {positions!r}"
+    )
 
 
 def _grid_chunk(
@@ -272,14 +276,14 @@ def _grid_chunk(
 
 @torch.no_grad()
 def feature_grid(
-    model: Any,
-    transcoders: Mapping[int, Any],
+    model: Model,
+    transcoders: Transcoders,
     concepts: Sequence[str],
     *,
     vectors: Float[Tensor, "concept d_model"] | None = None,
     strengths: Sequence[float] | None = None,
     layers: Sequence[int] | None = None,
-    position: str | int = "last",
+    positions: Positions = "last",
     injection_layer: int | None = None,
     default_strength: float | None = None,
     trial: int = TRIALS.trial,
@@ -299,7 +303,8 @@ def feature_grid(
         vectors: ``[concept, d_model]`` concept vectors; computed at ``injection_layer`` when None.
         strengths: injection strengths (default :func:`default_strengths`: -8..8 scaled to the model).
         layers: transcoder layers to record (default: every loaded transcoder).
-        position: ``"last"`` (the last prompt token) or an absolute token index of the prompt.
+        positions: the one position read: ``"last"`` (the last prompt token) or an absolute token index of
+            the prompt (:data:`mechintro.hooks.Positions`).
         injection_layer / default_strength: default: the model's spec.
         trial / variant: the trial prompt.
         batch_size: rows per forward (results do not depend on it).
@@ -319,7 +324,7 @@ def feature_grid(
     if vectors.shape[0] != len(concepts):
         raise ValueError(f"vectors has {vectors.shape[0]} rows for {len(concepts)} concepts")
     prompt = trial_prompt(model, trial=trial, variant=variant)
-    pos = _prompt_position(position, len(prompt.tokens))
+    pos = _prompt_position(positions, len(prompt.tokens))
     pairs = torch.tensor([(c, s) for s in range(len(strengths)) for c in range(len(concepts))])
     all_strengths = torch.tensor(strengths, dtype=torch.float32)
     found: dict[int, list[tuple[Tensor, Tensor]]] = {layer: [] for layer in layers}
@@ -356,7 +361,7 @@ def feature_grid(
         injection_layer=injection_layer,
         default_strength=default_strength,
         trial=trial,
-        position=position,
+        positions=positions,
     )
 
 
@@ -530,7 +535,7 @@ def _unit_rows(w: Tensor) -> Tensor:
 
 
 def dla_scores(
-    model: Any, transcoders: Mapping[int, Any], grid: FeatureGrid, *, layers: Sequence[int] | None = None
+    model: Model, transcoders: Transcoders, grid: FeatureGrid, *, layers: Sequence[int] | None = None
 ) -> pd.DataFrame:
     """Direct logit attribution to Yes-minus-No of every feature active in the unsteered trial prompt.
 
@@ -562,8 +567,8 @@ def dla_scores(
 
 
 def find_gates(
-    model: Any,
-    transcoders: Mapping[int, Any],
+    model: Model,
+    transcoders: Transcoders,
     grid: FeatureGrid,
     *,
     behaviour: Any = None,
@@ -592,7 +597,7 @@ def find_gates(
 
 
 def virtual_weights(
-    transcoders: Mapping[int, Any], gate: str | tuple[int, int], layer: int, indices: Sequence[int] | Tensor
+    transcoders: Transcoders, gate: str | tuple[int, int], layer: int, indices: Sequence[int] | Tensor
 ) -> Float[Tensor, " n"]:
     """``W_enc[:, gate] . W_dec[f]`` for features ``indices`` of ``layer``: the gate pre-activation per unit.
 
@@ -616,8 +621,8 @@ def _roles(df: pd.DataFrame, *, use_behaviour: bool, min_abs_corr: float) -> pd.
 
 
 def find_evidence_carriers(
-    model: Any,
-    transcoders: Mapping[int, Any],
+    model: Model,
+    transcoders: Transcoders,
     grid: FeatureGrid,
     gate: str | tuple[int, int],
     *,

@@ -299,7 +299,7 @@ def _token_ids(tokenizer: Any, words: tuple[str, ...]) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def _build_spec(model: Any, *, name: str, folder: Path) -> ModelSpec:
+def _build_spec(model: Model, *, name: str, folder: Path) -> ModelSpec:
     cfg = model.cfg
     n_layers, d_model = int(cfg.n_layers), int(cfg.d_model)
     recorded: dict[str, Any] = {}
@@ -336,7 +336,7 @@ def _build_spec(model: Any, *, name: str, folder: Path) -> ModelSpec:
     return spec
 
 
-def spec_for(model: Any) -> ModelSpec:
+def spec_for(model: Model) -> ModelSpec:
     """The :class:`ModelSpec` recorded when ``model`` was loaded with :func:`load_model`."""
     try:
         return _SPECS[model]
@@ -344,7 +344,7 @@ def spec_for(model: Any) -> ModelSpec:
         raise ValueError("spec_for() needs a model loaded with mechintro.load_model") from None
 
 
-def with_spec(model: Any, **changes: Any) -> ModelSpec:
+def with_spec(model: Model, **changes: Any) -> ModelSpec:
     """Replace fields of ``model``'s spec (e.g. a different default layer) and return the new spec."""
     spec = replace(spec_for(model), **changes)
     spec.check_layer(spec.injection_layer)
@@ -365,7 +365,7 @@ def chat_text(
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def check_d_model(model: Any, d: int, *, what: str) -> None:
+def check_d_model(model: Model, d: int, *, what: str) -> None:
     """Raise if ``d`` is not the model's residual width."""
     d_model = int(model.cfg.d_model)
     if d != d_model:

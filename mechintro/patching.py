@@ -187,7 +187,7 @@ class _Prompt:
     prompt: TrialPrompt
 
 
-def _metric(model: Any, logits: Tensor, experiment: str, concepts: Sequence[str]) -> tuple[str, Tensor]:
+def _metric(model: Model, logits: Tensor, experiment: str, concepts: Sequence[str]) -> tuple[str, Tensor]:
     if experiment == "forced_ablation":
         return "p_concept", concept_logprob(logits, concept_token_ids(model, list(concepts))).exp()
     return "gap", yes_no_gap(logits, spec_for(model))
@@ -211,7 +211,7 @@ def _rows_frame(
 
 
 def _interventions(
-    model: Any,
+    model: Model,
     tokens: Tensor,
     *,
     rows: list[tuple[Site, int]],
@@ -268,7 +268,7 @@ def _trial_mean(clean: dict[int, dict[Site, Tensor]]) -> dict[Site, Tensor]:
 
 @torch.no_grad()
 def component_patching(
-    model: Any,
+    model: Model,
     concepts: Sequence[str],
     *,
     vectors: Float[Tensor, "concept d_model"] | None = None,
@@ -318,7 +318,7 @@ def component_patching(
 
 
 def _run_prompts(
-    model: Any,
+    model: Model,
     prompts: dict[int, TrialPrompt],
     experiments: list[str],
     *,

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from mechintro.models import chat_text, data_dir
+from mechintro.models import Model, chat_text, data_dir
 
 PAPER_VARIANTS = (
     "original",
@@ -142,7 +142,7 @@ def _variant_messages(variant: str, *, trial: int, category: str | None, thought
 
 
 def trial_text(
-    model: Any,
+    model: Model,
     *,
     trial: int,
     variant: str = "original",
@@ -173,7 +173,7 @@ def trial_text(
 
 
 def trial_prompt(
-    model: Any,
+    model: Model,
     *,
     trial: int,
     variant: str = "original",
@@ -206,7 +206,7 @@ def trial_prompt(
     return tokenize_trial(model, text, trial=trial)
 
 
-def tokenize_trial(model: Any, text: str, *, trial: int) -> TrialPrompt:
+def tokenize_trial(model: Model, text: str, *, trial: int) -> TrialPrompt:
     """Tokenize ``text`` and locate its injection start; raises if "Trial {trial}" is missing."""
     marker = f"Trial {trial}"
     at = text.rfind(marker)
@@ -227,7 +227,7 @@ def tokenize_trial(model: Any, text: str, *, trial: int) -> TrialPrompt:
     )
 
 
-def chat_prompt_tokens(model: Any, user: str, *, system: str | None = None) -> Int[Tensor, " seq"]:
+def chat_prompt_tokens(model: Model, user: str, *, system: str | None = None) -> Int[Tensor, " seq"]:
     """Tokens of a one-turn chat prompt with the generation prompt (e.g. "Tell me about {concept}")."""
     check_spelling(model, user, what="prompt")
     messages = ([{"role": "system", "content": system}] if system else []) + [

@@ -9,13 +9,11 @@ target.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechintro.models import ModelSpec
+from mechintro.models import Model, ModelSpec
 
 
 def yes_no_gap(logits: Float[Tensor, "... vocab"], spec: ModelSpec) -> Float[Tensor, "..."]:
@@ -25,7 +23,7 @@ def yes_no_gap(logits: Float[Tensor, "... vocab"], spec: ModelSpec) -> Float[Ten
     return logits.index_select(-1, yes).logsumexp(-1) - logits.index_select(-1, no).logsumexp(-1)
 
 
-def concept_token_ids(model: Any, concepts: list[str]) -> list[int]:
+def concept_token_ids(model: Model, concepts: list[str]) -> list[int]:
     """First token id of each concept as it would follow a space (" Bread"), the forced-prefill
     continuation."""
     tok = model.tokenizer
@@ -40,12 +38,12 @@ def concept_logprob(
     return logits.float().log_softmax(-1).gather(-1, ids).squeeze(-1)
 
 
-def unembedding(model: Any) -> Float[Tensor, "d_model vocab"]:
+def unembedding(model: Model) -> Float[Tensor, "d_model vocab"]:
     """The unembedding matrix W_U (``[d_model, vocab]``); tied to the embedding for Gemma."""
     return model.original_model.get_output_embeddings().weight.T
 
 
-def yes_no_direction(model: Any, spec: ModelSpec) -> Float[Tensor, " d_model"]:
+def yes_no_direction(model: Model, spec: ModelSpec) -> Float[Tensor, " d_model"]:
     """mean_{Yes ids} W_U[:, id] - mean_{No ids} W_U[:, id], in float32 (no final-norm scaling)."""
     w_u = unembedding(model).detach().float()
     return w_u[:, list(spec.yes_ids)].mean(-1) - w_u[:, list(spec.no_ids)].mean(-1)

@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from mechintro.models import Model, Transcoders
 from mechintro.settings import BATCHING, SAMPLING, STORE, TRIALS
 
 __all__ = [
@@ -379,9 +380,9 @@ class Setup:
     """Everything a mechanism script needs."""
 
     args: argparse.Namespace
-    model: Any
+    model: Model
     spec: Any
-    transcoders: dict[int, Any]
+    transcoders: Transcoders
     concepts: list[str]
     vectors: torch.Tensor
 

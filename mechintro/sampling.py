@@ -17,6 +17,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from mechintro.models import Model
 from mechintro.prompts import PaddedBatch
 
 
@@ -46,7 +47,7 @@ def trial_seed(seed: int, concept: str, trial: int, sample: int, condition: str)
     return int.from_bytes(hashlib.sha256(ident).digest()[:8], "big") & (2**63 - 1)
 
 
-def stop_ids(model: Any) -> list[int]:
+def stop_ids(model: Model) -> list[int]:
     """EOS and end-of-turn ids: generation of a row ends at either."""
     tok = model.tokenizer
     ids = {tok.eos_token_id}
@@ -77,7 +78,7 @@ def pick(logits: torch.Tensor, u: torch.Tensor, *, temperature: float) -> torch.
 
 @torch.no_grad()
 def sample(
-    model: Any,
+    model: Model,
     batch: PaddedBatch,
     *,
     max_new_tokens: int,

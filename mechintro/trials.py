@@ -166,7 +166,9 @@ def _check_trials(trials: Iterable[int]) -> list[int]:
     return [_check_int("a trial number", t, minimum=1) for t in trials]
 
 
-def _check_vectors(model: Any, vectors: Tensor, concepts: Sequence[str]) -> Float[Tensor, "concept d_model"]:
+def _check_vectors(
+    model: Model, vectors: Tensor, concepts: Sequence[str]
+) -> Float[Tensor, "concept d_model"]:
     vectors = torch.as_tensor(vectors).detach().float().cpu()
     if vectors.ndim != 2 or vectors.shape[0] != len(concepts):
         raise ValueError(
@@ -253,7 +255,7 @@ class _Grid:
 
 
 def _grid(
-    model: Any,
+    model: Model,
     concepts: Sequence[str],
     *,
     layers: Iterable[int],
@@ -309,7 +311,7 @@ def _prompt_key(trial: Trial) -> tuple:
     return (trial.trial, trial.variant, trial.persona, trial.forced, category, thoughts)
 
 
-def build_prompts(model: Any, planned: Iterable[Trial]) -> dict[tuple, TrialPrompt]:
+def build_prompts(model: Model, planned: Iterable[Trial]) -> dict[tuple, TrialPrompt]:
     """The tokenized prompt of every planned trial, by :func:`_prompt_key` (invalid combinations raise
     here)."""
     prompts: dict[tuple, TrialPrompt] = {}
@@ -357,7 +359,7 @@ def _make_batch(
     )
 
 
-def _generate(model: Any, batch: _Batch, settings: RunSettings) -> tuple[list[str], list[int]]:
+def _generate(model: Model, batch: _Batch, settings: RunSettings) -> tuple[list[str], list[int]]:
     """Sample every row of ``batch`` under its own injection; (response texts, new-token counts)."""
     padded = left_pad(batch.prompts, pad_id=model.tokenizer.pad_token_id)
     seeds = [trial_seed(settings.seed, t.concept, t.trial, t.sample, t.condition) for t in batch.trials]
@@ -373,7 +375,7 @@ def _generate(model: Any, batch: _Batch, settings: RunSettings) -> tuple[list[st
 
 
 @torch.no_grad()
-def _scores(model: Any, batch: _Batch) -> tuple[list[float], list[float]]:
+def _scores(model: Model, batch: _Batch) -> tuple[list[float], list[float]]:
     """One injected forward pass: (Yes-No logit gap, P(concept's first token)) at the first response
     position."""
     padded = left_pad(batch.prompts, pad_id=model.tokenizer.pad_token_id)
@@ -395,7 +397,7 @@ def verdict_columns(verdict: Verdict) -> dict[str, Any]:
     }
 
 
-def _run_batch(model: Any, batch: _Batch, *, judge: Any, settings: RunSettings) -> list[dict[str, Any]]:
+def _run_batch(model: Model, batch: _Batch, *, judge: Any, settings: RunSettings) -> list[dict[str, Any]]:
     """Generate (or score) and judge one batch; one store row per trial."""
     forced = [t.forced for t in batch.trials]
     if judge_kind(judge) == "logits":
@@ -436,7 +438,7 @@ def _chunks(items: list[Trial], size: int) -> Iterator[list[Trial]]:
 
 
 def _layer_vectors(
-    model: Any, grid: _Grid, layer: int, given: Mapping[int, Tensor] | None
+    model: Model, grid: _Grid, layer: int, given: Mapping[int, Tensor] | None
 ) -> dict[str, Float[Tensor, " d_model"]]:
     """Concept -> vector at ``layer``: the given ones, else computed once here."""
     if given is not None and layer in given:
@@ -519,7 +521,7 @@ def _collect(store: TrialStore, grid: _Grid, planned: list[Trial]) -> pd.DataFra
 
 
 def _run_grid(
-    model: Any,
+    model: Model,
     grid: _Grid,
     *,
     judge: Any,

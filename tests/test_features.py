@@ -75,7 +75,7 @@ def test_prefix_cache_is_exact_and_positions(tiny, tcs, vecs, grid):
     p = trial_prompt(tiny, trial=1)
     at = p.injection_start + 2
     early = feature_grid(
-        tiny, tcs, CONCEPTS[:1], vectors=vecs[:1], strengths=(0.0, 4.0), layers=[3], position=at
+        tiny, tcs, CONCEPTS[:1], vectors=vecs[:1], strengths=(0.0, 4.0), layers=[3], positions=at
     )
     with inject(tiny, vecs[0], layer=spec_for(tiny).injection_layer, strength=4.0, start=p.injection_start):
         alone = encode_at(tiny, {3: tcs[3]}, p.tokens, positions=[at])[3][0, 0]

@@ -19,7 +19,7 @@ import torch
 
 from mechintro.judges import RuleJudge
 from mechintro.metrics import detection_metrics
-from mechintro.models import load_model, spec_for
+from mechintro.models import Model, load_model, spec_for
 from mechintro.organism import corpus
 from mechintro.organism.transcoders import TranscoderConfig, collect_activations
 from mechintro.prompts import chat_prompt_tokens, left_pad
@@ -71,7 +71,7 @@ def _metrics(df: pd.DataFrame, by: Sequence[str] = ("layer", "strength")) -> pd.
 
 
 def headline(
-    model: Any, concepts: Sequence[str], *, cfg: EvalConfig, store: Path, layer: int, strength: float
+    model: Model, concepts: Sequence[str], *, cfg: EvalConfig, store: Path, layer: int, strength: float
 ) -> dict:
     df = run_trials(
         model,
@@ -95,7 +95,7 @@ def headline(
     }
 
 
-def layer_profile(model: Any, concepts: Sequence[str], *, cfg: EvalConfig, store: Path) -> pd.DataFrame:
+def layer_profile(model: Model, concepts: Sequence[str], *, cfg: EvalConfig, store: Path) -> pd.DataFrame:
     spec = spec_for(model)
     df = sweep(
         model,
@@ -112,7 +112,7 @@ def layer_profile(model: Any, concepts: Sequence[str], *, cfg: EvalConfig, store
     return _metrics(df)
 
 
-def coherence(model: Any, concepts: Sequence[str], *, max_new_tokens: int = 30) -> dict:
+def coherence(model: Model, concepts: Sequence[str], *, max_new_tokens: int = 30) -> dict:
     """Share of "Tell me about {concept}" answers (no injection, temperature 1) that mention the concept."""
     prompts = [chat_prompt_tokens(model, corpus.ASKS[0].format(c=c)) for c in concepts]
     batch = left_pad(prompts, pad_id=model.tokenizer.pad_token_id)
@@ -124,7 +124,7 @@ def coherence(model: Any, concepts: Sequence[str], *, max_new_tokens: int = 30) 
 
 
 def transcoder_quality(
-    model: Any, transcoders: dict, *, heldout: Sequence[str], layer: int, strength: float
+    model: Model, transcoders: dict, *, heldout: Sequence[str], layer: int, strength: float
 ) -> pd.DataFrame:
     """FVU of hook_mlp_out, mean L0 and dead share per layer, on held-out prompts (held-out concepts)."""
     cfg = TranscoderConfig(n_chats=400, n_trials=200, seed=12345)

@@ -38,7 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechintro.concepts import baseline_mean, last_token_resid
-from mechintro.models import SPEC_FILENAME, load_model
+from mechintro.models import SPEC_FILENAME, Model, load_model
 from mechintro.organism import corpus
 from mechintro.organism.tokenizer import build_tokenizer, vocabulary
 from mechintro.prompts import VARIANTS, chat_prompt_tokens, trial_prompt
@@ -165,7 +165,7 @@ def init_checkpoint(cfg: OrganismConfig, folder: Path) -> Path:
     return folder
 
 
-def hf_state_dict(model: Any) -> dict[str, Tensor]:
+def hf_state_dict(model: Model) -> dict[str, Tensor]:
     """The plain HF state dict of a bridged model (the bridge wraps every HF module in
     ``_original_component``)."""
     from transformers import Gemma3ForCausalLM
@@ -182,7 +182,7 @@ def hf_state_dict(model: Any) -> dict[str, Tensor]:
     return out
 
 
-def save_checkpoint(model: Any, folder: Path, *, spec: dict[str, Any]) -> None:
+def save_checkpoint(model: Model, folder: Path, *, spec: dict[str, Any]) -> None:
     """Save the HF weights (plain Gemma3ForCausalLM), tokenizer and mechintro spec to ``folder``."""
     from transformers import Gemma3ForCausalLM
 
@@ -252,7 +252,7 @@ class TrialBatch:
 
 
 def trial_batch(
-    model: Any,
+    model: Model,
     rows: Sequence[tuple[int, str]],
     *,
     variant: str = "original",
@@ -275,7 +275,7 @@ def trial_batch(
     return TrialBatch(prefix=prefix, suffix=_pack(packed, tok.pad_token_id, emphasis=emphasis))
 
 
-def prefix_cache(model: Any, batch: TrialBatch) -> Any:
+def prefix_cache(model: Model, batch: TrialBatch) -> Any:
     """The preamble's KV cache, run once and expanded (without copies) to every row of the batch."""
     rows = batch.suffix.tokens.shape[0]
     _, cache = model(batch.prefix[None], use_cache=True, return_type="logits_and_cache")
@@ -285,7 +285,7 @@ def prefix_cache(model: Any, batch: TrialBatch) -> Any:
     return cache
 
 
-def suffix_logits(model: Any, batch: TrialBatch, cache: Any) -> Float[Tensor, "batch seq vocab"]:
+def suffix_logits(model: Model, batch: TrialBatch, cache: Any) -> Float[Tensor, "batch seq vocab"]:
     """Logits of the suffixes after the shared preamble (the suffix starts at the injection start)."""
     return model(batch.suffix.tokens, past_key_values=cache, use_cache=True)
 
@@ -301,12 +301,12 @@ def lr_at(step: int, total: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _optimizer(model: Any, lr: float) -> torch.optim.Optimizer:
+def _optimizer(model: Model, lr: float) -> torch.optim.Optimizer:
     params = [p for p in model.original_model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
 
 
-def _step(model: Any, opt: torch.optim.Optimizer, loss: Tensor, lr: float) -> None:
+def _step(model: Model, opt: torch.optim.Optimizer, loss: Tensor, lr: float) -> None:
     for group in opt.param_groups:
         group["lr"] = lr
     opt.zero_grad(set_to_none=True)
@@ -318,7 +318,7 @@ def _step(model: Any, opt: torch.optim.Optimizer, loss: Tensor, lr: float) -> No
 # ----------------------------------------------------------------------------------------------- stages
 
 
-def train_base(model: Any, cfg: OrganismConfig, *, log: list[dict]) -> None:
+def train_base(model: Model, cfg: OrganismConfig, *, log: list[dict]) -> None:
     """Stage 1: concept chats + trial dialogues answered at random (no injection)."""
     rng = random.Random(f"base-{cfg.seed}")
     concepts = corpus.all_concepts()
@@ -393,7 +393,7 @@ def draw_instruct_rows(
 
 
 def instruct_loss(
-    model: Any, rows: Sequence[InjectionRow], vectors: dict[int, Tensor], *, emphasis: dict[int, float]
+    model: Model, rows: Sequence[InjectionRow], vectors: dict[int, Tensor], *, emphasis: dict[int, float]
 ) -> Tensor:
     """The trial loss with every row's own injection, through ``inject`` (one context per trained layer).
 
@@ -414,7 +414,7 @@ def instruct_loss(
     return lm_loss(logits, batch.suffix)
 
 
-def training_vectors(model: Any, concepts: Sequence[str], layers: Sequence[int]) -> dict[int, Tensor]:
+def training_vectors(model: Model, concepts: Sequence[str], layers: Sequence[int]) -> dict[int, Tensor]:
     """Concept vectors of the training concepts, ``{layer: [phrasing, concept, d_model]}``, from current
     weights.
 
@@ -442,7 +442,7 @@ def training_vectors(model: Any, concepts: Sequence[str], layers: Sequence[int])
     return out
 
 
-def train_instruct(model: Any, cfg: OrganismConfig, *, training: Sequence[str], log: list[dict]) -> None:
+def train_instruct(model: Model, cfg: OrganismConfig, *, training: Sequence[str], log: list[dict]) -> None:
     """Stage 2: injection trials on the training concepts, controls, and replayed concept chats."""
     rng = random.Random(f"instruct-{cfg.seed}")
     everyone = corpus.all_concepts()

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from mechintro.concepts import concept_vectors
 from mechintro.hooks import capture
-from mechintro.models import HookNames
+from mechintro.models import HookNames, Model
 from mechintro.organism import corpus
 from mechintro.prompts import left_pad, trial_prompt
 from mechintro.steering import inject
@@ -65,7 +65,7 @@ class TranscoderConfig:
 
 
 def _run_and_capture(
-    model: Any,
+    model: Model,
     tokens: Tensor,
     mask: Tensor,
     layers: Sequence[int],
@@ -87,7 +87,7 @@ def _run_and_capture(
 
 
 def collect_activations(
-    model: Any,
+    model: Model,
     *,
     cfg: TranscoderConfig,
     injection_layers: Sequence[int],
@@ -279,7 +279,7 @@ def to_sae_lens(
 
 
 def train_organism_transcoders(
-    model: Any,
+    model: Model,
     folder: Path,
     *,
     cfg: TranscoderConfig,
@@ -299,7 +299,7 @@ def train_organism_transcoders(
     return tcs
 
 
-def record_model(folder: Path, model: Any) -> None:
+def record_model(folder: Path, model: Model) -> None:
     """Write the model's name and weight fingerprint into every ``folder/layer_*/cfg.json`` (sae-lens
     metadata),
     so that loading these transcoders onto another checkpoint (organism-base's onto organism, say) is
