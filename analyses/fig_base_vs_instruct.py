@@ -25,6 +25,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--base", default="organism-base", help="the base variant (default organism-base)")
     p.add_argument("--gate", default=None, help="e.g. 'L45 F1234' (default: the instruct model's top gate)")
     p.add_argument("--n-concepts", type=int, default=3, help="success and failure concepts (each)")
+    p.add_argument(
+        "--base-prompt",
+        choices=["chat", "raw"],
+        default="chat",
+        help="the base model's trial prompt: its chat template (default) or raw 'User: ... Assistant:' text "
+        "(what the paper's released code uses for a tokenizer without a chat template)",
+    )
     args = p.parse_args(argv)
     s = runs.load_setup(args)
     rates = runs.behaviour(s)
@@ -38,8 +45,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, model in ((base_name, base), (args.model, s.model)):
         for group, concepts in groups.items():
             vectors = concept_vectors(model, concepts, layer=spec_for(model).injection_layer)
+            raw = model is base and args.base_prompt == "raw"
+            persona = "standard_assistant_raw" if raw else "standard_assistant"
             df = gate_response(
-                model, s.transcoders, gate, concepts, vectors=vectors, strengths=grid.strengths
+                model,
+                s.transcoders,
+                gate,
+                concepts,
+                vectors=vectors,
+                strengths=grid.strengths,
+                persona=persona,
             )
             frames.append(df.assign(model=name, group=group))
     df = pd.concat(frames, ignore_index=True)

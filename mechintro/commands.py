@@ -311,7 +311,7 @@ REPRODUCE_STEPS = (
         "--axis persona --concepts held-out:4 --n-trials 1 --values standard_assistant,simulated_user",
         kind="trials",
     ),
-    Step("fig_patching.py", "", "--concepts held-out:4"),
+    Step("fig_patching.py", "--trials 1,2,3,4,5,6,7,8,9,10", "--concepts held-out:4"),
     Step("fig_gates.py", "", _QUICK_MECH),
     Step("fig_gate_curves.py", "", f"{_QUICK_MECH} --ks 0,1,5,20 --n-trials 1"),
     Step("fig_carriers.py", "", _QUICK_MECH),

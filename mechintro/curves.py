@@ -26,7 +26,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -67,10 +67,19 @@ GATE_EXPERIMENTS = EXPERIMENTS
 _CONDITION = {"ablation": "injection", "patching": "control", "forced_ablation": "forced"}
 """The trial condition each experiment's rows correspond to."""
 
-CARRIER_SETS = ("none", "all", "top20", "top5", "bottom10")
+CARRIER_SETS = (
+    "none",
+    "all",
+    "top20",
+    "top5",
+    "suppressors:all",
+    "suppressors:top20",
+    "suppressors:top5",
+    "bottom10",
+)
 """Carrier sets: nothing ablated, all carriers, the top 20% / 5% by attribution, the weakest 10%."""
 
-_SET = re.compile(r"^(top|bottom)(\d+(?:\.\d+)?)$")
+_SET = re.compile(r"^(?:(carriers|suppressors):)?(all|(top|bottom)(\d+(?:\.\d+)?))$")
 
 
 def default_ks(n_gates: int) -> list[int]:
@@ -440,29 +449,55 @@ def summarize_gate_curves(df: pd.DataFrame, *, level: float = 0.95) -> pd.DataFr
 # ----------------------------------------------------------------------------------------------- carriers
 
 
-def carrier_sets(carriers: pd.DataFrame, sets: Sequence[str] = CARRIER_SETS) -> dict[str, list[str]]:
-    """Feature names of each carrier set, from a :func:`~mechintro.features.find_evidence_carriers` table.
+def carrier_sets(
+    carriers: pd.DataFrame,
+    sets: Sequence[str] = CARRIER_SETS,
+    *,
+    weak_from: Literal["all", "carriers"] = "all",
+) -> dict[str, list[str]]:
+    """Feature names of each ablation set, from a :func:`~mechintro.features.find_evidence_carriers` table.
 
-    Only rows with role ``"carrier"`` count. ``"none"``: nothing; ``"all"``: every carrier; ``"topP"``: the
-    ``ceil(P% x n)`` carriers with the most negative attribution; ``"bottomP"``: the ``ceil(P% x n)`` with the
-    smallest ``|attribution|`` (the weak-attribution control).
+    A set is ``"none"``, or ``[role:]selector`` with role ``carriers`` (the default, attribution < 0) or
+    ``suppressors`` (attribution > 0) and selector ``all``, ``top<P>`` (the ``max(1, floor(P% x n))`` with the
+    largest ``|attribution|`` of the role, the paper's released code's count) or ``bottom<P>``: the weak-
+    attribution control, the ``max(1, floor(P% x n))`` features with the smallest ``|attribution|`` among
+    every nonzero attribution (``weak_from="all"``, the paper's code) or among the carriers only.
     """
-    table = carriers[carriers["role"] == "carrier"] if "role" in carriers.columns else carriers
-    ranked = table.sort_values("attribution", kind="stable")["feature"].tolist()
-    weakest = table.assign(_a=table["attribution"].abs()).sort_values("_a", kind="stable")["feature"].tolist()
+    if weak_from not in ("all", "carriers"):
+        raise ValueError(f"unknown weak_from {weak_from!r}; valid: ['all', 'carriers']")
+    roles = carriers["role"] if "role" in carriers.columns else pd.Series("carrier", index=carriers.index)
+
+    def ranked(table: pd.DataFrame) -> list[str]:
+        return (
+            table.assign(_a=-table["attribution"].abs()).sort_values("_a", kind="stable")["feature"].tolist()
+        )
+
+    by_role = {
+        "carriers": ranked(carriers[roles == "carrier"]),
+        "suppressors": ranked(carriers[roles == "suppressor"]),
+    }
+    pool = carriers[carriers["attribution"] != 0] if weak_from == "all" else carriers[roles == "carrier"]
+    weakest = ranked(pool)[::-1]
     out = {}
     for name in sets:
-        if name in ("none", "all"):
-            out[name] = [] if name == "none" else ranked
-            continue
         match = _SET.match(name)
+        if name == "none":
+            out[name] = []
+            continue
         if match is None:
             raise ValueError(
-                f"unknown carrier set {name!r}; valid: 'none', 'all', 'top<P>', 'bottom<P>' (e.g. "
-                f"{list(CARRIER_SETS)})"
+                f"unknown ablation set {name!r}; valid: 'none', or [carriers:|suppressors:] followed by "
+                "'all', "
+                f"'top<P>' or 'bottom<P>' (e.g. {list(CARRIER_SETS)})"
             )
-        n = math.ceil(float(match.group(2)) / 100 * len(ranked)) if ranked else 0
-        out[name] = (ranked if match.group(1) == "top" else weakest)[:n]
+        role, selector, side, percent = match.groups()
+        members = by_role[role or "carriers"]
+        if selector == "all":
+            out[name] = members
+            continue
+        source = members if side == "top" else weakest
+        n = max(1, int(float(percent) * len(source) // 100)) if source else 0
+        out[name] = source[:n]
     return out
 
 
@@ -477,9 +512,11 @@ def carrier_curves(
     vectors: Float[Tensor, "concept d_model"] | None = None,
     strengths: Sequence[float] | None = None,
     sets: Sequence[str] = CARRIER_SETS,
+    weak_from: Literal["all", "carriers"] = "all",
     injection_layer: int | None = None,
     trial: int = TRIALS.trial,
     variant: str = TRIALS.variant,
+    persona: str = TRIALS.persona,
     positions: str = "last",
     scale: str = "unit",
     batch_size: int = BATCHING.batch_size,
@@ -493,9 +530,9 @@ def carrier_curves(
     gate = parse_feature(gate)
     st = _setting(model, concepts, vectors, None, injection_layer)
     strengths = list(default_strengths(model) if strengths is None else strengths)
-    members = carrier_sets(carriers, sets)
+    members = carrier_sets(carriers, sets, weak_from=weak_from)
     union = list(dict.fromkeys(f for name in sets for f in members[name]))
-    prompt = trial_prompt(model, trial=trial, variant=variant)
+    prompt = trial_prompt(model, trial=trial, variant=variant, persona=persona)
     control = read_features(model, transcoders, union, prompt.tokens) if union else None
     plan = [(c, name, s) for c in range(len(concepts)) for name in sets for s in strengths]
     acts: list[Tensor] = []
@@ -555,13 +592,16 @@ def gate_response(
     injection_layer: int | None = None,
     trial: int = TRIALS.trial,
     variant: str = TRIALS.variant,
+    persona: str = TRIALS.persona,
     batch_size: int = BATCHING.batch_size,
 ) -> pd.DataFrame:
     """The gate's activation against strength (no intervention): columns concept, strength, gate,
     gate_activation.
 
     For the base-vs-instruct comparison, call it on both models (each with its own concept vectors, the same
-    transcoders) and concatenate with a ``model`` column.
+    transcoders) and concatenate with a ``model`` column. ``persona="standard_assistant_raw"`` gives the base
+    model the raw ``User: ... Assistant:`` text instead of the chat template (what the paper's released code
+    falls back to for a tokenizer without one).
     """
     empty = pd.DataFrame({"feature": [], "attribution": [], "role": []})
     df = carrier_curves(
@@ -576,6 +616,7 @@ def gate_response(
         injection_layer=injection_layer,
         trial=trial,
         variant=variant,
+        persona=persona,
         batch_size=batch_size,
     )
     return df.drop(columns=["carrier_set", "n_ablated"])

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -453,8 +453,13 @@ def concept_rates(behaviour: Any, *, strength: float | None = None, layer: int |
     return out[["concept", "detection_rate", "forced_id_rate", "n_injection", "n_forced"]]
 
 
+Correlation: TypeAlias = Literal["spearman", "pearson"]
+"""How activations are correlated with behaviour across concepts: Spearman (the paper's released code,
+the default) or Pearson."""
+
+
 def _behaviour_corr(
-    grid: FeatureGrid, default_acts: np.ndarray, rates: pd.DataFrame | None
+    grid: FeatureGrid, default_acts: np.ndarray, rates: pd.DataFrame | None, *, correlation: Correlation
 ) -> dict[str, Any]:
     """Across concepts: activation at the default strength vs detection / forced-identification rate."""
     n = default_acts.shape[1]
@@ -465,20 +470,26 @@ def _behaviour_corr(
     for name, column in (("detection_corr", "detection_rate"), ("forced_corr", "forced_id_rate")):
         rate = table[column].reindex(list(grid.concepts)).to_numpy(dtype=np.float64)
         ok = np.isfinite(rate)
-        out[name] = pearson_columns(rate[ok], default_acts[ok]) if ok.sum() >= 3 else np.full(n, np.nan)
+        columns = spearman_columns if correlation == "spearman" else pearson_columns
+        out[name] = columns(rate[ok], default_acts[ok]) if ok.sum() >= 3 else np.full(n, np.nan)
     return out
 
 
 def feature_stats(
-    grid: FeatureGrid, features: Sequence[tuple[int, int]] | Sequence[str], *, behaviour: Any = None
+    grid: FeatureGrid,
+    features: Sequence[tuple[int, int]] | Sequence[str],
+    *,
+    behaviour: Any = None,
+    correlation: Correlation = "spearman",
 ) -> pd.DataFrame:
     """Every per-feature statistic of the paper, one row per feature (in the given order).
 
     Columns: feature, layer, index; ``activation_unsteered`` (concept mean at strength 0);
     ``activation_default`` (concept mean at the grid's default strength); ``spearman_pos`` and
     ``spearman_neg`` (:func:`dose_spearman`); ``inverted_v`` and ``peak_at_zero`` (:func:`inverted_v`);
-    ``detection_corr`` and ``forced_corr``: Pearson correlation across concepts between the activation at the
-    default strength and the concept's detection / forced-identification rate (:func:`concept_rates` of
+    ``detection_corr`` and ``forced_corr``: the ``correlation`` (Spearman by default, as the paper's released
+    code; or Pearson) across concepts between the activation at the default strength and the concept's
+    detection / forced-identification rate (:func:`concept_rates` of
     ``behaviour``, from its trials at the grid's default strength; NaN without behaviour or with fewer than
     3 concepts that have a rate). ``behaviour`` may also be a per-concept rates table, used as it is.
     """
@@ -504,7 +515,7 @@ def feature_stats(
                 "peak_at_zero": peak,
             }
         )
-        for name, values in _behaviour_corr(grid, acts[:, default], rates).items():
+        for name, values in _behaviour_corr(grid, acts[:, default], rates, correlation=correlation).items():
             frame[name] = values
         frames.append(frame)
     columns = [
@@ -572,6 +583,7 @@ def find_gates(
     grid: FeatureGrid,
     *,
     behaviour: Any = None,
+    correlation: Correlation = "spearman",
     k: int = 200,
     layers: Sequence[int] | None = None,
 ) -> pd.DataFrame:
@@ -588,7 +600,7 @@ def find_gates(
     if scores.empty:
         return scores
     top = scores[scores["dla_score"] < 0].sort_values("dla_score", kind="stable").head(k)
-    stats = feature_stats(grid, top["feature"].tolist(), behaviour=behaviour)
+    stats = feature_stats(grid, top["feature"].tolist(), behaviour=behaviour, correlation=correlation)
     out = top.merge(stats.drop(columns=["layer", "index", "activation_unsteered"]), on="feature", how="left")
     return out.reset_index(drop=True).assign(rank=lambda d: np.arange(1, len(d) + 1))
 
@@ -609,11 +621,21 @@ def virtual_weights(
     return dec @ enc
 
 
-def _roles(df: pd.DataFrame, *, use_behaviour: bool, min_abs_corr: float) -> pd.Series:
+CarrierCriteria: TypeAlias = Literal["dose_behaviour", "sign"]
+"""``"dose_behaviour"``: a carrier must grow with the injection and (given behaviour) correlate with it;
+``"sign"``: every active upstream feature, its role from the sign of its attribution alone (the paper's
+released code)."""
+
+
+def _roles(
+    df: pd.DataFrame, *, criteria: CarrierCriteria, use_behaviour: bool, min_abs_corr: float
+) -> pd.Series:
     """carrier / suppressor / other (see :func:`find_evidence_carriers`)."""
-    ok = df["spearman_pos"] > 0
-    if use_behaviour:
-        ok &= (df["detection_corr"].abs() > min_abs_corr) & (df["forced_corr"].abs() > min_abs_corr)
+    ok = pd.Series(True, index=df.index)
+    if criteria == "dose_behaviour":
+        ok &= df["spearman_pos"] > 0
+        if use_behaviour:
+            ok &= (df["detection_corr"].abs() > min_abs_corr) & (df["forced_corr"].abs() > min_abs_corr)
     role = np.where(
         ok & (df["attribution"] < 0), "carrier", np.where(ok & (df["attribution"] > 0), "suppressor", "other")
     )
@@ -627,33 +649,54 @@ def find_evidence_carriers(
     gate: str | tuple[int, int],
     *,
     behaviour: Any = None,
+    concept: str | None = None,
+    criteria: CarrierCriteria = "dose_behaviour",
+    correlation: Correlation = "spearman",
     min_abs_corr: float = 0.0,
     include_other: bool = False,
 ) -> pd.DataFrame:
     """Evidence carriers of ``gate``: features between the injection layer and the gate that suppress it.
 
     Candidates are the features of grid layers ``injection_layer < layer < gate layer`` that are active at the
-    default strength for some concept. For each: ``virtual_weight`` = gate encoder . carrier decoder
-    (:func:`virtual_weights`), ``attribution`` = virtual_weight x ``activation_default`` (the concept-mean
-    activation at the grid's default strength), and every statistic of :func:`feature_stats`.
+    default strength (for ``concept``, or for some concept). For each: ``virtual_weight`` = gate encoder .
+    carrier decoder (:func:`virtual_weights`), ``attribution`` = virtual_weight x the activation at the grid's
+    default strength -- the concept-mean activation (``concept=None``, mechintro's default: one carrier set
+    per
+    gate) or that one concept's (the paper's released code finds carriers per (gate, concept)) -- and every
+    statistic of :func:`feature_stats`.
 
-    Roles: a **carrier** has ``spearman_pos > 0`` (grows with the injection), ``|detection_corr|`` and
-    ``|forced_corr|`` above ``min_abs_corr`` (not NaN; this criterion is skipped when ``behaviour`` is None)
-    and ``attribution < 0`` (it suppresses the gate). A **suppressor** meets the same dose and behaviour
-    criteria with ``attribution > 0``. Returns carriers ranked by attribution (most negative first), then
-    suppressors (most positive first), then, if ``include_other``, everything else; ``rank`` counts within
-    a role.
+    Roles (``criteria``): with ``"dose_behaviour"`` (default) a **carrier** has ``spearman_pos > 0`` (grows
+    with the injection), ``|detection_corr|`` and ``|forced_corr|`` above ``min_abs_corr`` (skipped when
+    ``behaviour`` is None) and ``attribution < 0`` (it suppresses the gate); a **suppressor** meets the same
+    criteria with ``attribution > 0``. With ``"sign"`` (the paper's code) every candidate is a carrier or a
+    suppressor by the sign of its attribution alone. Returns carriers ranked by attribution (most negative
+    first), then suppressors (most positive first), then, if ``include_other``, everything else; ``rank``
+    counts within a role.
     """
     gate_layer, gate_index = parse_feature(gate)
     if gate_layer not in transcoders:
         raise ValueError(f"no transcoder for the gate's layer {gate_layer}; loaded: {sorted(transcoders)}")
+    if criteria not in ("dose_behaviour", "sign"):
+        raise ValueError(f"unknown carrier criteria {criteria!r}; valid: ['dose_behaviour', 'sign']")
+    if concept is not None and concept not in grid.concepts:
+        raise ValueError(f"concept {concept!r} is not in the grid; its concepts are {list(grid.concepts)}")
     layers = [la for la in grid.layers if grid.injection_layer < la < gate_layer and la in transcoders]
+    default = grid.strength_index(grid.default_strength)
     frames = []
     for layer in layers:
         idx = grid.active(layer, strength=grid.default_strength)
+        if concept is not None:
+            acts = grid.dense(layer, idx)[grid.concepts.index(concept), default]
+            idx = idx[acts != 0]
         if len(idx) == 0:
             continue
-        stats = feature_stats(grid, [(layer, int(i)) for i in idx], behaviour=behaviour)
+        stats = feature_stats(
+            grid, [(layer, int(i)) for i in idx], behaviour=behaviour, correlation=correlation
+        )
+        if concept is not None:
+            stats["activation_default"] = grid.dense(layer, idx)[
+                grid.concepts.index(concept), default
+            ].numpy()
         weight = virtual_weights(transcoders, (gate_layer, gate_index), layer, idx).numpy()
         frames.append(stats.assign(virtual_weight=weight, attribution=weight * stats["activation_default"]))
     if not frames:
@@ -661,7 +704,7 @@ def find_evidence_carriers(
             columns=["feature", "layer", "index", "virtual_weight", "attribution", "role", "rank"]
         )
     df = pd.concat(frames, ignore_index=True)
-    df["role"] = _roles(df, use_behaviour=behaviour is not None, min_abs_corr=min_abs_corr)
+    df["role"] = _roles(df, criteria=criteria, use_behaviour=behaviour is not None, min_abs_corr=min_abs_corr)
     if not include_other:
         df = df[df["role"] != "other"]
     order = {"carrier": 0, "suppressor": 1, "other": 2}

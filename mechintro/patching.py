@@ -44,7 +44,15 @@ from mechintro.concepts import concept_vectors
 from mechintro.hooks import capture, check_layer, hooks_context, tracker
 from mechintro.models import HookNames, Model, spec_for
 from mechintro.prompts import TrialPrompt, forced_prefill, trial_prompt
-from mechintro.readout import concept_logprob, concept_token_ids, yes_no_gap
+from mechintro.readout import (
+    DetectionWeights,
+    concept_log_odds,
+    concept_logprob,
+    concept_token_ids,
+    detection_log_odds,
+    detection_weights,
+    yes_no_gap,
+)
 from mechintro.settings import BATCHING, COMPONENTS, EXPERIMENTS, TRIALS, Component, Experiment
 from mechintro.steering import inject
 
@@ -88,6 +96,9 @@ class PatchingConfig:
     """Prompt variant."""
     batch_size: int = BATCHING.batch_size
     """Rows per batched forward (results do not depend on it)."""
+    metric: Literal["gap", "log_odds"] = "gap"
+    """``"gap"``: the Yes-No logit gap (P(concept) for forced rows), mechintro's readout; ``"log_odds"``: the
+    paper's released per-layer metric, detection-weighted log-odds (concept log-odds for forced rows)."""
 
     def __post_init__(self) -> None:
         for name, values, valid in (
@@ -101,6 +112,8 @@ class PatchingConfig:
             raise ValueError(f"unknown positions {self.positions!r}; valid: ['from_start', 'last']")
         if self.reference not in ("matched", "trial_mean"):
             raise ValueError(f"unknown reference {self.reference!r}; valid: ['matched', 'trial_mean']")
+        if self.metric not in ("gap", "log_odds"):
+            raise ValueError(f"unknown metric {self.metric!r}; valid: ['gap', 'log_odds']")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
@@ -187,10 +200,24 @@ class _Prompt:
     prompt: TrialPrompt
 
 
-def _metric(model: Model, logits: Tensor, experiment: str, concepts: Sequence[str]) -> tuple[str, Tensor]:
-    if experiment == "forced_ablation":
-        return "p_concept", concept_logprob(logits, concept_token_ids(model, list(concepts))).exp()
-    return "gap", yes_no_gap(logits, spec_for(model))
+@dataclass(frozen=True)
+class _Reader:
+    """Reads the metric of an experiment off last-position logits (see :attr:`PatchingConfig.metric`)."""
+
+    model: Model
+    metric: str
+    detection: DetectionWeights | None
+
+    def __call__(self, logits: Tensor, experiment: str, concepts: Sequence[str]) -> tuple[str, Tensor]:
+        forced = experiment == "forced_ablation"
+        if forced:
+            ids = concept_token_ids(self.model, list(concepts))
+            if self.metric == "log_odds":
+                return "concept_log_odds", concept_log_odds(logits, ids)
+            return "p_concept", concept_logprob(logits, ids).exp()
+        if self.metric == "log_odds":
+            return "detection_log_odds", detection_log_odds(logits, self.detection)
+        return "gap", yes_no_gap(logits, spec_for(self.model))
 
 
 def _rows_frame(
@@ -273,6 +300,7 @@ def component_patching(
     *,
     vectors: Float[Tensor, "concept d_model"] | None = None,
     config: PatchingConfig | None = None,
+    detection: DetectionWeights | None = None,
 ) -> pd.DataFrame:
     """Per-layer attention / MLP ablation and patching (see the module docstring).
 
@@ -280,10 +308,13 @@ def component_patching(
         concepts: concept words.
         vectors: ``[concept, d_model]`` concept vectors (computed at the injection layer when None).
         config: the settings (:class:`PatchingConfig`).
+        detection: the weights of ``metric="log_odds"`` (:func:`mechintro.readout.detection_weights` of judged
+            trials); default: Yes tokens weigh 1 and No tokens 0.
 
     Returns a tidy DataFrame: experiment, kind (``"intervention"``, or the baselines ``"steered"`` and
     ``"unsteered"``), layer and component (NA / "" for baselines), concept, trial, metric (``"gap"`` or
-    ``"p_concept"``), value. :func:`summarize_patching` averages it across concepts with 95% CIs.
+    ``"p_concept"``, or ``"detection_log_odds"`` / ``"concept_log_odds"``), value. :func:`summarize_patching`
+    averages it across concepts with 95% CIs.
     """
     cfg = config or PatchingConfig()
     spec = spec_for(model)
@@ -294,6 +325,7 @@ def component_patching(
     if vectors is None:
         vectors = concept_vectors(model, list(concepts), layer=inj)
     vectors = torch.as_tensor(vectors).float()
+    read = _Reader(model, cfg.metric, detection if detection is not None else detection_weights(model))
     frames = []
     for forced in (False, True):
         experiments = [e for e in cfg.experiments if (e == "forced_ablation") == forced]
@@ -313,6 +345,7 @@ def component_patching(
             cfg=cfg,
             inj=inj,
             strength=strength,
+            read=read,
         )
     return pd.concat(frames, ignore_index=True)
 
@@ -328,6 +361,7 @@ def _run_prompts(
     cfg,
     inj,
     strength,
+    read,
 ) -> list[pd.DataFrame]:
     clean, steered, baselines = {}, {}, {}
     for t, p in prompts.items():
@@ -343,7 +377,7 @@ def _run_prompts(
         pos = _positions(cfg, p)
         for experiment in experiments:
             for kind, logits in (("unsteered", baselines[t][0]), ("steered", baselines[t][1])):
-                metric, value = _metric(model, logits, experiment, concepts)
+                metric, value = read(logits, experiment, concepts)
                 frames.append(
                     _rows_frame(
                         experiment, kind, t, metric, value, concepts=concepts, sites=[None] * len(concepts)
@@ -365,7 +399,7 @@ def _run_prompts(
                 positions=pos,
                 batch_size=cfg.batch_size,
             )
-            metric, value = _metric(model, logits, experiment, [concepts[c] for _, c in rows])
+            metric, value = read(logits, experiment, [concepts[c] for _, c in rows])
             frames.append(
                 _rows_frame(
                     experiment,

@@ -338,7 +338,14 @@ def carrier_ablation_figure(df: pd.DataFrame, *, title: str | None = None) -> go
                     y=rows["gate_activation"],
                     mode="lines+markers",
                     marker={"size": 5},
-                    line={"color": COLORS[i], "dash": "dot" if name.startswith("bottom") else None},
+                    line={
+                        "color": COLORS[i % len(COLORS)],
+                        "dash": "dot"
+                        if name.startswith("bottom")
+                        else "dash"
+                        if name.startswith("sup")
+                        else None,
+                    },
                     name=f"{name} ({n} ablated)",
                     legendgroup=name,
                     showlegend=c == 1,
@@ -350,7 +357,9 @@ def carrier_ablation_figure(df: pd.DataFrame, *, title: str | None = None) -> go
     fig.update_yaxes(title_text="gate activation", row=1, col=1)
     gate = df["gate"].iloc[0] if "gate" in df and len(df) else "the gate"
     return _style(
-        fig, title=title or f"{gate} with evidence carriers ablated", height=STYLE.panel_height + 220
+        fig,
+        title=title or f"{gate} with evidence carriers (solid) or suppressors (dashed) ablated",
+        height=STYLE.panel_height + 220,
     )
 
 

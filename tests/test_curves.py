@@ -8,6 +8,7 @@ import torch
 
 from mechintro.concepts import concept_vectors
 from mechintro.curves import (
+    CARRIER_SETS,
     carrier_curves,
     carrier_sets,
     gate_curves_logit,
@@ -113,18 +114,24 @@ def test_gate_curves_with_the_logit_judge_judge_logit_scores(tiny, tcs, vecs):
 def test_carrier_sets_by_hand():
     carriers = pd.DataFrame(
         {
-            "feature": [f"L2 F{i}" for i in range(12)] + ["L2 F99"],
-            "attribution": [-float(i) for i in range(12, 0, -1)] + [5.0],
-            "role": ["carrier"] * 12 + ["suppressor"],
+            "feature": [f"L2 F{i}" for i in range(12)] + ["L2 F98", "L2 F99"],
+            "attribution": [-float(i) for i in range(12, 0, -1)] + [5.0, 0.05],
+            "role": ["carrier"] * 12 + ["suppressor", "suppressor"],
         }
     )
     sets = carrier_sets(carriers)
     assert sets["none"] == [] and len(sets["all"]) == 12 and "L2 F99" not in sets["all"]
-    assert sets["top20"] == ["L2 F0", "L2 F1", "L2 F2"]  # ceil(0.2 x 12) most negative
-    assert sets["top5"] == ["L2 F0"]
-    assert sets["bottom10"] == ["L2 F11", "L2 F10"]  # ceil(0.1 x 12) weakest |attribution|
+    assert sets["top20"] == ["L2 F0", "L2 F1"]  # max(1, floor(0.2 x 12)) largest |attribution|, the paper's
+    assert sets["top5"] == ["L2 F0"]  # max(1, floor(0.6))
+    assert sets["suppressors:all"] == ["L2 F98", "L2 F99"] and sets["suppressors:top20"] == ["L2 F98"]
+    # the weak control: the floor(10% of 14) = 1 smallest |attribution| among all nonzero attributions
+    assert sets["bottom10"] == ["L2 F99"]
+    assert carrier_sets(carriers, ["bottom10"], weak_from="carriers")["bottom10"] == ["L2 F11"]
+    assert carrier_sets(carriers, ["carriers:all"])["carriers:all"] == sets["all"]
     with pytest.raises(ValueError, match="top<P>"):
         carrier_sets(carriers, ["middle"])
+    with pytest.raises(ValueError, match="weak_from"):
+        carrier_sets(carriers, weak_from="suppressors")
 
 
 def test_carrier_curves(tiny, tcs, vecs):
@@ -143,7 +150,7 @@ def test_carrier_curves(tiny, tcs, vecs):
         injection_layer=INJ,
         batch_size=7,
     )
-    assert len(df) == len(CONCEPTS) * 5 * 3
+    assert len(df) == len(CONCEPTS) * len(CARRIER_SETS) * 3
     table = df.set_index(["concept", "carrier_set", "strength"])["gate_activation"]
     response = gate_response(
         tiny, tcs, "L3 F5", CONCEPTS, vectors=vecs, strengths=strengths, injection_layer=INJ

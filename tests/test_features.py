@@ -257,3 +257,60 @@ def test_carrier_virtual_weight_sign_on_constructed_weights(tiny):
     assert len(no_behaviour) == 3
     strict = find_evidence_carriers(tiny, made, grid, "L3 F0", behaviour=rates, min_abs_corr=0.999)
     assert set(strict["feature"]) == {"L2 F0", "L2 F1"}
+
+
+def test_behaviour_correlation_is_spearman_by_default_and_pearson_on_request():
+    """A monotone but non-linear relation: Spearman 1 (the paper's released code), Pearson below 1."""
+    rates = pd.DataFrame(
+        {
+            "concept": ["C0", "C1", "C2", "C3"],
+            "detection_rate": [0.0, 0.25, 0.5, 1.0],
+            "forced_id_rate": [0.0, 0.2, 0.4, 0.9],
+        }
+    )
+    acts = np.zeros((4, 3, 1))
+    acts[:, 2, 0] = [1.0, 2.0, 3.0, 50.0]
+    acts[:, 1, :] = 1.0
+    grid = _grid({2: acts}, (-2.0, 0.0, 2.0), default=2.0)
+    spearman = feature_stats(grid, ["L2 F0"], behaviour=rates)
+    pearson = feature_stats(grid, ["L2 F0"], behaviour=rates, correlation="pearson")
+    assert spearman["detection_corr"].iloc[0] == pytest.approx(1.0)
+    expected = np.corrcoef([0.0, 0.25, 0.5, 1.0], [1.0, 2.0, 3.0, 50.0])[0, 1]
+    assert pearson["detection_corr"].iloc[0] == pytest.approx(expected) and expected < 0.95
+
+
+def test_carriers_per_concept_with_sign_criteria_follow_that_concepts_activation(tiny):
+    """concept= uses that concept's activation (the paper's per-(gate, concept) carriers); criteria="sign"
+    keeps every active feature, its role by the sign of its attribution alone."""
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(64, generator=g)
+    zeros = {"b_enc": torch.zeros(3), "b_dec": torch.zeros(64), "threshold": torch.zeros(3)}
+    tcs = {
+        2: from_raw_params(
+            zeros | {"w_enc": torch.zeros(64, 3), "w_dec": torch.stack([-e, e, -2 * e])}, layer=2
+        ),
+        3: from_raw_params(
+            zeros
+            | {"w_enc": torch.stack([e, torch.zeros(64), torch.zeros(64)], 1), "w_dec": torch.zeros(3, 64)},
+            layer=3,
+        ),
+    }
+    acts = np.zeros((2, 3, 3))
+    acts[0, 2] = [1.0, 0.0, 3.0]  # C0 at the default strength: F0 and F2 active
+    acts[1, 2] = [0.0, 2.0, 1.0]  # C1: F1 and F2
+    acts[:, 0] = [[0.0, 0.0, 5.0], [0.0, 0.0, 5.0]]  # F2 falls with strength (dose rho < 0)
+    grid = _grid({2: acts, 3: np.zeros((2, 3, 3))}, (0.0, 1.0, 2.0), default=2.0, inj=1)
+    for concept, expected in (
+        ("C0", {"L2 F0": "carrier", "L2 F2": "carrier"}),
+        ("C1", {"L2 F1": "suppressor", "L2 F2": "carrier"}),
+    ):
+        df = find_evidence_carriers(tiny, tcs, grid, "L3 F0", concept=concept, criteria="sign")
+        assert dict(zip(df["feature"], df["role"], strict=True)) == expected
+        vw = (tcs[2].W_dec.detach() @ e).numpy()
+        c = ["C0", "C1"].index(concept)
+        for row in df.itertuples():
+            assert row.attribution == pytest.approx(vw[row.index] * acts[c, 2, row.index], rel=1e-5)
+    pooled = find_evidence_carriers(tiny, tcs, grid, "L3 F0")  # dose criteria: F2 falls with strength
+    assert "L2 F2" not in set(pooled["feature"])
+    with pytest.raises(ValueError, match="not in the grid"):
+        find_evidence_carriers(tiny, tcs, grid, "L3 F0", concept="C9")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mechintro.models import spec_for
@@ -41,3 +42,82 @@ def test_yes_no_direction_is_the_dla_of_the_gap(tiny):
     with torch.no_grad():
         gap = yes_no_gap(tiny(trial_prompt(tiny, trial=1).tokens[None])[0, -1], spec)
     assert torch.isfinite(gap)
+
+
+def test_detection_weights_from_judged_trials_and_the_fallback(tiny):
+    """w(t) = P(detected | first response token t) over tokens seen >= min_total times; Yes/No without
+    trials."""
+    import pandas as pd
+
+    from mechintro.models import spec_for
+    from mechintro.readout import DetectionWeights, concept_log_odds, detection_log_odds, detection_weights
+
+    tok = tiny.tokenizer
+    yes, no = (
+        tok("Yes", add_special_tokens=False)["input_ids"][0],
+        tok("No", add_special_tokens=False)["input_ids"][0],
+    )
+    rows = (
+        [("Yes, I detect", True)] * 4
+        + [("Yes, I detect", False)]  # Yes: 4 of 5
+        + [("No, I do not", False)] * 5
+        + [("No, I do not", True)] * 1  # No: 1 of 6
+        + [("Bread", True)] * 2  # seen twice: below min_total, left out
+    )
+    trials = pd.DataFrame(
+        {"condition": "injection", "response": [r for r, _ in rows], "detected": [d for _, d in rows]}
+    )
+    trials = pd.concat(
+        [trials, pd.DataFrame({"condition": ["control"], "response": ["Yes"], "detected": [True]})]
+    )
+    w = detection_weights(tiny, trials, min_total=5)
+    assert w.source == "trials" and dict(zip(w.token_ids, w.weights, strict=True)) == pytest.approx(
+        {yes: 0.8, no: 1 / 6}
+    )
+    fallback = detection_weights(tiny, None)
+    spec = spec_for(tiny)
+    assert fallback.source == "yes_no" and set(fallback.token_ids) == {*spec.yes_ids, *spec.no_ids}
+    logits = torch.randn(3, len(tok))
+    p = logits.softmax(-1)[:, yes] * 0.8 + logits.softmax(-1)[:, no] / 6
+    torch.testing.assert_close(detection_log_odds(logits, w), torch.log(p / (1 - p)), rtol=1e-4, atol=1e-5)
+    one = DetectionWeights((yes,), (1.0,), "test")
+    q = logits.softmax(-1)[:, yes]
+    torch.testing.assert_close(detection_log_odds(logits, one), torch.log(q / (1 - q)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        concept_log_odds(logits, [yes, no, yes]),
+        torch.log(
+            logits.softmax(-1)[[0, 1, 2], [yes, no, yes]]
+            / (1 - logits.softmax(-1)[[0, 1, 2], [yes, no, yes]])
+        ),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def test_patching_reads_the_papers_log_odds_on_request(tiny):
+    from mechintro.concepts import concept_vectors
+    from mechintro.patching import PatchingConfig, component_patching
+    from mechintro.prompts import trial_prompt
+    from mechintro.readout import concept_log_odds, concept_token_ids, detection_log_odds, detection_weights
+
+    vecs = concept_vectors(tiny, ["Bread", "Oceans"], layer=1)
+    cfg = PatchingConfig(injection_layer=1, strength=6.0, layers=(3,), metric="log_odds")
+    df = component_patching(tiny, ["Bread", "Oceans"], vectors=vecs, config=cfg)
+    assert set(df["metric"]) == {"detection_log_odds", "concept_log_odds"}
+    p = trial_prompt(tiny, trial=1)
+    with torch.no_grad():
+        clean = tiny(p.tokens[None])[0, -1].float()
+    unsteered = df[(df.experiment == "ablation") & (df.kind == "unsteered")]["value"]
+    assert unsteered.tolist() == pytest.approx(
+        [float(detection_log_odds(clean, detection_weights(tiny)))] * 2, abs=1e-4
+    )
+    forced = df[(df.experiment == "forced_ablation") & (df.kind == "unsteered")]
+    from mechintro.prompts import forced_prefill
+
+    fp = trial_prompt(tiny, trial=1, prefill=forced_prefill())
+    with torch.no_grad():
+        flogits = tiny(fp.tokens[None])[0, -1].float().expand(2, -1)
+    expected = concept_log_odds(flogits, concept_token_ids(tiny, ["Bread", "Oceans"]))
+    assert forced["value"].tolist() == pytest.approx(expected.tolist(), abs=1e-4)
+    with pytest.raises(ValueError, match=r"valid: \['gap', 'log_odds'\]"):
+        PatchingConfig(metric="logit")
