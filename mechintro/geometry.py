@@ -367,8 +367,8 @@ def partition(
         spread = f"rates from {r.min():.2f} to {r.max():.2f}, mean {r.mean():.2f}"
         raise ValueError(
             f"no threshold on {rate} leaves more than {min_minority:.0%} of the {n} concepts in each group "
-            f"({spread}): the rate does not vary enough across concepts (at a saturated strength every "
-            "concept is detected; try the calibrated default strength or more concepts)"
+            f"({spread}): the rate does not vary enough across concepts (near 1 for all at a saturating "
+            "strength, near 0 at a weak one; try the calibrated default strength, or more concepts)"
         )
     best = ok.sort_values(["macro_f1", "minority_share"], ascending=False, kind="stable").iloc[0]
     threshold = float(best["threshold"])
