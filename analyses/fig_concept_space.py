@@ -47,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     frame = part.frame(s.vectors)
     given = dict(load_direction(t) for t in args.direction)
     directions = {"delta_mu": part.direction, "lda": part.lda_direction} | given
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    np.save(Path(args.out) / "geometry_delta_mu.npy", part.direction)  # the unit Δμ, [d_model]
 
     # a. PCA
     pca = geo.concept_pca(s.vectors, s.concepts, directions=directions)

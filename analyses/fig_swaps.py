@@ -50,7 +50,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{paper['swap_success_projection']:.1%} (projection swapped), "
         f"{paper['swap_success_residual']:.1%} (residual swapped)"
     )
-    tables = [("geometry_swaps", swaps), ("geometry_swap_tests", tests), ("geometry_partition", part.sweep)]
+    tables = [
+        ("geometry_swaps", swaps),
+        ("geometry_swap_tests", tests),
+        ("geometry_partition", part.summary()),
+        ("geometry_partition_sweep", part.sweep),
+    ]
     g.save(swaps_figure(swaps, tests), "geometry_swaps", args, tables)
 
 

@@ -136,7 +136,7 @@ def swaps_figure(
         )
         if tests is not None and len(tests):
             t = tests[(tests["partners"] == rule) & (tests["group"] == "success")]
-            text = "; ".join(
+            text = "<br>".join(
                 f"success, {k}: change {r.mean_change:+.2f}, t p={r.t_p:.2g}, Wilcoxon p={r.wilcoxon_p:.2g}"
                 for k, r in zip(t["kind"], t.itertuples(), strict=True)
             )
@@ -145,13 +145,16 @@ def swaps_figure(
                 xref=f"x{c if c > 1 else ''} domain",
                 yref="paper",
                 x=0.5,
-                y=-0.18,
+                y=-0.2,
+                yanchor="top",
                 showarrow=False,
                 font={"size": 10},
             )
     fig.update_layout(barmode="group", legend={"orientation": "h", "y": 1.12, "x": 0.0})
     fig.update_yaxes(title_text="detection rate", range=[0, 1.05], row=1, col=1)
-    return _style(fig, title=title, height=460)
+    fig = _style(fig, title=title, height=520)
+    fig.update_layout(margin={"b": 130})
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------- figure 7

@@ -7,9 +7,19 @@ import pandas as pd
 import pytest
 
 SCRIPTS = {
-    "fig_swaps.py": ["geometry_swaps.html", "geometry_swaps.csv", "geometry_swap_tests.csv"],
+    "fig_swaps.py": [
+        "geometry_swaps.html",
+        "geometry_swaps.csv",
+        "geometry_swap_tests.csv",
+        "geometry_partition.csv",
+    ],
     "fig_bidirectional.py": ["geometry_bidirectional.html", "geometry_bidirectional.csv"],
-    "fig_concept_space.py": ["geometry_pca.html", "geometry_verbalizability.html", "geometry_delta_pcs.csv"],
+    "fig_concept_space.py": [
+        "geometry_pca.html",
+        "geometry_verbalizability.html",
+        "geometry_delta_pcs.csv",
+        "geometry_delta_mu.npy",
+    ],
     "fig_ridge.py": ["geometry_ridge.html", "geometry_ridge.csv"],
     "fig_noise_controls.py": ["geometry_noise.html", "geometry_noise.csv"],
 }
