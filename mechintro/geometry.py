@@ -53,6 +53,7 @@ from mechintro.judges import LogitJudge
 from mechintro.metrics import wilson_interval
 from mechintro.models import Model, Transcoders, spec_for
 from mechintro.readout import unembedding
+from mechintro.store import TrialStore
 from mechintro.transcoders import feature_name
 
 __all__ = [
@@ -360,9 +361,9 @@ def partition(
                 "macro_f1_sd": float(f1.std()) if valid else np.nan,
             }
         )
-    sweep = pd.DataFrame(rows, columns=["threshold", "n_success", "minority_share", "valid", "macro_f1"])
-    sweep = pd.DataFrame(rows) if rows else sweep
-    ok = sweep[sweep["valid"]] if len(sweep) else sweep
+    columns = ["threshold", "n_success", "minority_share", "valid", "macro_f1", "macro_f1_sd"]
+    sweep = pd.DataFrame(rows, columns=columns).astype({"valid": bool})
+    ok = sweep[sweep["valid"]]
     if ok.empty:
         spread = f"rates from {r.min():.2f} to {r.max():.2f}, mean {r.mean():.2f}"
         raise ValueError(
@@ -488,7 +489,7 @@ class TrialDetector:
     """Injection layer (default: the model's)."""
     strength: float | None = None
     """Injection strength (default: the model's ``spec_for(model).strength``)."""
-    store: Any = None
+    store: TrialStore | str | Path | None = None
     """A :class:`~mechintro.store.TrialStore` or path (resumable), or None for an in-memory store."""
     rate: str = "detection_rate"
     """Which rate to return (:data:`RATE_COLUMNS`)."""
@@ -500,7 +501,6 @@ class TrialDetector:
         """The trial rows of steering with ``vectors`` (see :func:`steer_trials`)."""
         if self.rate not in RATE_COLUMNS:
             raise ValueError(f"unknown rate {self.rate!r}; valid: {list(RATE_COLUMNS)}")
-        store = str(self.store) if isinstance(self.store, Path) else self.store
         return steer_trials(
             self.model,
             labels,
@@ -509,7 +509,7 @@ class TrialDetector:
             n_trials=self.n_trials,
             layer=self.layer,
             strength=self.strength,
-            store=store,
+            store=self.store,
             **dict(self.run),
         )
 
