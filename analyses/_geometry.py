@@ -4,7 +4,10 @@ with explicit vectors.
 
 Two trial budgets: ``--rates-trials`` (default 20) trials per concept measure the per-concept rates the
 partition is drawn on; ``--n-trials`` (default 10) trials per steered vector measure the reruns (swaps, pairs,
-noise). Every trial goes to ``--store`` (resumable; the scripts share it, so the rates are run once).
+noise). The concept trials go to ``--store``; the steered trials (swapped vectors, differences, random
+vectors, directions) to ``--steer-store`` (default: ``<store>.geometry.sqlite`` beside it), so that nothing
+that reads the concept store (``mechintro figures``, per-concept rates) mixes them in. Both resume; the
+scripts share them, so the rates are run once.
 
 ``--model tiny`` is a random tiny Gemma 3 (with random transcoders), for smoke tests.
 """
@@ -48,6 +51,11 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
         choices=geo.RATE_COLUMNS,
         default="detection_rate",
         help="partition on detection, or on detection and identification (default detection_rate)",
+    )
+    p.add_argument(
+        "--steer-store",
+        default=None,
+        help="store of the steered trials (default: <store>.geometry.sqlite; in memory without --store)",
     )
     p.add_argument("--out", default="figures", help="output folder")
     _figure_options(p)
@@ -212,10 +220,20 @@ def detector(s: Setup, *, n_trials: int | None = None) -> geo.TrialDetector:
         n_trials=s.args.n_trials if n_trials is None else n_trials,
         layer=s.layer,
         strength=s.strength,
-        store=s.args.store,
+        store=steer_store(s.args),
         rate=s.args.rate,
         run=run_settings(s),
     )
+
+
+def steer_store(args: argparse.Namespace) -> str | None:
+    """``--steer-store``, else ``<store>.geometry.sqlite`` beside ``--store`` (None: in memory)."""
+    if args.steer_store:
+        return args.steer_store
+    if args.store is None or args.store == ":memory:":
+        return None
+    path = Path(args.store)
+    return str(path.with_name(f"{path.stem}.geometry.sqlite"))
 
 
 def floats(text: str) -> list[float]:

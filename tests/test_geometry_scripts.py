@@ -36,6 +36,13 @@ def test_geometry_script_runs_on_the_tiny_model(script, tmp_path):
     run_script(script, argv)
     for name in SCRIPTS[script]:
         assert (tmp_path / name).exists(), name
+    from mechintro.store import TrialStore
+
+    with TrialStore(tmp_path / "s.sqlite") as store:  # the concept trials only
+        assert not store.load()["concept"].str.contains("#").any()
+    if script != "fig_ridge.py":  # the steered trials in their own store
+        with TrialStore(tmp_path / "s.geometry.sqlite") as store:
+            assert store.load()["concept"].str.contains("#").all()
     if script == "fig_swaps.py":
         swaps = pd.read_csv(tmp_path / "geometry_swaps.csv")
         assert set(swaps["kind"]) == {"original", "projection", "residual"}
