@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import _geometry as g
-
 from mechintro import geometry as geo
 from mechintro.plots_geometry import bidirectional_figure
 from mechintro.prompts import category_of
+from mechintro.runs import geometry as g
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -19,13 +19,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import _geometry as g
 import numpy as np
 import torch
 from scipy import stats
 
 from mechintro import geometry as geo
 from mechintro.plots_geometry import concept_pca_figure, direction_sweep_figure, verbalizability_figure
+from mechintro.runs import geometry as g
 
 
 def load_direction(text: str) -> tuple[str, np.ndarray]:

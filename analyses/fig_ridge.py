@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import _geometry as g
 import numpy as np
 from scipy import stats
 
 from mechintro import geometry as geo
 from mechintro.plots_geometry import ridge_figure
+from mechintro.runs import geometry as g
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import _geometry as g
-
 from mechintro import geometry as geo
 from mechintro.plots_geometry import swaps_figure
+from mechintro.runs import geometry as g
 
 
 def main(argv: Sequence[str] | None = None) -> None:

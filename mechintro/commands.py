@@ -236,12 +236,26 @@ def _widest_setting(rows: Any, column: str) -> tuple[int, float]:
 
 # ----------------------------------------------------------------------------------------------- scripts
 
+GEOMETRY_SCRIPTS = (
+    "fig_swaps.py",
+    "fig_bidirectional.py",
+    "fig_concept_space.py",
+    "fig_ridge.py",
+    "fig_noise_controls.py",
+)
+"""The geometry figures (the paper's Figures 6-8); they share their options."""
+
 SCRIPT_COMMANDS = {
     "gates": ("top gate candidates by DLA and the top gate's inverted-V", ("fig_gates.py",)),
     "carriers": ("evidence carriers and suppressors of a gate", ("fig_carriers.py",)),
     "curves": (
         "progressive gate ablation/patching curves and carrier-ablation curves",
         ("fig_gate_curves.py", "fig_carrier_ablation.py"),
+    ),
+    "geometry": (
+        "success/failure geometry of concept vectors: swaps, bidirectional steering, PCA, logit lens, "
+        "verbalizability, delta-PCs, ridge, noise controls",
+        GEOMETRY_SCRIPTS,
     ),
 }
 """Subcommands that run analyses scripts, passing every argument on."""
@@ -290,6 +304,13 @@ class Step:
 REPRODUCE_ARGS = "--model organism --n-trials 4 --max-new-tokens 40 --batch-size 128"
 QUICK_ARGS = "--model organism --n-trials 2 --max-new-tokens 24 --batch-size 64 --quiet"
 _QUICK_MECH = "--concepts held-out:6 --k 20"
+_GEOMETRY_FULL = {
+    "fig_swaps.py": "--n-trials 10",
+    "fig_bidirectional.py": "--n-trials 10",
+    "fig_noise_controls.py": "--n-trials 10",
+    "fig_ridge.py": "--leaky",
+}
+_GEOMETRY_QUICK = "--concepts held-out:30 --rates-trials 4 --n-trials 2 --sweep-trials 2 --counts 1,5,20"
 
 REPRODUCE_STEPS = (
     Step("fig_organism_profile.py", kind="table"),
@@ -317,6 +338,10 @@ REPRODUCE_STEPS = (
     Step("fig_carriers.py", "", _QUICK_MECH),
     Step("fig_carrier_ablation.py", "", f"{_QUICK_MECH} --n-concepts 1"),
     Step("fig_base_vs_instruct.py", "", f"{_QUICK_MECH} --n-concepts 1"),
+    *(
+        Step(script, _GEOMETRY_FULL.get(script, ""), _GEOMETRY_QUICK, kind="trials")
+        for script in GEOMETRY_SCRIPTS
+    ),
 )
 """The figure scripts ``make reproduce`` runs, in order."""
 

@@ -28,7 +28,7 @@ SCRIPTS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_geometry_script_runs_on_the_tiny_model(script, tmp_path):
-    from mechintro.cli import run_script
+    from mechintro.runs import run_script
 
     argv = ["--model", "tiny", "--concepts", "held-out:40", "--judge", "logit", "--strength", "8"]
     argv += ["--n-trials", "2", "--rates-trials", "4", "--quiet", "--formats", "html"]

@@ -10,6 +10,9 @@ that reads the concept store (``mechintro figures``, per-concept rates) mixes th
 scripts share them, so the rates are run once.
 
 ``--model tiny`` is a random tiny Gemma 3 (with random transcoders), for smoke tests.
+
+The scripts in ``analyses/`` (fig_swaps, fig_bidirectional, fig_concept_space, fig_ridge, fig_noise_controls)
+are thin: they parse with :func:`parser` and call these.
 """
 
 from __future__ import annotations
@@ -20,29 +23,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import _mechanism as mech
 import numpy as np
 import pandas as pd
 import torch
 from scipy import stats
 
-from mechintro import cli
+from mechintro import runs
 from mechintro import geometry as geo
 from mechintro.concepts import concept_vectors
 from mechintro.models import ModelSpec, spec_for, with_spec
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:
-    """The run options of :mod:`mechintro.cli` plus the geometry options."""
+    """The run options (:func:`mechintro.runs.add_run_options`) plus the geometry options."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_run_options(p)
+    runs.add_run_options(p)
     p.add_argument("--layer", type=int, default=None, help="injection layer (default: the model's)")
     p.add_argument(
-        "--strength", type=float, default=None, help="injection strength (default: the model's spec)"
+        "--strength", type=runs.finite_float, default=None, help="injection strength (default: the model's spec)"
     )
     p.add_argument(
         "--rates-trials",
-        type=int,
+        type=runs.positive_int,
         default=20,
         help="trials per concept for the per-concept rates (default 20; the README numbers need >= 20)",
     )
@@ -59,8 +61,8 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="figures", help="output folder")
     _figure_options(p)
-    p.add_argument("--formats", type=names, default=["html", "png"], help="figure formats (default html,png)")
-    p.set_defaults(store=cli.DEFAULT_STORE, threads=1)
+    p.add_argument("--formats", type=runs.name_list, default=["html", "png"], help="figure formats (default html,png)")
+    p.set_defaults(store=runs.DEFAULT_STORE, threads=1)
     return p
 
 
@@ -69,7 +71,7 @@ def _figure_options(p: argparse.ArgumentParser) -> None:
     same arguments to all of them)."""
     f6 = p.add_argument_group("swaps (fig_swaps.py)")
     f6.add_argument(
-        "--partners", type=names, default=list(geo.PARTNER_RULES), help="random,nearest (default both)"
+        "--partners", type=runs.name_list, default=list(geo.PARTNER_RULES), help="random,nearest (default both)"
     )
     f6.add_argument(
         "--no-swap-rescale", action="store_true", help="keep the swapped norm (default: rescale to ‖v‖)"
@@ -96,7 +98,7 @@ def _figure_options(p: argparse.ArgumentParser) -> None:
     f8.add_argument("--k-pcs", type=int, default=3, help="δPCs to steer along (default 3)")
     f8.add_argument(
         "--sweep-multiples",
-        type=floats,
+        type=runs.float_list,
         default=[-1.0, -0.5, 0.5, 1.0, 1.5, 2.0],
         help="δPC steering norms in mean concept norms at the default strength (default -1,-0.5,0.5,1,1.5,2)",
     )
@@ -113,7 +115,7 @@ def _figure_options(p: argparse.ArgumentParser) -> None:
     f8d.add_argument("--leaky", action="store_true", help="also rank features on all concepts (leaks)")
     fn = p.add_argument_group("noise controls (fig_noise_controls.py)")
     fn.add_argument(
-        "--noise-multiples", type=floats, default=[1.0], help="multiples of the default strength (default 1)"
+        "--noise-multiples", type=runs.float_list, default=[1.0], help="multiples of the default strength (default 1)"
     )
     fn.add_argument("--repeats", type=int, default=1, help="random vectors per concept and kind (default 1)")
 
@@ -135,22 +137,21 @@ class Setup:
 def load(args: argparse.Namespace, *, transcoders: bool = False) -> Setup:
     """Model, concepts, concept vectors at the injection layer (and the transcoders when asked)."""
     if transcoders:
-        m = mech.load(args)
+        m = runs.load_setup(args)
         model, spec, tcs, concepts, vectors = m.model, m.spec, m.transcoders, m.concepts, m.vectors
     else:
         if args.threads:
             torch.set_num_threads(args.threads)
-        model = cli.load_cli_model(args.model, device=args.device)
-        tiny_layer = mech.TINY_INJECTION_LAYER if args.model == cli.TINY else None
+        runs.check_run_options(args)
+        model = runs.load_named_model(args.model, device=args.device)
+        tiny_layer = runs.TINY_INJECTION_LAYER if args.model == runs.TINY else None
         layer = args.layer if args.layer is not None else tiny_layer
         if layer is not None:
             with_spec(model, injection_layer=layer)
         spec, tcs = spec_for(model), None
-        concepts = cli.parse_concepts(args.concepts)
+        concepts = runs.parse_concepts(args.concepts)
         vectors = concept_vectors(model, concepts, layer=spec.injection_layer)
     strength = spec.strength if args.strength is None else float(args.strength)
-    if args.rates_trials < 1 or args.n_trials < 1:
-        raise SystemExit("--rates-trials and --n-trials must be >= 1")
     return Setup(args, model, spec, concepts, vectors, spec.injection_layer, strength, tcs)
 
 
@@ -177,7 +178,7 @@ def rates(s: Setup) -> pd.DataFrame:
         layer=s.layer,
         strength=s.strength,
         n_trials=s.args.rates_trials,
-        judge=cli.parse_judge(s.args.judge),
+        judge=runs.parse_judge(s.args.judge),
         vectors=s.vectors,
         controls=False,
         store=s.args.store,
@@ -216,7 +217,7 @@ def detector(s: Setup, *, n_trials: int | None = None) -> geo.TrialDetector:
     """Steering by explicit vectors at the injection layer and strength, ``--n-trials`` trials each."""
     return geo.TrialDetector(
         s.model,
-        cli.parse_judge(s.args.judge),
+        runs.parse_judge(s.args.judge),
         n_trials=s.args.n_trials if n_trials is None else n_trials,
         layer=s.layer,
         strength=s.strength,
@@ -234,14 +235,6 @@ def steer_store(args: argparse.Namespace) -> str | None:
         return None
     path = Path(args.store)
     return str(path.with_name(f"{path.stem}.geometry.sqlite"))
-
-
-def floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
-def names(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def mean_norm(s: Setup) -> float:

@@ -338,7 +338,7 @@ def load_named_model(name: str, *, device: str | None = None) -> Any:
 
 
 def analyses_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "analyses"
+    return Path(__file__).resolve().parents[2] / "analyses"
 
 
 def run_script(name: str, argv: Sequence[str]) -> None:
