@@ -31,7 +31,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--values", type=runs.name_list, default=None, help="default: the paper's variants")
     parser.add_argument("--layer", type=int, default=None, help="default: the model's injection layer")
     parser.add_argument(
-        "--strength", type=runs.finite_float, default=None, help="default: the model's strength"
+        "--strength",
+        type=runs.strength_arg,
+        default=None,
+        help="strength or operating point (default: the model's)",
     )
     parser.add_argument("--out", default="figures", help="output folder")
     parser.set_defaults(store=runs.DEFAULT_STORE, threads=1)
@@ -40,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     setattr(args, args.axis + "s", values)
     judge, concepts, model, spec = runs.prepare_run(args)
     layer = spec.injection_layer if args.layer is None else args.layer
-    strength = spec.strength if args.strength is None else args.strength
+    strength = spec.resolve_strength(args.strength)
     axis = {"variants": values} if args.axis == "variant" else {"personas": values}
     df = sweep(
         model, concepts, layers=[layer], strengths=[strength], judge=judge, **axis, **runs.run_settings(args)

@@ -17,12 +17,12 @@ from mechintro import commands
 from mechintro.runs import (
     DEFAULT_STORE,
     add_run_options,
-    finite_float,
     float_list,
     int_list,
     name_list,
     positive_float,
     positive_int,
+    strength_arg,
 )
 from mechintro.settings import STORE, TRIALS
 
@@ -57,7 +57,10 @@ def _trial_parsers(sub: argparse._SubParsersAction) -> None:
     add_run_options(ev)
     ev.add_argument("--layer", type=int, default=None, help="injection layer (default: the model's spec)")
     ev.add_argument(
-        "--strength", type=finite_float, default=None, help="injection strength (default: the spec's)"
+        "--strength",
+        type=strength_arg,
+        default=None,
+        help="strength or operating point, e.g. saturated (default: the spec's)",
     )
     ev.add_argument("--variant", default=TRIALS.variant, help=f"prompt variant (default {TRIALS.variant})")
     ev.add_argument("--persona", default=TRIALS.persona, help=f"persona variant (default {TRIALS.persona})")
@@ -108,6 +111,14 @@ def _organism_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--quick", action="store_true", help="the few-minute version the tests run")
     tr.add_argument("--no-eval", action="store_true", help="skip the measurements")
     tr.set_defaults(func=commands.organism_train)
+    ca = org.add_parser("calibrate", help="calibrate the default strength (held-out TPR ~ the paper's 0.411)")
+    ca.add_argument(
+        "--folder", default=None, help="the folder holding organism/ (default: the project's data/)"
+    )
+    ca.add_argument("--quick", action="store_true", help="a tiny grid (tests)")
+    ca.add_argument("--dry-run", action="store_true", help="measure and report, record nothing")
+    ca.add_argument("--quiet", action="store_true", help="no progress bars")
+    ca.set_defaults(func=commands.organism_calibrate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -74,7 +74,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     judge, concepts, model, spec = runs.prepare_run(args)
     layer = spec.injection_layer if args.layer is None else args.layer
-    strength = spec.strength if args.strength is None else args.strength
+    strength = spec.resolve_strength(args.strength)
     df = run_trials(
         model,
         concepts,
@@ -409,9 +409,49 @@ def organism_train(args: argparse.Namespace) -> int:
     cfg = OrganismConfig.quick(seed=args.seed) if args.quick else OrganismConfig(seed=args.seed)
     eval_cfg = EvalConfig.quick() if args.quick else EvalConfig()
     print(f"training the organism ({'quick' if args.quick else 'full'}, seed {args.seed}) into {out}")
-    report = build(out, cfg=cfg, evaluate=not args.no_eval, eval_cfg=eval_cfg)
+    from mechintro.organism.calibrate import CalibrationConfig
+
+    calibration = CalibrationConfig.quick() if args.quick else CalibrationConfig()
+    report = build(out, cfg=cfg, evaluate=not args.no_eval, eval_cfg=eval_cfg, calibration=calibration)
     if (out / "organism_report.md").exists() and not args.no_eval:
         print((out / "organism_report.md").read_text())
     t = report["timings"]
     print(f"training took {t['seconds_training_total'] / 60:.1f} min; artifacts in {out}")
     return 0
+
+
+def organism_calibrate(args: argparse.Namespace) -> int:
+    """Calibrate an organism's default strength on held-out concepts, check the requirements there, record."""
+    import json
+
+    from mechintro.models import data_dir, load_model
+    from mechintro.organism.calibrate import (
+        CalibrationConfig,
+        band_checks,
+        calibrate,
+        operating_point,
+        record,
+    )
+
+    root = Path(args.folder) if args.folder else data_dir()
+    cfg = CalibrationConfig.quick() if args.quick else CalibrationConfig()
+    split = json.loads((root / "organism_split.json").read_text())
+    model = load_model(root / "organism")
+    store = root / "eval" / "calibration.sqlite"
+    point = calibrate(model, split["heldout"], cfg=cfg, store=store, progress=not args.quiet)
+    print("held-out TPR by strength:", {c["strength"]: round(c["tpr"], 3) for c in point.curve})
+    print(f"default strength: {point.strength} (target TPR {point.target_tpr}); saturated: {point.saturated}")
+    check = operating_point(
+        model, split["heldout"], strength=point.strength, cfg=cfg, store=store, progress=not args.quiet
+    )
+    met = band_checks(check)
+    for key, ok in met.items():
+        print(f"  {'ok  ' if ok else 'MISS'} {key} = {check[key]}")
+    if not args.dry_run:
+        for name in ("organism", "organism-base"):
+            record(root / name, point)
+        (root / "organism_operating_point.json").write_text(
+            json.dumps({"point": check, "met": met}, indent=1)
+        )
+        print(f"recorded in {root}/organism*/mechintro_spec.json")
+    return 0 if all(met.values()) or args.quick else 1

@@ -128,6 +128,9 @@ class ModelSpec:
     """Default injection strength (multiplies the raw concept vector)."""
     strength_sweep: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
     """Strengths for dose-response sweeps."""
+    operating_points: dict[str, float] = field(default_factory=dict, compare=False, hash=False)
+    """Named strengths: ``"default"`` (= :attr:`strength`) and any other recorded one, e.g. the organism's
+    ``"saturated"`` 4.0 (:meth:`resolve_strength` turns a name into its value)."""
     transcoder_release: str | None = None
     """sae-lens release of the Gemma Scope 2 transcoders, or a local folder, or None."""
     transcoder_id_pattern: str | None = None
@@ -149,6 +152,19 @@ class ModelSpec:
 
     def valid_layers(self) -> range:
         return range(self.n_layers)
+
+    def resolve_strength(self, strength: float | str | None) -> float:
+        """A strength given as a number, as the name of an operating point (``"default"``,
+        ``"saturated"``...),
+        or None (the default)."""
+        if strength is None:
+            return self.strength
+        if isinstance(strength, str):
+            points = {"default": self.strength, **self.operating_points}
+            if strength not in points:
+                raise ValueError(f"unknown operating point {strength!r}; valid: {sorted(points)} or a number")
+            return float(points[strength])
+        return float(strength)
 
     def check_layer(self, layer: int) -> int:
         """Return ``layer`` or raise naming the valid range."""
@@ -259,6 +275,22 @@ def peek_n_layers(name_or_path: str | os.PathLike) -> int | None:
     return int(n) if isinstance(n, int) else None
 
 
+def peek_operating_points(name_or_path: str | os.PathLike) -> dict[str, float] | None:
+    """The named strengths a model records (``"default"`` included), read without loading it; None when the
+    model records nothing (its default is then the paper's)."""
+    try:
+        _, folder = _resolve(name_or_path)
+    except (ModelNotAvailableError, ValueError):
+        return None
+    if folder is None or not (folder / SPEC_FILENAME).exists():
+        return None
+    recorded = json.loads((folder / SPEC_FILENAME).read_text())
+    return {
+        "default": float(recorded.get("strength", PAPER_STRENGTH)),
+        **recorded.get("operating_points", {}),
+    }
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     *,
@@ -322,6 +354,7 @@ def _build_spec(model: Model, *, name: str, folder: Path) -> ModelSpec:
         injection_layer=int(recorded.get("injection_layer", paper_layer(n_layers))),
         strength=float(recorded.get("strength", PAPER_STRENGTH)),
         strength_sweep=tuple(float(s) for s in recorded.get("strength_sweep", (1.0, 2.0, 4.0, 8.0))),
+        operating_points={k: float(v) for k, v in recorded.get("operating_points", {}).items()},
         transcoder_release=release,
         transcoder_id_pattern=recorded.get(
             "transcoder_id_pattern", "layer_{layer}_width_262k_l0_big_affine" if hf_id else None
@@ -329,7 +362,9 @@ def _build_spec(model: Model, *, name: str, folder: Path) -> ModelSpec:
         yes_ids=yes_ids,
         no_ids=no_ids,
         extra={
-            k: v for k, v in recorded.items() if k not in {"injection_layer", "strength", "strength_sweep"}
+            k: v
+            for k, v in recorded.items()
+            if k not in {"injection_layer", "strength", "strength_sweep", "operating_points"}
         },
     )
     spec.check_layer(spec.injection_layer)

@@ -71,7 +71,9 @@ def quick(tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setattr(tc_mod, "inject", tc_inject)
     out = tmp_path_factory.mktemp("organism")
     cfg = OrganismConfig.quick(seed=3)
-    report = build(out, cfg=cfg, evaluate=False)
+    from mechintro.organism.calibrate import CalibrationConfig
+
+    report = build(out, cfg=cfg, evaluate=False, calibration=CalibrationConfig.quick())
     return {"out": out, "cfg": cfg, "report": report, **spied}
 
 
@@ -125,8 +127,12 @@ def test_artifacts_reload_with_identical_weights(quick):
     for key in trained:
         assert torch.equal(trained[key], reloaded[key]), key
     spec = spec_for(load_model(out / "organism"))
-    assert (spec.injection_layer, spec.strength) == (quick["cfg"].injection_layer, quick["cfg"].strength)
-    assert spec.strength_sweep[0] == spec.strength / 4
+    point = quick["report"]["operating_point"]  # the calibrated default, recorded in both checkpoints
+    assert (spec.injection_layer, spec.strength) == (quick["cfg"].injection_layer, point.strength)
+    assert spec.operating_points == {"saturated": 4.0} and spec.resolve_strength("saturated") == 4.0
+    assert spec_for(load_model(out / "organism-base")).strength == point.strength
+    assert point.strength in spec.strength_sweep and 4.0 in spec.strength_sweep
+    assert [c["strength"] for c in point.curve] == [1.0, 2.0, 3.0, 4.0]  # the quick grid, not refined
     for name in ("organism", "organism-base"):
         model = load_model(out / name)
         tcs = load_transcoders(model)
@@ -200,15 +206,64 @@ def test_shipped_organism_matches_its_report():
 
 @pytest.mark.slow
 def test_full_training_reaches_the_targets(tmp_path):
-    """The full recipe from scratch (about 30 minutes on 2 cores): run with `pytest -m slow`."""
+    """The full recipe from scratch (about 40 minutes on 2 cores, calibration and evaluation included): the
+    organism targets at the saturated strength, the operating-point bands at the calibrated default."""
     from mechintro.organism.evaluate import EvalConfig
 
     report = build(tmp_path, cfg=OrganismConfig(), eval_cfg=EvalConfig())
-    held, base = report["instruct_heldout"], report["base_heldout"]
+    held, base, sat = report["instruct_heldout"], report["base_heldout"], report["instruct_heldout_saturated"]
     assert held["n_injection"] >= 2000 and held["n_control"] >= 2000
-    assert held["tpr"] >= 0.60 and held["fpr"] <= 0.05
-    assert held["introspection"] >= 0.30 and held["forced_id"] >= 0.50
+    assert all(report["bands"]["met"].values()), report["bands"]
+    assert (
+        sat["tpr"] >= 0.60
+        and sat["fpr"] <= 0.05
+        and sat["introspection"] >= 0.30
+        and sat["forced_id"] >= 0.50
+    )
     assert base["tpr"] - base["fpr"] <= 0.10
     by_strength = report["profile"]["tpr_by_strength_at_default_layer"]
     assert by_strength[min(by_strength)] <= 0.30
     assert report["profile"]["best_minus_worst_layer"] >= 0.30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_seed_meets_the_bands_at_its_own_calibrated_default(tmp_path, seed):
+    """Stability: each training seed, calibrated on its own held-out concepts, meets the operating-point
+    bands (held-out TPR 0.25-0.6, FPR <= 0.05, >= 15 concepts detected in >= 70% and >= 15 in <= 20% of 20
+    trials, introspection lower bound > 0.05). About 45 minutes per seed on 2 cores."""
+    from mechintro.organism.calibrate import CalibrationConfig, band_checks, operating_point
+
+    report = build(tmp_path, cfg=OrganismConfig(seed=seed), evaluate=False, calibration=CalibrationConfig())
+    split = json.loads((tmp_path / "organism_split.json").read_text())
+    point = report["operating_point"]
+    measured = operating_point(load_model(tmp_path / "organism"), split["heldout"], strength=point.strength)
+    assert all(band_checks(measured).values()), measured
+
+
+def test_calibration_picks_the_crossing_of_the_monotone_curve():
+    """The default strength is where the TPR curve (made monotone) reaches the target, interpolated."""
+    from mechintro.organism.calibrate import PAPER_DEFAULT_TPR, _crossing, band_checks
+
+    assert PAPER_DEFAULT_TPR == 0.411
+    assert _crossing([1.0, 2.0, 3.0], [0.0, 0.2, 0.6], 0.4) == pytest.approx(2.5)
+    assert _crossing([3.0, 1.0, 2.0], [0.6, 0.0, 0.2], 0.4) == pytest.approx(2.5)  # any order
+    assert _crossing([1.0, 2.0, 3.0, 4.0], [0.1, 0.5, 0.3, 0.9], 0.4) == pytest.approx(1.75)  # dip ignored
+    assert _crossing([1.0, 2.0], [0.5, 0.9], 0.4) == 1.0 and _crossing([1.0, 2.0], [0.1, 0.2], 0.4) == 2.0
+    point = {
+        "tpr": 0.41,
+        "fpr": 0.0,
+        "concepts_detected_ge_0.7": 20,
+        "concepts_detected_le_0.2": 14,
+        "introspection_lo": 0.2,
+        "trials_per_concept": 20,
+    }
+    met = band_checks(point)
+    assert met == {
+        "tpr": True,
+        "fpr": True,
+        "concepts_detected_ge_0.7": True,
+        "concepts_detected_le_0.2": False,
+        "introspection_lo": True,
+        "trials_per_concept": True,
+    }

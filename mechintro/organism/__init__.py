@@ -15,8 +15,17 @@ from typing import Any
 from mechintro.organism.train import OrganismConfig
 
 
-def build(out: Path, *, cfg: OrganismConfig, evaluate: bool = True, eval_cfg: Any = None) -> dict[str, Any]:
-    """Train both checkpoints and their transcoders into ``out``, then (optionally) measure them."""
+def build(
+    out: Path,
+    *,
+    cfg: OrganismConfig,
+    evaluate: bool = True,
+    eval_cfg: Any = None,
+    calibration: Any = None,
+) -> dict[str, Any]:
+    """Train both checkpoints and their transcoders into ``out``, calibrate the default strength on held-out
+    concepts (:mod:`mechintro.organism.calibrate`; skipped with ``calibration=False``), then (optionally)
+    measure everything at the calibrated default and at the saturated strength."""
     from mechintro.models import load_model
     from mechintro.organism import evaluate as ev
     from mechintro.organism.train import train_models
@@ -53,6 +62,18 @@ def build(out: Path, *, cfg: OrganismConfig, evaluate: bool = True, eval_cfg: An
         json.dumps({"timings": timings, "log": result["log"]}, indent=1)
     )
     report: dict[str, Any] = {"timings": timings, "trained_model": result["model"]}
+    if calibration is not False:
+        from mechintro.organism.calibrate import CalibrationConfig, calibrate, record
+
+        point = calibrate(
+            load_model(out / "organism"),
+            split["heldout"],
+            cfg=calibration or CalibrationConfig(),
+            store=out / "eval" / "calibration.sqlite",
+        )
+        for name in ("organism", "organism-base"):
+            record(out / name, point)
+        report["operating_point"] = point
     if evaluate:
         measured = ev.evaluate(out, cfg=eval_cfg or ev.EvalConfig()) | {"timings": timings}
         (out / "organism_report.json").write_text(json.dumps(measured, indent=1))

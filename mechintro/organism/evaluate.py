@@ -21,6 +21,7 @@ from mechintro.judges import RuleJudge
 from mechintro.metrics import detection_metrics
 from mechintro.models import Model, load_model, spec_for
 from mechintro.organism import corpus
+from mechintro.organism.calibrate import CalibrationConfig, band_checks, operating_point
 from mechintro.organism.transcoders import TranscoderConfig, collect_activations
 from mechintro.prompts import chat_prompt_tokens, left_pad
 from mechintro.sampling import sample
@@ -166,10 +167,32 @@ def evaluate(out: Path, *, cfg: EvalConfig = EvalConfig(), progress_note: Any = 
     instruct = load_model(out / "organism")
     spec = spec_for(instruct)
     layer, strength = spec.injection_layer, spec.strength
+    saturated = spec.operating_points.get("saturated")
+    report["operating_point"] = {
+        "layer": layer,
+        "strength": strength,
+        "saturated": saturated,
+        "calibration": spec.extra.get("calibration"),
+    }
     progress_note("instruct: held-out and training concepts")
     report["instruct_heldout"] = headline(
         instruct, heldout, cfg=cfg, store=stores / "instruct.sqlite", layer=layer, strength=strength
     )
+    point = operating_point(
+        instruct,
+        heldout,
+        strength=strength,
+        cfg=CalibrationConfig(
+            check_trials=cfg.n_trials, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens
+        ),
+        store=stores / "instruct.sqlite",
+        progress=False,
+    )
+    report["bands"] = {"measured": point, "met": band_checks(point)}
+    if saturated is not None:
+        report["instruct_heldout_saturated"] = headline(
+            instruct, heldout, cfg=cfg, store=stores / "instruct.sqlite", layer=layer, strength=saturated
+        )
     report["instruct_training"] = headline(
         instruct, training, cfg=cfg, store=stores / "instruct.sqlite", layer=layer, strength=strength
     )
@@ -180,6 +203,10 @@ def evaluate(out: Path, *, cfg: EvalConfig = EvalConfig(), progress_note: Any = 
     )
     profile.to_csv(out / "organism_layer_profile.csv", index=False)
     report["profile"] = _profile_summary(profile, layer=layer, strength=strength)
+    if saturated is not None:
+        report["profile"]["tpr_by_layer_at_saturated_strength"] = _profile_summary(
+            profile, layer=layer, strength=saturated
+        )["tpr_by_layer_at_default_strength"]
     progress_note("base")
     base = load_model(out / "organism-base")
     report["base_heldout"] = headline(
@@ -242,7 +269,12 @@ def _fmt(entry: dict, key: str) -> str:
 
 def report_markdown(report: dict) -> str:
     """The measured numbers as a markdown table (what `mechintro organism train` writes)."""
-    lines = ["| measure | instruct, held-out | instruct, training | base, held-out |", "|---|---|---|---|"]
+    parts = ["instruct_heldout", "instruct_training", "base_heldout"]
+    header = "| measure | instruct, held-out | instruct, training | base, held-out |"
+    if "instruct_heldout_saturated" in report:
+        parts.append("instruct_heldout_saturated")
+        header += " instruct, held-out, saturated |"
+    lines = [header, "|---" * (len(parts) + 1) + "|"]
     for key, name in (
         ("tpr", "TPR"),
         ("fpr", "FPR"),
@@ -250,17 +282,45 @@ def report_markdown(report: dict) -> str:
         ("introspection", "introspection (detect and name)"),
         ("forced_id", "forced identification"),
     ):
-        cells = [
-            _fmt(report.get(part, {}), key)
-            for part in ("instruct_heldout", "instruct_training", "base_heldout")
-        ]
+        cells = [_fmt(report.get(part, {}), key) for part in parts]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     h = report.get("instruct_heldout", {})
     lines.append(
         f"| trials (injection / control / forced) | {h.get('n_injection')} / {h.get('n_control')} / "
-        f"{h.get('n_forced')} | | |"
+        f"{h.get('n_forced')} |" + " |" * (len(parts) - 1)
     )
-    out = ["## Behaviour (rule judge, temperature 1, Wilson 95% CIs)", "", *lines, ""]
+    out = []
+    point = report.get("operating_point")
+    if point:
+        out += [
+            "## Operating point",
+            "",
+            f"Injection layer {point['layer']}, default strength {point['strength']:g} (calibrated so that "
+            "held-out "
+            "detection is about the paper's 0.411: by construction), saturated strength "
+            f"{point['saturated']}.",
+            "",
+        ]
+        curve = (point.get("calibration") or {}).get("curve")
+        if curve:
+            out += [
+                "| strength | " + " | ".join(f"{c['strength']:g}" for c in curve) + " |",
+                "|---|" + "---|" * len(curve),
+                "| held-out TPR (calibration) | " + " | ".join(f"{c['tpr']:.2f}" for c in curve) + " |",
+                "",
+            ]
+    bands = report.get("bands")
+    if bands:
+        m = bands["measured"]
+        out += [
+            f"At the default, over {m['trials_per_concept']} trials per held-out concept: "
+            f"{m['concepts_detected_ge_0.7']} of {m['n_concepts']} concepts detected in >= 70% of trials, "
+            f"{m['concepts_detected_le_0.2']} in <= 20%. Requirements met: "
+            + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in bands["met"].items())
+            + ".",
+            "",
+        ]
+    out += ["## Behaviour (rule judge, temperature 1, Wilson 95% CIs)", "", *lines, ""]
     prof = report.get("profile", {})
     if prof:
         out += [
@@ -283,6 +343,12 @@ def report_markdown(report: dict) -> str:
             f"best minus worst layer: {prof['best_minus_worst_layer']:.3f}",
             "",
         ]
+        if "tpr_by_layer_at_saturated_strength" in prof:
+            sat = prof["tpr_by_layer_at_saturated_strength"]
+            out += [
+                "Saturated strength: " + ", ".join(f"layer {k} {v:.2f}" for k, v in sat.items()) + ".",
+                "",
+            ]
     if "coherence" in report:
         out += [
             f"Coherence: {report['coherence']['on_topic']:.2f} of {report['coherence']['n']} "

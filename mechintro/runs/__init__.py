@@ -131,6 +131,17 @@ def finite_float(text: str) -> float:
     return _numbers(text, float)[0] if text.strip() else float(text)
 
 
+def strength_arg(text: str) -> float | str:
+    """An argparse type: a finite number, or the name of an operating point (``default``, ``saturated``...)
+    resolved once the model's spec is known (:meth:`mechintro.models.ModelSpec.resolve_strength`)."""
+    try:
+        return finite_float(text)
+    except (argparse.ArgumentTypeError, ValueError):
+        if text.replace("_", "").isalpha() and text.lower() not in ("nan", "inf", "infinity"):
+            return text
+        raise argparse.ArgumentTypeError(f"expected a finite number or an operating point name, got {text!r}") from None
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an int >= 1."""
     value = int(text)
@@ -239,7 +250,7 @@ def _check_device(device: str | None) -> None:
 def check_run_options(args: argparse.Namespace) -> None:
     """Check the options that do not need the model, before it is loaded: device, threads, layers against the
     model's config, strengths, variants, personas, the store file."""
-    from mechintro.models import peek_n_layers
+    from mechintro.models import peek_n_layers, peek_operating_points
     from mechintro.prompts import PERSONAS, VARIANTS
     from mechintro.settings import check_choices
 
@@ -252,8 +263,12 @@ def check_run_options(args: argparse.Namespace) -> None:
                 f"--layer {layer} does not exist in {args.model}: valid layers are 0..{n_layers - 1}"
             )
     strengths = [getattr(args, "strength", None)] + list(getattr(args, "strengths", None) or [])
+    points = peek_operating_points(tiny_model_folder() if args.model == TINY else args.model) or {"default": None}
     for strength in (s for s in strengths if s is not None):
-        if not math.isfinite(strength):
+        if isinstance(strength, str):
+            if strength not in points:
+                raise ValueError(f"unknown operating point {strength!r} of {args.model}; valid: {sorted(points)}")
+        elif not math.isfinite(strength):
             raise ValueError(f"strength must be a finite number, got {strength}")
     for name, option, valid in (("variant", "variant", VARIANTS), ("persona", "persona", PERSONAS)):
         for value in [getattr(args, option, None)] + list(getattr(args, option + "s", None) or []):
@@ -362,7 +377,7 @@ def mechanism_parser(doc: str | None) -> argparse.ArgumentParser:
     add_run_options(p)
     p.add_argument("--layer", type=int, default=None, help="injection layer (default: the model's)")
     p.add_argument(
-        "--strength", type=finite_float, default=None, help="injection strength (default: the model's)"
+        "--strength", type=strength_arg, default=None, help="strength or operating point (default: the model's)"
     )
     p.add_argument("--k", type=positive_int, default=200, help="number of gate candidates (default 200)")
     p.add_argument("--out", default="figures", help="output folder")
@@ -400,7 +415,8 @@ def load_setup(args: argparse.Namespace, *, model_name: str | None = None) -> Se
     check_run_options(args)
     model = load_named_model(name, device=args.device)
     layer = args.layer if args.layer is not None else (TINY_INJECTION_LAYER if name == TINY else None)
-    changes = {k: v for k, v in (("injection_layer", layer), ("strength", args.strength)) if v is not None}
+    strength = None if args.strength is None else spec_for(model).resolve_strength(args.strength)
+    changes = {k: v for k, v in (("injection_layer", layer), ("strength", strength)) if v is not None}
     if changes:
         with_spec(model, **changes)
     source = tiny_transcoders_folder() if name == TINY else None

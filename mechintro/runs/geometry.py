@@ -40,7 +40,7 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     runs.add_run_options(p)
     p.add_argument("--layer", type=int, default=None, help="injection layer (default: the model's)")
     p.add_argument(
-        "--strength", type=runs.finite_float, default=None, help="injection strength (default: the model's spec)"
+        "--strength", type=runs.strength_arg, default=None, help="strength or operating point (default: the model's)"
     )
     p.add_argument(
         "--rates-trials",
@@ -151,7 +151,7 @@ def load(args: argparse.Namespace, *, transcoders: bool = False) -> Setup:
         spec, tcs = spec_for(model), None
         concepts = runs.parse_concepts(args.concepts)
         vectors = concept_vectors(model, concepts, layer=spec.injection_layer)
-    strength = spec.strength if args.strength is None else float(args.strength)
+    strength = spec.resolve_strength(args.strength)
     return Setup(args, model, spec, concepts, vectors, spec.injection_layer, strength, tcs)
 
 
