@@ -35,8 +35,10 @@ __all__ = [
     "add_run_options",
     "analyses_dir",
     "behaviour",
+    "add_carrier_options",
     "carrier_behaviour",
     "check_run_options",
+    "find_carriers",
     "float_list",
     "format_metrics",
     "grid_and_gates",
@@ -488,6 +490,41 @@ def grid_and_gates(s: Setup, rates: pd.DataFrame | None) -> tuple[Any, pd.DataFr
         frame.to_parquet(grid_path, index=False)
         gates.to_parquet(gates_path, index=False)
     return grid, gates
+
+
+def add_carrier_options(p: argparse.ArgumentParser) -> None:
+    """``--gate`` and how carriers are found (the scripts that find a gate's evidence carriers share these)."""
+    p.add_argument("--gate", default=None, help="e.g. 'L45 F1234' (default: the top gate)")
+    p.add_argument(
+        "--carrier-concept",
+        default=None,
+        help="find carriers for this one concept (the paper's per-(gate, concept) carriers); default: pooled",
+    )
+    p.add_argument(
+        "--criteria",
+        choices=["dose_behaviour", "sign"],
+        default="dose_behaviour",
+        help="carrier criteria: dose and behaviour filters (default) or the attribution sign alone (paper)",
+    )
+    p.add_argument("--correlation", choices=["spearman", "pearson"], default="spearman")
+
+
+def find_carriers(s: Setup, grid: Any, gates: pd.DataFrame, rates: pd.DataFrame) -> tuple[str, pd.DataFrame]:
+    """(the gate, its evidence carriers and suppressors) as the carrier options ask."""
+    from mechintro.features import find_evidence_carriers
+
+    gate = s.args.gate or gates["feature"].iloc[0]
+    carriers = find_evidence_carriers(
+        s.model,
+        s.transcoders,
+        grid,
+        gate,
+        behaviour=carrier_behaviour(rates),
+        concept=s.args.carrier_concept,
+        criteria=s.args.criteria,
+        correlation=s.args.correlation,
+    )
+    return gate, carriers
 
 
 def carrier_behaviour(rates: pd.DataFrame) -> pd.DataFrame | None:
