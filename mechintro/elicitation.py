@@ -83,6 +83,7 @@ __all__ = [
     "DirectionalAblation",
     "ablate_directions",
     "arm_gains",
+    "bias_settings",
     "bias_trials",
     "bias_vector",
     "difference_of_means",
@@ -97,6 +98,7 @@ __all__ = [
     "paper_default_baselines",
     "random_direction",
     "train_bias_vector",
+    "train_or_load_bias",
 ]
 
 Labels: TypeAlias = Literal["instruct", "injected"]
@@ -388,7 +390,7 @@ def _strength_range(model: Model, strength_range: Any) -> tuple[float, float]:
     return (lo, hi)
 
 
-def train_bias_vector(
+def bias_settings(
     model: Model,
     concepts: Sequence[str],
     *,
@@ -405,52 +407,23 @@ def train_bias_vector(
     weight_decay: float = 0.0,
     seed: int = 0,
     heldout: Sequence[str] | None = None,
-    log_every: int = 25,
-    progress: bool = True,
-) -> BiasVector:
-    """Train one vector added to ``hook_mlp_out`` of ``layer`` (or one per layer), every weight frozen.
-
-    Args:
-        concepts: training concepts only; any held-out concept (``heldout``, default
-            :func:`~mechintro.concepts.heldout_concepts`) raises.
-        layer: a block, a list of blocks (one vector each) or ``"all"``.
-        injection_layers: layers training injections are drawn from; default the organism's trained layers
-            (``organism_config.train_layers`` plus the default layer), else the spec's default layer.
-        strength_range: training strengths, uniform in ``(low, high)``; default ``(0.25 s, 2 s)`` with ``s`` =
-            ``spec_for(model).strength``, which straddles the organism's threshold.
-        labels: ``"instruct"`` (default; "Yes" iff strength >= ``threshold``, default the organism's
-            ``detect_threshold``) or ``"injected"`` (every injection "Yes").
-        control_fraction: probability of a control row (no injection, "No").
-        epochs / epoch_size: ``epochs * ceil(epoch_size / batch_size)`` optimizer steps; one sample is one
-            (concept, layer, strength, control) trial dialogue.
-        batch_size / lr / weight_decay: AdamW settings (the released code's batch 8 and lr 1e-3).
-        seed: seeds the sampled rows; the vector starts at zero, so training is deterministic.
-        log_every: steps between training-log entries.
-
-    Targets are the organism's answers (``corpus.YES_TEMPLATE`` with the concept, ``corpus.NO_RESPONSE``),
-    the loss is on the answer tokens only, the model is in eval mode, its parameters' ``requires_grad`` flags
-    are switched off during training and restored after, so gradients reach only the bias.
-    """
-    from tqdm.auto import tqdm
-
-    from mechintro.organism import corpus
-    from mechintro.organism.train import InjectionRow, instruct_loss
-
+) -> BiasSettings:
+    """Validate the settings of :func:`train_bias_vector` (same arguments) and resolve their defaults."""
     spec = spec_for(model)
     concepts = _check_training_concepts(concepts, heldout)
-    layers = _layers_arg(model, layer, what="layer")
-    inj_layers = (
-        _default_injection_layers(model)
-        if injection_layers is None
-        else _layers_arg(model, injection_layers, what="injection_layers")
-    )
-    if not 0 <= control_fraction < 1:
+    if not (isinstance(control_fraction, (int, float)) and 0 <= control_fraction < 1):
         raise ValueError(f"control_fraction must be in [0, 1), got {control_fraction!r}")
-    settings = BiasSettings(
+    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    return BiasSettings(
         model=spec.name,
         model_digest=model_digest(model),
-        layers=layers,
-        injection_layers=inj_layers,
+        layers=_layers_arg(model, layer, what="layer"),
+        injection_layers=(
+            _default_injection_layers(model)
+            if injection_layers is None
+            else _layers_arg(model, injection_layers, what="injection_layers")
+        ),
         strength_range=_strength_range(model, strength_range),
         labels=labels,
         threshold=_threshold(model, labels, threshold),
@@ -464,6 +437,81 @@ def train_bias_vector(
         concepts=tuple(concepts),
         default_strength=float(spec.strength),
     )
+
+
+def train_bias_vector(
+    model: Model,
+    concepts: Sequence[str],
+    *,
+    layer: int | Sequence[int] | Literal["all"],
+    log_every: int = 25,
+    progress: bool = True,
+    **settings: Any,
+) -> BiasVector:
+    """Train one vector added to ``hook_mlp_out`` of ``layer`` (or one per layer), every weight frozen.
+
+    Args:
+        concepts: training concepts only; any held-out concept (``heldout``, default
+            :func:`~mechintro.concepts.heldout_concepts`) raises.
+        layer: a block, a list of blocks (one vector each) or ``"all"``.
+        log_every: steps between training-log entries.
+        progress: show a progress bar.
+        settings: the training settings of :func:`bias_settings` (each recorded in :class:`BiasSettings`):
+
+            * ``injection_layers``: layers training injections are drawn from; default the organism's
+              trained layers (``organism_config.train_layers`` plus the default layer), else the spec's layer;
+            * ``strength_range``: training strengths, uniform in ``(low, high)``; default ``(0.25 s, 2 s)``
+              with ``s = spec_for(model).strength``, which straddles the organism's threshold;
+            * ``labels``: ``"instruct"`` (default; "Yes" iff strength >= ``threshold``, default the
+              organism's ``detect_threshold``) or ``"injected"`` (every injection "Yes");
+            * ``control_fraction`` (0.5): probability of a control row (no injection, "No");
+            * ``epochs`` (2) / ``epoch_size`` (1600): ``epochs * ceil(epoch_size / batch_size)`` optimizer
+              steps; one sample is one (concept, layer, strength, control) trial dialogue;
+            * ``batch_size`` (8) / ``lr`` (1e-3) / ``weight_decay`` (0): AdamW, constant learning rate (the
+              released code's batch and learning rate);
+            * ``seed`` (0): seeds the sampled rows; the vector starts at zero, so training is deterministic;
+            * ``heldout``: the concepts to refuse (default the organism's held-out split).
+
+    Targets are the organism's answers (``corpus.YES_TEMPLATE`` with the concept, ``corpus.NO_RESPONSE``),
+    the loss is on the answer tokens only, the model is in eval mode, its parameters' ``requires_grad`` flags
+    are switched off during training and restored after, so gradients reach only the bias.
+    """
+    _check_setting_names(settings)
+    return _train(model, bias_settings(model, concepts, layer=layer, **settings), log_every, progress)
+
+
+def _check_setting_names(settings: Mapping[str, Any]) -> None:
+    import inspect
+
+    valid = [n for n in inspect.signature(bias_settings).parameters if n not in ("model", "concepts")]
+    if unknown := sorted(set(settings) - set(valid) - {"log_every", "progress"}):
+        raise TypeError(f"unknown bias-vector settings {unknown}; valid: {valid + ['log_every', 'progress']}")
+
+
+def train_or_load_bias(folder: str | Path, model: Model, concepts: Sequence[str], **kw: Any) -> BiasVector:
+    """The bias saved in ``folder`` if it was trained with exactly these settings (same model weights
+    included), else :func:`train_bias_vector` ``(model, concepts, **kw)``, saved to ``folder``."""
+    _check_setting_names(kw)
+    train_only = {k: kw.pop(k) for k in ("log_every", "progress") if k in kw}
+    settings = bias_settings(model, concepts, **kw)
+    folder = Path(folder)
+    if (folder / "bias.json").exists() and (folder / "bias.safetensors").exists():
+        found = load_bias_vector(folder)
+        if found.settings == settings:
+            return found
+    artifact = _train(model, settings, train_only.get("log_every", 25), train_only.get("progress", True))
+    artifact.save(folder)
+    return artifact
+
+
+def _train(model: Model, settings: BiasSettings, log_every: int, progress: bool) -> BiasVector:
+    from tqdm.auto import tqdm
+
+    from mechintro.organism import corpus
+    from mechintro.organism.train import InjectionRow, instruct_loss
+
+    spec = spec_for(model)
+    concepts, layers, inj_layers = list(settings.concepts), settings.layers, settings.injection_layers
     # Every vector injected in training: training concepts only, computed before the bias exists.
     vectors = {la: concept_vectors(model, concepts, layer=la)[None].to(model.cfg.device) for la in inj_layers}
     rng = random.Random(f"bias-{settings.seed}")

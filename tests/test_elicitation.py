@@ -548,3 +548,18 @@ def test_gate_direction_is_the_unit_mean_of_unit_decoder_rows(tcs):
     assert float(ctl.norm()) == pytest.approx(2.5) and torch.equal(
         ctl, el.random_direction(64, seed=1, norm=2.5)
     )
+
+
+def test_train_or_load_reuses_only_an_identical_artifact(tiny, train_words, tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    first = el.train_or_load_bias(folder, tiny, train_words, layer=1, labels="injected", **QUICK)
+    trained = []
+    real = el._train
+    monkeypatch.setattr(el, "_train", lambda *a, **k: trained.append(1) or real(*a, **k))
+    again = el.train_or_load_bias(folder, tiny, train_words, layer=1, labels="injected", **QUICK)
+    assert not trained and torch.equal(again.vectors, first.vectors)
+    other = el.train_or_load_bias(folder, tiny, train_words, layer=1, labels="injected", **(QUICK | {"seed": 1}))
+    assert trained == [1] and other.settings.seed == 1
+    assert el.load_bias_vector(folder).settings.seed == 1
+    with pytest.raises(TypeError, match="valid"):
+        el.train_bias_vector(tiny, train_words, layer=1, labels="injected", learning_rate=0.1)
