@@ -52,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_run_options(p)
     p.add_argument("--parts", type=cli.name_list, default=list(PARTS), help=f"comma list of {PARTS}")
+    p.add_argument("--strength", type=float, default=None, help="operating point (default: the spec's)")
     p.add_argument(
         "--bias-layer", type=int, default=None, help="the headline bias layer (default: the spec's)"
     )

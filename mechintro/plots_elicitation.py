@@ -369,28 +369,25 @@ def direction_ablation_figure(
     metrics: Sequence[str] = ("tpr", "fpr", "introspection"),
     title: str = 'Ablating the gates\' "say No" direction vs norm-matched random directions',
 ) -> go.Figure:
-    """Rates (one panel each) against injection strength, one line per ``condition``.
+    """Rates (one panel each) against injection strength, one line per value of ``ablation``.
 
-    ``metrics_table`` is ``detection_metrics(df, by=("condition", "strength"))`` (FPR rows are per
-    condition; they are drawn at every strength as a flat line).
+    ``metrics_table`` is ``detection_metrics(df, by=("ablation", "strength"))``, ``ablation`` naming the
+    direction ablated ("none"; names starting with "random" are drawn dotted). FPR comes from the controls,
+    which have no strength, so each line's FPR is flat.
     """
-    _check(
-        metrics_table, ["condition", "strength", *_rate_columns(metrics)], what="direction_ablation_figure"
-    )
+    needed = ["ablation", "strength", *_rate_columns(metrics)]
+    _check(metrics_table, needed, what="direction_ablation_figure")
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[METRICS[m].split(":")[0] for m in metrics])
-    conditions = list(dict.fromkeys(metrics_table["condition"]))
+    conditions = list(dict.fromkeys(metrics_table["ablation"]))
     for k, condition in enumerate(conditions):
-        rows = metrics_table[metrics_table["condition"] == condition]
+        rows = metrics_table[metrics_table["ablation"] == condition]
         color = NONE_COLOR if condition == "none" else COLORS[k % len(COLORS)]
         dash = "dot" if condition.startswith("random") else None
         injected = rows[rows["n_injection"] > 0] if "n_injection" in rows.columns else rows
         for col, metric in enumerate(metrics, start=1):
-            data = injected
-            if metric == "fpr" and len(injected):
-                data = injected.assign(**{c: injected[c].iloc[0] for c in ("fpr", "fpr_lo", "fpr_hi")})
             _line(
                 fig,
-                data,
+                injected,
                 x="strength",
                 metric=metric,
                 name=condition,
