@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     lines = [
         f"== directional ablation on {spec.name}: injection layer {layer}, default strength {strength:g},",
         f"   {len(concepts)} concepts x {args.n_trials} trials, judge {judge.name}; direction = unit mean",
-        f"   of the top-{args.k} gates' unit decoder directions ({', '.join(gates['feature'].head(args.k))});",
+        f"   of the top-{args.k} gates' unit decoder directions ({', '.join(gates['feature'][: args.k])});",
         f"   ablated at every layer ({args.site}, weight {args.weight:g}); cosine with the Yes-minus-No",
         f"   unembedding direction {cos:+.3f}; controls: {args.n_random} random directions of the same norm",
     ]
