@@ -50,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-concepts", default="held-out:20", help="concepts of the feature grid")
     p.add_argument("--n-random", type=int, default=3, help="random control directions (default 3)")
     p.add_argument("--weight", type=float, default=1.0, help="ablation weight (default 1)")
+    p.add_argument("--ablate-layers", type=cli.int_list, default=None, help="layers (default: every layer)")
     p.add_argument("--site", default="resid_post", help=f"one of {list(el.ABLATION_SITES)}")
     p.add_argument("--artifacts", default="runs/elicitation", help="per-condition trial stores")
     p.add_argument("--out", default="figures", help="output folder")
@@ -113,9 +114,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         ).assign(ablation="none")
     ]
     for name, r in directions.items():
-        ident = f"{name}|{args.weight!r}|{args.site}".encode() + r.double().numpy().tobytes()
+        ident = f"{name}|{args.weight!r}|{args.site}|{args.ablate_layers}".encode()
+        ident += r.double().numpy().tobytes()
         tag = f"{digest}-{hashlib.sha256(ident).hexdigest()[:12]}"
-        with el.ablate_directions(model, r, weight=args.weight, site=args.site):
+        with el.ablate_directions(model, r, layers=args.ablate_layers, weight=args.weight, site=args.site):
             df = sweep(
                 model,
                 concepts,
@@ -132,8 +134,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"== directional ablation on {spec.name}: injection layer {layer}, default strength {strength:g},",
         f"   {len(concepts)} concepts x {args.n_trials} trials, judge {judge.name}; direction = unit mean",
         f"   of the top-{args.k} gates' unit decoder directions ({', '.join(gates['feature'][: args.k])});",
-        f"   ablated at every layer ({args.site}, weight {args.weight:g}); cosine with the Yes-minus-No",
-        f"   unembedding direction {cos:+.3f}; controls: {args.n_random} random directions of the same norm",
+        f"   ablated at layers {args.ablate_layers or 'all'} ({args.site}, weight {args.weight:g});",
+        f"   cosine with the Yes-minus-No unembedding direction {cos:+.3f}; controls: {args.n_random} random",
+        "   directions of the same norm",
     ]
     at = metrics[metrics["strength"].isin(strengths)]
     none = at[at["ablation"] == "none"].set_index("strength")
