@@ -5,6 +5,7 @@ directional ablation (difference of means, exact projection removal, order again
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 
 import pandas as pd
@@ -131,17 +132,34 @@ def test_bias_composes_with_inject_interventions_and_cached_generation(tiny, tcs
     torch.testing.assert_close(both, ref, rtol=0, atol=1e-5)
 
 
+def _weights_hash(model) -> str:
+    """A plain SHA-256 of every parameter's bytes (independent of el.model_digest)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.original_model.state_dict().items()):
+        h.update(name.encode() + p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_model_digest_sees_one_changed_value(tiny_dir):
+    model = load_model(tiny_dir, device="cpu")
+    full, sampled = el.model_digest(model), el.model_digest(model, full=False)
+    w = model.original_model.model.layers[1].mlp.down_proj.weight
+    with torch.no_grad():
+        w[3, 5] += 1e-3  # a value the sampled digest skips; it still moves the tensor's sum
+    assert el.model_digest(model) != full and el.model_digest(model, full=False) != sampled
+
+
 def test_training_leaves_weights_bit_identical_and_gradients_reach_only_the_bias(tiny, train_words):
-    before = el.model_digest(tiny)
+    before, digest = _weights_hash(tiny), el.model_digest(tiny)
     flags = [p.requires_grad for p in tiny.parameters()]
     art = el.train_bias_vector(tiny, train_words, layer=1, labels="injected", **QUICK)
-    assert el.model_digest(tiny) == before
+    assert _weights_hash(tiny) == before
     assert all(p.grad is None for p in tiny.parameters())
     assert [p.requires_grad for p in tiny.parameters()] == flags
     assert not tiny.training
     assert art.vectors.shape == (1, 64) and float(art.vectors.norm()) > 0
     assert len(art.log) == 2 and all(e["grad_norm"] > 0 for e in art.log)
-    assert art.settings.model_digest == before and art.settings.steps == 2
+    assert art.settings.model_digest == digest and art.settings.steps == 2
 
 
 def test_training_never_computes_or_injects_a_heldout_vector(tiny, train_words, monkeypatch):
@@ -558,7 +576,9 @@ def test_train_or_load_reuses_only_an_identical_artifact(tiny, train_words, tmp_
     monkeypatch.setattr(el, "_train", lambda *a, **k: trained.append(1) or real(*a, **k))
     again = el.train_or_load_bias(folder, tiny, train_words, layer=1, labels="injected", **QUICK)
     assert not trained and torch.equal(again.vectors, first.vectors)
-    other = el.train_or_load_bias(folder, tiny, train_words, layer=1, labels="injected", **(QUICK | {"seed": 1}))
+    other = el.train_or_load_bias(
+        folder, tiny, train_words, layer=1, labels="injected", **(QUICK | {"seed": 1})
+    )
     assert trained == [1] and other.settings.seed == 1
     assert el.load_bias_vector(folder).settings.seed == 1
     with pytest.raises(TypeError, match="valid"):
