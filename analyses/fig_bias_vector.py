@@ -240,13 +240,18 @@ def dose(run: Run, metrics: pd.DataFrame | None, biases: dict[str, el.BiasVector
         if not len(hit):
             continue
         tpr = float(hit["tpr"].iloc[0])
-        s_eq = el.dose_equivalent_strength(curve, tpr)
+        gain = el.dose_equivalent_gain(curve, tpr=tpr, strength=run.strength)
+        s_eq = run.strength + gain
         rows.append({"arm": arm, "strength": run.strength, "tpr": tpr, "dose_strength": s_eq})
-        note = "beyond the no-bias peak: no dose gives it" if s_eq == math.inf else ""
+        note = " (beyond the no-bias peak: no dose gives it)" if s_eq == math.inf else ""
         run.say(
             f"   {arm}: TPR {tpr:.3f} = no-bias TPR at strength {s_eq:.3f}; dose-equivalent gain "
-            f"{s_eq - run.strength:+.3f} ({(s_eq / run.strength - 1) * 100:+.0f}% of the default) {note}"
+            f"{gain:+.3f} ({gain / run.strength * 100:+.0f}% of the default){note}"
         )
+    at_default = curve.loc[curve["strength"] == run.strength, "tpr"]
+    if len(at_default) and float(at_default.iloc[0]) >= 0.95:
+        value = float(at_default.iloc[0])
+        run.say(f"   no-bias TPR at the default {value:.3f}: saturated, nothing to elicit")
     if rows:
         _save(dose_figure(curve, pd.DataFrame(rows)), "bias_vector_dose", a.out)
 

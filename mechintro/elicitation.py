@@ -709,8 +709,13 @@ def dose_equivalent_strength(curve: pd.DataFrame, tpr: float) -> float:
 def dose_equivalent_gain(curve: pd.DataFrame, *, tpr: float, strength: float) -> float:
     """The strength increase that gives ``tpr`` without the bias: ``dose_equivalent_strength - strength``.
 
-    ``strength`` is where the biased TPR was measured. ``inf``: beyond any dose; NaN: below the curve.
+    ``strength`` is where the biased TPR was measured. ``inf``: beyond any dose; NaN: below the curve. When
+    the curve has ``strength`` and its TPR there equals ``tpr`` (no change, e.g. both saturated at 1), the
+    gain is 0, not the distance to the smallest strength that already gives it.
     """
+    at = curve.loc[np.isclose(curve["strength"].astype(float), float(strength)), "tpr"] if len(curve) else []
+    if len(at) == 1 and float(at.iloc[0]) == tpr:
+        return 0.0
     return dose_equivalent_strength(curve, tpr) - float(strength)
 
 

@@ -349,6 +349,8 @@ def test_dose_equivalent_interpolates_the_rising_branch():
     assert el.dose_equivalent_strength(curve, 0.0) == 0.0  # the smallest strength that gives it
     assert el.dose_equivalent_gain(curve, tpr=0.75, strength=2.0) == pytest.approx(0.5)
     assert el.dose_equivalent_gain(curve, tpr=0.25, strength=2.0) == pytest.approx(-0.5)
+    assert el.dose_equivalent_gain(curve, tpr=1.0, strength=4.0) == 0.0  # saturated: no change, no gain
+    assert el.dose_equivalent_strength(curve, 1.0) == 3.0  # (the smallest strength that gives it)
     noisy = pd.DataFrame({"strength": [1.0, 2.0, 3.0, 4.0], "tpr": [0.0, 0.3, 0.2, 0.6]})
     assert el.dose_equivalent_strength(noisy, 0.45) == pytest.approx(3.5)  # running max: 0.3 at 3
     peaked = pd.DataFrame({"strength": [1.0, 2.0, 3.0], "tpr": [0.1, 0.6, 0.2]})
