@@ -64,8 +64,8 @@ def parser() -> argparse.ArgumentParser:
         "--sweep-layers", type=cli.int_list, default=None, help="bias layers (default: every layer)"
     )
     p.add_argument("--arm-layers", type=cli.int_list, default=None, help="Figure 16 right's bias layers")
-    p.add_argument("--sweep-concepts", default="held-out:50", help="concepts of the bias-layer sweep")
-    p.add_argument("--injection-concepts", default="held-out:25", help="concepts of the injection sweep")
+    p.add_argument("--sweep-concepts", default="held-out:30", help="concepts of the bias-layer sweep")
+    p.add_argument("--injection-concepts", default="held-out:20", help="concepts of the injection sweep")
     p.add_argument("--train-eval", default="training:50", help="training concepts measured for comparison")
     p.add_argument(
         "--dose-multiples",
@@ -275,8 +275,12 @@ def layer_sweep(run: Run) -> None:
     run.say(f"   injection layer {run.layer}, strength {run.strength:g}")
     for _, row in metrics.iterrows():
         run.say(f"   bias {row['bias_layer']:>2} : " + ", ".join(f"{r} {row[r]:.3f}" for r in RATES))
-    best = metrics[metrics["bias_layer"] >= 0].sort_values("tpr").iloc[-1]
-    run.say(f"   best bias layer by TPR: {int(best['bias_layer'])} (depth {best['depth']:.2f})")
+    biased = metrics[metrics["bias_layer"] >= 0]
+    if biased["tpr"].nunique() > 1:
+        best = biased.sort_values("tpr", kind="stable").iloc[-1]
+        run.say(f"   best bias layer by TPR: {int(best['bias_layer'])} (depth {best['depth']:.2f})")
+    else:
+        run.say(f"   every bias layer gives the same TPR ({biased['tpr'].iloc[0]:.3f}): no layer stands out")
     pbest = paper[paper["bias_layer"] >= 0].sort_values("tpr").iloc[-1]
     none = paper[paper["bias_layer"] < 0].iloc[0]
     run.say(
