@@ -585,3 +585,35 @@ def test_train_or_load_reuses_only_an_identical_artifact(tiny, train_words, tmp_
     assert el.load_bias_vector(folder).settings.seed == 1
     with pytest.raises(TypeError, match="valid"):
         el.train_bias_vector(tiny, train_words, layer=1, labels="injected", learning_rate=0.1)
+
+
+@pytest.mark.slow
+def test_organism_quick_bias_raises_the_yes_gap_on_heldout_injections_only():
+    """A --quick-sized bias (every injection "Yes") on the organism: held-out injected trials move toward
+    "Yes" (logit gap, no sampling), controls stay "No", and the weights are untouched."""
+    from mechintro.trials import logit_scores
+
+    model = load_model("organism", device="cpu")
+    spec = spec_for(model)
+    before = _weights_hash(model)
+    art = el.train_bias_vector(
+        model,
+        training_concepts(),
+        layer=spec.injection_layer,
+        labels="injected",
+        epochs=1,
+        epoch_size=320,
+        lr=1e-2,
+        progress=False,
+    )
+    assert _weights_hash(model) == before
+    concepts = heldout_concepts()[:20]
+    vecs = concept_vectors(model, concepts, layer=spec.injection_layer)
+    kw = dict(layer=spec.injection_layer, strength=spec.strength / 2, vectors=vecs, trials=[1, 2])
+    plain = logit_scores(model, concepts, **kw)
+    with el.bias_vector(model, art):
+        biased = logit_scores(model, concepts, **kw)
+    inj = plain["condition"] == "injection"
+    moved = biased.loc[inj, "gap"] - plain.loc[inj, "gap"]  # paired: same concept, trial and vector
+    assert (moved > 0).all() and moved.mean() > 0.2
+    assert (biased.loc[~inj, "gap"] < 0).all()
