@@ -138,7 +138,9 @@ PAPER_FIG2_CELLS: tuple[tuple[int, float], ...] = (
 )
 """The (injection layer, strength) cells of ``fig2_sweep_metrics_cache`` pooled per bias layer: the six the
 release also has without a bias (``meta_layer = -1``), whose pooled TPR is the release's own aggregate row
-(``meta_layer = -1, injection_layer = -1``, labelled strength 3.0)."""
+(``meta_layer = -1, injection_layer = -1``, labelled strength 3.0). Pooled this way, bias layer 29 minus no
+bias is exactly the paper's text: +74.7 points detection, +21.9 forced identification, +54.7 introspection,
+FPR 0 (tested) -- so the text's baseline is this pooled one (TPR 0.203), not fig1's 0.411 or fig3's 0.226."""
 
 _PAPER_RATES = {
     "tpr": ("detection_hit_rate", "num_injection"),
