@@ -289,10 +289,10 @@ def layer_sweep(run: Run) -> None:
         f"(depth {pbest['depth']:.2f}), TPR {pbest['tpr']:.3f}"
     )
     l29 = paper.set_index("bias_layer").loc[29]
+    d = {r: 100 * (l29[r] - none[r]) for r in ("tpr", "forced_id", "introspection")}
     run.say(
-        f"   paper, bias layer 29 minus no bias over those cells: TPR {100 * (l29['tpr'] - none['tpr']):+.1f}, "
-        f"forced {100 * (l29['forced_id'] - none['forced_id']):+.1f}, introspection "
-        f"{100 * (l29['introspection'] - none['introspection']):+.1f} points, FPR {l29['fpr']:.3f} (= the text)"
+        f"   paper, bias layer 29 minus no bias over those cells: TPR {d['tpr']:+.1f}, forced "
+        f"{d['forced_id']:+.1f}, introspection {d['introspection']:+.1f}, FPR {l29['fpr']:.3f} (the text)"
     )
     fig = bias_layer_figure(
         metrics, paper, model_name=run.spec.name, injection_depth=run.layer / run.n_layers
