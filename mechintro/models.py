@@ -94,6 +94,11 @@ class HookNames:
         return f"blocks.{layer}.hook_mlp_out"
 
     @staticmethod
+    def final_norm_in() -> str:
+        """The residual stream entering the final norm (the last block's output, after its hooks)."""
+        return "ln_final.hook_in"
+
+    @staticmethod
     def final_norm_out() -> str:
         return "ln_final.hook_out"
 
