@@ -23,8 +23,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from mechintro import cli
 from mechintro import elicitation as el
+from mechintro import runs
 from mechintro.concepts import concept_vectors
 from mechintro.features import feature_grid, find_gates
 from mechintro.metrics import detection_metrics, newcombe_interval
@@ -38,11 +38,16 @@ from mechintro.trials import sweep
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_run_options(p)
-    p.add_argument("--strength", type=float, default=None, help="operating point (default: the spec's)")
+    runs.add_run_options(p)
+    p.add_argument(
+        "--strength",
+        type=runs.strength_arg,
+        default=None,
+        help="strength or operating point (default: the spec's)",
+    )
     p.add_argument(
         "--multiples",
-        type=cli.float_list,
+        type=runs.float_list,
         default=[0.75, 1.0, 1.25],
         help="injection strengths as multiples of the default strength",
     )
@@ -50,32 +55,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-concepts", default="held-out:20", help="concepts of the feature grid")
     p.add_argument("--n-random", type=int, default=3, help="random control directions (default 3)")
     p.add_argument("--weight", type=float, default=1.0, help="ablation weight (default 1)")
-    p.add_argument("--ablate-layers", type=cli.int_list, default=None, help="layers (default: every layer)")
+    p.add_argument("--ablate-layers", type=runs.int_list, default=None, help="layers (default: every layer)")
     p.add_argument("--site", default="resid_post", help=f"one of {list(el.ABLATION_SITES)}")
     p.add_argument("--artifacts", default="runs/elicitation", help="per-condition trial stores")
     p.add_argument("--out", default="figures", help="output folder")
-    p.add_argument("--formats", type=cli.name_list, default=["html", "png"], help="figure formats")
+    p.add_argument("--formats", type=runs.name_list, default=["html", "png"], help="figure formats")
     p.set_defaults(n_trials=2, max_new_tokens=24, batch_size=128, threads=1, concepts="held-out:50")
     return p
 
 
 def _transcoders(model, name: str):
-    if name == cli.TINY:
-        import _mechanism as mech
-
-        return load_transcoders(model, source=mech.tiny_transcoders_folder())
+    if name == runs.TINY:
+        return load_transcoders(model, source=runs.tiny_transcoders_folder())
     return load_transcoders(model)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
     t0 = time.time()
-    judge, concepts, model, spec = cli.prepare_run(args)
+    judge, concepts, model, spec = runs.prepare_run(args)
     if args.strength is not None:
-        spec = with_spec(model, strength=args.strength)
+        spec = with_spec(model, strength=spec.resolve_strength(args.strength))
     layer, strength = spec.injection_layer, spec.strength
     tcs = _transcoders(model, args.model)
-    grid_concepts = cli.parse_concepts(args.grid_concepts)
+    grid_concepts = runs.parse_concepts(args.grid_concepts)
     grid = feature_grid(model, tcs, grid_concepts, strengths=(0.0, strength), batch_size=args.batch_size)
     gates = find_gates(model, tcs, grid, k=max(args.k, 10))
     if len(gates) < args.k:

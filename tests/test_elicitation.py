@@ -396,8 +396,8 @@ def test_paper_overlays_come_from_the_named_rows():
 def test_difference_of_means_matches_one_prompt_at_a_time(tiny):
     """Left-padded batches against one unpadded prompt at a time (float32: the bridge gives NaN at padded
     positions in float64)."""
-    a = ["Tell me about Bread", "Describe Oceans in detail please"]
-    b = ["Tell me about Dust", "What is Trial 3"]
+    a = ["Tell me about Bread", "Describe Oceans and Dust and Trees"]
+    b = ["Tell me about Dust", "Tell me about Trial 3"]
     got = el.difference_of_means(tiny, a, b, layers=[0, 2], position=-2)
 
     def at(text, layer):

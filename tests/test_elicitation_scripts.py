@@ -3,7 +3,7 @@ written, artifacts are reused on a second run)."""
 
 from __future__ import annotations
 
-from mechintro.cli import run_script
+from mechintro.runs import run_script
 
 TINY = ["--model", "tiny", "--n-trials", "1", "--max-new-tokens", "4", "--formats", "html", "--quiet"]
 
