@@ -655,6 +655,7 @@ def _assemble(
         "metric_value": {str(k): float(v) for k, v in metric_rows.items()},
         "transcoder_list": _transcoder_list(spec, s.sites),
     }
+    info = json.loads(json.dumps(info))  # JSON-native (lists, not tuples): what from_json gives back
     return AttributionGraph(nodes=frame[NODE_COLUMNS], edges=edge_frame, layers=layers, settings=info)
 
 

@@ -6,12 +6,16 @@ still round to float32: Gemma 3's RMSNorm (``x.float()``) and the bridge's atten
 (``softmax(..., dtype=torch.float32)``); and ``inject`` turns a Python-float strength into a float32 tensor.
 That puts a ~1e-7 relative noise floor under every function value, so finite differences could only be
 trusted to ~1e-5. Here the plain forwards pass float64 strength tensors, and the ``true_float64`` fixture
-makes the norm and the softmax keep float64 inputs in float64 for this module (the same formulas, restored
-afterwards). Then finite differences (fourth-order stencil, step 3e-3, truncation ~1e-11) match to a relative
-1e-8, and the algebraic identities hold to 1e-10.
+(tests/conftest.py) makes the norm and the softmax keep float64 inputs in float64 for this module (the same
+formulas, restored afterwards). Then finite differences (fourth-order stencil, step 3e-3, truncation
+~1e-11) match to a relative 1e-8, and the algebraic identities hold to 1e-10.
 """
 
 from __future__ import annotations
+
+import copy
+import gc
+import weakref
 
 import numpy as np
 import pandas as pd
@@ -41,30 +45,8 @@ GRID = [0.0, 1.5, 3.0]
 FD_STEP = 3e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def true_float64():
-    """Gemma 3's RMSNorm and the attention softmax keep float64 inputs in float64 (restored after the
-    module); float32 inputs are computed exactly as before."""
-    from transformers.models.gemma3 import modeling_gemma3
-
-    plain_softmax, plain_norm = torch.nn.functional.softmax, modeling_gemma3.Gemma3RMSNorm.forward
-
-    def softmax(x, *args, dtype=None, **kw):
-        return plain_softmax(x, *args, dtype=None if x.dtype == torch.float64 else dtype, **kw)
-
-    def norm(self, x):
-        if x.dtype != torch.float64:
-            return plain_norm(self, x)
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch.nn.functional, "softmax", softmax)
-        mp.setattr(modeling_gemma3.Gemma3RMSNorm, "forward", norm)
-        yield
-
-
 @pytest.fixture(scope="module")
-def m64(tiny_dir):
+def m64(tiny_dir, true_float64):
     """The tiny Gemma 3 in float64, injecting at layer 1 (its own object: the spec change stays here)."""
     model = load_model(tiny_dir, device="cpu", dtype=torch.float64)
     with_spec(model, injection_layer=LAYER)
@@ -384,15 +366,22 @@ def test_batched_rows_equal_one_run_per_concept_and_strength(m64, tc64, vecs, at
 
 
 def test_lazy_transcoders_are_used_one_layer_at_a_time(m64, tc64, vecs, att):
-    held = []
+    """With a lazy mapping that keeps one layer, no other layer's dictionary is still alive (referenced by
+    anyone) when the next one loads: peak memory holds one dictionary."""
+    alive: weakref.WeakSet = weakref.WeakSet()
+    seen = []
 
     def load(layer):
-        held.append(len(lazy.loaded))
-        return tc64[layer]
+        gc.collect()
+        seen.append(len(alive))
+        tc = copy.deepcopy(tc64[layer])
+        alive.add(tc)
+        return tc
 
     lazy = LazyTranscoders(list(tc64), load, keep=1)
     res = steering_attribution(m64, lazy, CONCEPTS, strengths=GRID, vectors=vecs, batch_size=4)
-    assert max(held) <= 1 and len(lazy.loaded) == 1
+    assert len(seen) == 2 * 2, "each of 2 chunks reads layers 2 and 3"
+    assert max(seen) <= 1
     pd.testing.assert_frame_equal(res.features, att.features)
 
 
