@@ -682,7 +682,7 @@ def reconstruct(site: Site, d: Any, x: Tensor) -> Tensor:
     return out.reshape(len(x), -1)
 
 
-def _site_terms(site: Site, d: Any, got: Captured) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def site_terms(site: Site, d: Any, got: Captured) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Apply one dictionary to one pass: per active feature (row, position, index, activation, ga, sg) and
     per (row, position) the four terms."""
     x, x_dot, y_dot, grad = got.x[site], got.x_dot[site], got.y_dot[site], got.grad[site]
@@ -1069,7 +1069,7 @@ def steering_attribution(
         positions = np.asarray(got.positions)
         n_pos = len(positions)
         for site in sites:  # one dictionary at a time
-            f, t = _site_terms(site, dicts[site], got)
+            f, t = site_terms(site, dicts[site], got)
             row, pos = f["row"] // n_pos, f["row"] % n_pos
             feature_parts.append(
                 pd.DataFrame(

@@ -1,0 +1,239 @@
+"""Figure: steering-attribution graphs (injection -> features -> Yes/No) of a few held-out concepts, with every
+number the README reports about them.
+
+For each graph concept: the attribution over the strength grid (default 21 points from 0 to the model's
+strength s*), the graph (depth 2, both hop directions), its figure (offline HTML + PNG), its JSON and its
+Neuronpedia / circuit-tracer JSON, and the parquet frames of the attribution. Then:
+
+* the fundamental-theorem check: ∫ dL/dα over the grid against L(s*) - L(0);
+* per layer, how much of that layer's total the graph's features explain (``Σ_kept ISA / ∫ total``);
+* beside find_gates / find_evidence_carriers (on the grid of ``--concepts``): is the top gate in the graph,
+  and which carriers of it are on the path;
+* a causal check: for the top features by ISA, the measured change of L at s* when each is patched back
+  to its unsteered (α = 0) activation at its position, against its ISA (Spearman; reported, not asserted).
+
+    python analyses/fig_attribution_graph.py --model organism
+    python analyses/fig_attribution_graph.py --concept Bread --strengths 0,0.5,1,1.5,2 --depth 2 --no-compare
+    python analyses/fig_attribution_graph.py --model tiny --concepts Bread,Oceans,Dust --judge logit --n-trials 1
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import _mechanism as mech
+import pandas as pd
+import torch
+
+from mechintro import cli
+from mechintro.attribution import INTEGRATIONS, steering_attribution, strength_grid
+from mechintro.concepts import concept_vectors
+from mechintro.curves import success_failure
+from mechintro.features import find_evidence_carriers
+from mechintro.graphs import attribution_graph
+from mechintro.interventions import intervene
+from mechintro.plots import save_figure
+from mechintro.prompts import trial_prompt
+from mechintro.readout import yes_no_gap
+from mechintro.steering import inject
+from mechintro.transcoders import feature_name
+
+
+def causal_check(s: mech.Setup, att: Any, concept: str, *, top: int) -> pd.DataFrame:
+    """For the ``top`` transcoder features by ISA: ΔL at the top strength when the feature is patched back to
+    its activation at the lowest strength (0 if inactive there), at its position, with the injection on."""
+    isa = att.isa()
+    isa = isa[(isa["concept"] == concept) & (isa["dictionary"] == "transcoder")]
+    chosen = isa.reindex(isa["isa"].abs().sort_values(ascending=False).index).head(top)
+    settings = att.settings
+    low, high = min(settings.strengths), max(settings.strengths)
+    f = att.features
+    prompt = trial_prompt(s.model, trial=settings.trial, variant=settings.variant)
+    vector = att.vectors[list(settings.concepts).index(concept)]
+    tokens = prompt.tokens[None].to(s.model.cfg.device)
+    inj = dict(layer=settings.layer, strength=high, start=prompt.injection_start)
+    with torch.no_grad(), inject(s.model, vector, **inj):
+        base = float(yes_no_gap(s.model(tokens)[0, -1], s.spec))
+    rows = []
+    for r in chosen.itertuples(index=False):
+        at_low = f[
+            (f["concept"] == concept)
+            & (f["strength"] == low)
+            & (f["layer"] == r.layer)
+            & (f["position"] == r.position)
+            & (f["feature"] == r.feature)
+        ]["activation"]
+        target = float(at_low.iloc[0]) if len(at_low) else 0.0
+        with (
+            torch.no_grad(),
+            inject(s.model, vector, **inj),
+            intervene(
+                s.model,
+                s.transcoders,
+                [(r.layer, r.feature)],
+                target=target,
+                positions=[int(r.position)],
+                scale="decoder",
+            ),
+        ):
+            patched = float(yes_no_gap(s.model(tokens)[0, -1], s.spec))
+        rows.append(
+            {"feature": r.name, "position": int(r.position), "isa": r.isa, "delta_metric": base - patched}
+        )
+    return pd.DataFrame(rows)
+
+
+def compare(graph: Any, gates: pd.DataFrame, carriers: pd.DataFrame) -> dict[str, Any]:
+    """Is find_gates' top gate in the graph, and which of its carriers are on the graph's paths?"""
+    nodes = graph.feature_nodes()
+    nodes = nodes[nodes["dictionary"] == "transcoder"]
+    names = {feature_name(la, i) for la, i in zip(nodes["layer"], nodes["feature"], strict=True)}
+    gate = gates["feature"].iloc[0]
+    in_graph = nodes[
+        [feature_name(la, i) == gate for la, i in zip(nodes["layer"], nodes["feature"], strict=True)]
+    ]
+    ranked = nodes.sort_values("isa", ascending=False)["name"].tolist()
+    top_carriers = carriers[carriers["role"] == "carrier"]["feature"].head(20).tolist()
+    on_path = [c for c in top_carriers if c in names]
+    edges = graph.edges
+    gate_nodes = set(in_graph["node"])
+    into_gate = edges[edges["target"].isin(gate_nodes) & edges["direction"].isin(["backward", "forward"])]
+    return {
+        "top_gate": gate,
+        "top_gate_in_graph": bool(len(in_graph)),
+        "top_gate_isa_rank": ranked.index(gate) + 1 if gate in ranked else None,
+        "top_gate_positions": sorted(int(p) for p in in_graph["position"]),
+        "gates_top10_in_graph": [g for g in gates["feature"].head(10) if g in names],
+        "carriers_top20": top_carriers,
+        "carriers_in_graph": on_path,
+        "carrier_edges_into_gate": sorted(set(into_gate["source"])),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p = mech.parser(__doc__)
+    p.add_argument("--concept", action="append", default=None, help="a graph concept (repeat for several)")
+    p.add_argument("--n-graphs", type=int, default=2, help="most- and least-detected concepts graphed (each)")
+    p.add_argument("--strengths", type=cli.float_list, default=None, help="the grid (default: 0..s*)")
+    p.add_argument("--points", type=int, default=21, help="grid points when --strengths is not given")
+    p.add_argument("--integration", default="trapezoid", choices=INTEGRATIONS)
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--top", type=int, default=15, help="top features in the causal check")
+    p.add_argument(
+        "--no-compare", action="store_true", help="skip find_gates/find_evidence_carriers (no trials)"
+    )
+    args = p.parse_args(argv)
+    s = mech.load(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    grid = tuple(args.strengths) if args.strengths else strength_grid(s.model, args.points)
+    gates = carriers = None
+    if args.no_compare:
+        concepts = args.concept or s.concepts[: args.n_graphs]
+    else:
+        rates = mech.behaviour(s)
+        feature_grid, gates = mech.grid_and_gates(s, rates)
+        carriers = find_evidence_carriers(
+            s.model,
+            s.transcoders,
+            feature_grid,
+            gates["feature"].iloc[0],
+            behaviour=mech.carrier_behaviour(rates),
+        )
+        picked = success_failure(rates, n=args.n_graphs)
+        concepts = args.concept or picked["success"] + picked["failure"]
+    unknown = [c for c in concepts if c not in s.concepts]
+    if unknown:
+        vectors = torch.cat([s.vectors, concept_vectors(s.model, unknown, layer=s.spec.injection_layer)])
+        known = s.concepts + unknown
+    else:
+        vectors, known = s.vectors, s.concepts
+    rows = [known.index(c) for c in concepts]
+    att = steering_attribution(
+        s.model,
+        s.transcoders,
+        concepts,
+        vectors=vectors[rows],
+        strengths=grid,
+        integration=args.integration,
+        batch_size=args.batch_size,
+    )
+    for path in att.to_parquet(out / "attribution"):
+        print(path)
+    summary: dict[str, Any] = {
+        "model": s.spec.name,
+        "strength_top": max(grid),
+        "strengths": list(grid),
+        "integration": args.integration,
+        "depth": args.depth,
+        "concepts": {},
+    }
+    weights = att.weights
+    for concept in concepts:
+        graph = attribution_graph(
+            s.model, s.transcoders, concept, args.depth, attribution=att, batch_size=args.batch_size
+        )
+        slug = concept.replace(" ", "_")
+        graph.to_json(out / f"attribution_graph_{slug}.json")
+        graph.to_neuronpedia(out / f"attribution_graph_{slug}_neuronpedia.json")
+        for path in save_figure(graph.figure(), f"attribution_graph_{slug}", out, offline=True):
+            print(path)
+        m = att.metric[att.metric["concept"] == concept].set_index("strength")
+        integral = float(sum(weights[a] * m.loc[a, "slope"] for a in grid))
+        change = float(m.loc[max(grid), "value"] - m.loc[min(grid), "value"])
+        feats = graph.feature_nodes().sort_values("isa", ascending=False)
+        causal = causal_check(s, att, concept, top=args.top)
+        rho = (
+            float(causal[["isa", "delta_metric"]].corr(method="spearman").iloc[0, 1])
+            if len(causal) > 2
+            else None
+        )
+        layers = graph.layers[
+            ["dictionary", "layer", "total", "features", "skip", "error", "kept_isa", "explained"]
+        ]
+        info: dict[str, Any] = {
+            "metric_at_0": float(m.loc[min(grid), "value"]),
+            "metric_at_top": float(m.loc[max(grid), "value"]),
+            "integral_of_slope": integral,
+            "metric_change": change,
+            "n_feature_nodes": len(feats),
+            "n_edges": len(graph.edges),
+            "top_features": feats[["node", "hop", "isa", "activation", "activation_0", "top_tokens"]]
+            .head(10)
+            .to_dict("records"),
+            "layer_shares": layers.to_dict("records"),
+            "causal_spearman": rho,
+            "causal": causal.to_dict("records"),
+        }
+        if gates is not None:
+            info["versus_gates_and_carriers"] = compare(graph, gates, carriers)
+        summary["concepts"][concept] = info
+        causal.to_csv(out / f"attribution_causal_{slug}.csv", index=False)
+        print(
+            f"\n== {concept}: L(0) = {info['metric_at_0']:+.3f}, L(s*) = {info['metric_at_top']:+.3f}; "
+            f"∫ dL/dα = {integral:+.4f} vs ΔL = {change:+.4f} ({args.integration}, {len(grid)} points)"
+        )
+        print(
+            feats[["node", "hop", "isa", "activation", "activation_0", "top_tokens"]]
+            .head(12)
+            .to_string(index=False)
+        )
+        print("per layer (never summed across layers): explained = Σ kept ISA / ∫ total")
+        print(layers.round(4).to_string(index=False))
+        print(
+            f"causal check, top {len(causal)} features by |ISA|: Spearman(ISA, ΔL when patched to α=0) = "
+            f"{rho if rho is None else round(rho, 3)}"
+        )
+        if gates is not None:
+            print(json.dumps(info["versus_gates_and_carriers"], indent=1))
+    path = out / "attribution_summary.json"
+    path.write_text(json.dumps(summary, indent=1, default=float))
+    print(path)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
