@@ -1,5 +1,5 @@
-"""Figure: steering-attribution graphs (injection -> features -> Yes/No) of a few held-out concepts, with every
-number the README reports about them.
+"""Figure: steering-attribution graphs (injection -> features -> Yes/No) of a few held-out concepts, with
+every number the README reports about them.
 
 For each graph concept: the attribution over the strength grid (default 21 points from 0 to the model's
 strength s*), the graph (depth 2, both hop directions), its figure (offline HTML + PNG), its JSON and its
@@ -14,7 +14,8 @@ Neuronpedia / circuit-tracer JSON, and the parquet frames of the attribution. Th
 
     python analyses/fig_attribution_graph.py --model organism
     python analyses/fig_attribution_graph.py --concept Bread --strengths 0,0.5,1,1.5,2 --depth 2 --no-compare
-    python analyses/fig_attribution_graph.py --model tiny --concepts Bread,Oceans,Dust --judge logit --n-trials 1
+    python analyses/fig_attribution_graph.py --model tiny --concepts Bread,Oceans,Dust --judge logit \
+        --n-trials 1
 """
 
 from __future__ import annotations
@@ -24,11 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import _mechanism as mech
 import pandas as pd
 import torch
 
-from mechintro import cli
+from mechintro import runs
 from mechintro.attribution import INTEGRATIONS, steering_attribution, strength_grid
 from mechintro.concepts import concept_vectors
 from mechintro.curves import success_failure
@@ -42,7 +42,7 @@ from mechintro.steering import inject
 from mechintro.transcoders import feature_name
 
 
-def causal_check(s: mech.Setup, att: Any, concept: str, *, top: int) -> pd.DataFrame:
+def causal_check(s: runs.Setup, att: Any, concept: str, *, top: int) -> pd.DataFrame:
     """For the ``top`` transcoder features by ISA: ΔL at the top strength when the feature is patched back to
     its activation at the lowest strength (0 if inactive there), at its position, with the injection on."""
     isa = att.isa()
@@ -114,10 +114,10 @@ def compare(graph: Any, gates: pd.DataFrame, carriers: pd.DataFrame) -> dict[str
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = mech.parser(__doc__)
+    p = runs.mechanism_parser(__doc__)
     p.add_argument("--concept", action="append", default=None, help="a graph concept (repeat for several)")
     p.add_argument("--n-graphs", type=int, default=2, help="most- and least-detected concepts graphed (each)")
-    p.add_argument("--strengths", type=cli.float_list, default=None, help="the grid (default: 0..s*)")
+    p.add_argument("--strengths", type=runs.float_list, default=None, help="the grid (default: 0..s*)")
     p.add_argument("--points", type=int, default=21, help="grid points when --strengths is not given")
     p.add_argument("--integration", default="trapezoid", choices=INTEGRATIONS)
     p.add_argument("--depth", type=int, default=2)
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--no-compare", action="store_true", help="skip find_gates/find_evidence_carriers (no trials)"
     )
     args = p.parse_args(argv)
-    s = mech.load(args)
+    s = runs.load_setup(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grid = tuple(args.strengths) if args.strengths else strength_grid(s.model, args.points)
@@ -134,14 +134,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.no_compare:
         concepts = args.concept or s.concepts[: args.n_graphs]
     else:
-        rates = mech.behaviour(s)
-        feature_grid, gates = mech.grid_and_gates(s, rates)
+        rates = runs.behaviour(s)
+        feature_grid, gates = runs.grid_and_gates(s, rates)
         carriers = find_evidence_carriers(
             s.model,
             s.transcoders,
             feature_grid,
             gates["feature"].iloc[0],
-            behaviour=mech.carrier_behaviour(rates),
+            behaviour=runs.carrier_behaviour(rates),
         )
         picked = success_failure(rates, n=args.n_graphs)
         concepts = args.concept or picked["success"] + picked["failure"]

@@ -34,11 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # analyses/_mechanism.py
-
-import _mechanism as mech  # noqa: E402
-
-from mechintro import cli  # noqa: E402
+from mechintro import runs  # noqa: E402
 from mechintro.attribution import (  # noqa: E402
     Captured,
     Dictionaries,
@@ -67,10 +63,10 @@ def _sync() -> None:
 def setup(args: argparse.Namespace) -> dict[str, Any]:
     """Model, transcoders, concepts, vectors, strength grid."""
     torch.set_num_threads(args.threads)
-    model = cli.load_cli_model(args.model, device=args.device)
-    if args.model == cli.TINY:
-        with_spec(model, injection_layer=mech.TINY_INJECTION_LAYER)
-        transcoders = load_transcoders(model, source=mech.tiny_transcoders_folder())
+    model = runs.load_named_model(args.model, device=args.device)
+    if args.model == runs.TINY:
+        with_spec(model, injection_layer=runs.TINY_INJECTION_LAYER)
+        transcoders = load_transcoders(model, source=runs.tiny_transcoders_folder())
     else:
         transcoders = load_transcoders(model)
     spec = spec_for(model)
@@ -311,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if "cuda" in result["device"] else "cpu"
-    name = "tiny" if args.model == cli.TINY else Path(spec.name).name
+    name = "tiny" if args.model == runs.TINY else Path(spec.name).name
     path = args.out / f"attribution_{name}_{device}.json"
     path.write_text(json.dumps(result, indent=2))
     print(path)
