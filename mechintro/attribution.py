@@ -524,9 +524,10 @@ def _tangent(t: Tensor) -> Tensor:
 
 
 def pre_activation(d: Any, x: Tensor, index: int | Tensor) -> Tensor:
-    """Pre-activation(s) ``index`` of dictionary ``d`` at ``x`` (keeps autograd and forward-mode tangents)."""
+    """Pre-activation(s) ``index`` of dictionary ``d`` at ``x``, keeping autograd and forward-mode tangents in
+    ``x``. The encoder columns are copied out: the autograd graph never holds a whole 262k-wide encoder."""
     sae_in = d.process_sae_in(x.to(d.W_enc.dtype))
-    return sae_in @ d.W_enc[:, index] + d.b_enc[index]
+    return sae_in @ d.W_enc[:, index].detach().clone() + d.b_enc[index].detach().clone()
 
 
 def dict_input(site: Site, d: Any, x: Tensor) -> Tensor:
@@ -547,15 +548,19 @@ def _metric_values(
         pos = torch.tensor(first.positive, device=at.device)
         neg = torch.tensor(first.negative, device=at.device)
         return at.index_select(-1, pos).logsumexp(-1) - at.index_select(-1, neg).logsumexp(-1)
-    values = []
+    values: list[Tensor | None] = [None] * len(metrics)
+    for site in {m.site for m in metrics if m.kind == "feature"}:  # one dictionary at a time
+        d = dicts[site]
+        for r, m in enumerate(metrics):
+            if m.kind == "feature" and m.site == site:
+                values[r] = pre_activation(
+                    d, dict_input(site, d, acts[site.in_hook][r, m.position - split]), m.index
+                )
+        del d
     for r, m in enumerate(metrics):
-        if m.kind == "feature":
-            d = dicts[m.site]
-            x = dict_input(m.site, d, acts[m.site.in_hook][r, m.position - split])
-            values.append(pre_activation(d, x, m.index))
-        else:
+        if m.kind != "feature":
             at = logits[r, m.position - split]
-            values.append(at[list(m.positive)].logsumexp(-1) - at[list(m.negative)].logsumexp(-1))
+            values[r] = at[list(m.positive)].logsumexp(-1) - at[list(m.negative)].logsumexp(-1)
     return torch.stack(values)
 
 

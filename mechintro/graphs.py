@@ -290,19 +290,21 @@ def backward_hop(ctx: _Context, parents: list[Mapping[str, Any]]) -> pd.DataFram
     parts = []
     for chunk, got in _hop_passes(ctx, specs, forward=False, sites=upstream):
         first = got.positions[0]
+        rows = []
         for r, (p, strength, _, _) in enumerate(chunk):
             parent = parents[p]
-            site_p = Site(parent["dictionary"], int(parent["layer"]))
             own = _active(ctx, parent)
             c_parent = float(own.loc[own["strength"] == strength, "ga"].iloc[0])  # GA_L(parent) here
-            for site in upstream:
+            rows.append((r, p, strength, Site(parent["dictionary"], int(parent["layer"])), c_parent))
+        for site in upstream:  # one dictionary at a time
+            d = ctx.dicts[site]
+            for r, p, strength, site_p, c_parent in rows:
                 arrays = ctx.by_site.get((strength, site))
                 if arrays is None or not site.before(site_p):
                     continue
-                keep = arrays["position"] <= parent["position"]
+                keep = arrays["position"] <= parents[p]["position"]
                 if not keep.any():
                     continue
-                d = ctx.dicts[site]
                 idx = torch.as_tensor(arrays["feature"][keep], device=d.W_dec.device)
                 pos = torch.as_tensor(arrays["position"][keep] - first, device=d.W_dec.device)
                 g = got.grad[site][r].to(d.W_dec.dtype).flatten(1)[pos]
@@ -311,6 +313,7 @@ def backward_hop(ctx: _Context, parents: list[Mapping[str, Any]]) -> pd.DataFram
                 )  # ∂pre_parent/∂y_f · W_dec[f]
                 weight = arrays["w"][keep] * c_parent * jac * arrays["sg"][keep]
                 parts.append(_child_frame(site, arrays, keep, p, weight))
+            del d
     return _candidates(parts)
 
 
@@ -334,30 +337,30 @@ def forward_hop(ctx: _Context, parents: list[Mapping[str, Any]]) -> pd.DataFrame
     parts = []
     for chunk, got in _hop_passes(ctx, specs, forward=True, sites=downstream):
         first = got.positions[0]
-        sae_in_dot = {}
-        for site in downstream:
+        rows = []
+        for r, (p, strength, _, _) in enumerate(chunk):
+            parent = parents[p]
+            own = _active(ctx, parent)
+            sg_parent = float(own.loc[own["strength"] == strength, "sg"].iloc[0])  # SG(parent) here
+            rows.append((r, p, strength, Site(parent["dictionary"], int(parent["layer"])), sg_parent))
+        for site in downstream:  # one dictionary at a time
             d = ctx.dicts[site]
             x, x_dot = (dict_input(site, d, t.to(d.W_enc.dtype)) for t in (got.x[site], got.x_dot[site]))
             with torch.no_grad():
-                sae_in_dot[site] = torch.func.jvp(d.process_sae_in, (x,), (x_dot,))[1].flatten(2)
-        for r, (p, strength, _, _) in enumerate(chunk):
-            parent = parents[p]
-            site_p = Site(parent["dictionary"], int(parent["layer"]))
-            own = _active(ctx, parent)
-            sg_parent = float(own.loc[own["strength"] == strength, "sg"].iloc[0])  # SG(parent) here
-            for site in downstream:
+                sae_in_dot = torch.func.jvp(d.process_sae_in, (x,), (x_dot,))[1].flatten(2)
+            for r, p, strength, site_p, sg_parent in rows:
                 arrays = ctx.by_site.get((strength, site))
                 if arrays is None or not site_p.before(site):
                     continue
-                keep = arrays["position"] >= parent["position"]
+                keep = arrays["position"] >= parents[p]["position"]
                 if not keep.any():
                     continue
-                d = ctx.dicts[site]
                 idx = torch.as_tensor(arrays["feature"][keep], device=d.W_enc.device)
                 pos = torch.as_tensor(arrays["position"][keep] - first, device=d.W_enc.device)
-                jac = (sae_in_dot[site][r][pos] * d.W_enc[:, idx].detach().T).sum(-1).double().cpu().numpy()
+                jac = (sae_in_dot[r][pos] * d.W_enc[:, idx].detach().T).sum(-1).double().cpu().numpy()
                 weight = arrays["w"][keep] * arrays["ga"][keep] * jac * sg_parent
                 parts.append(_child_frame(site, arrays, keep, p, weight))
+            del d
     return _candidates(parts)
 
 
@@ -384,18 +387,17 @@ def _logit_lens(model: Model, dicts: Dictionaries, nodes: pd.DataFrame, k: int =
     SAEs; no final-norm scaling, like the DLA direction)."""
     w_u = unembedding(model).detach()
     tok = model.tokenizer
-    out = []
-    for row in nodes.itertuples(index=False):
-        if row.kind != "feature":
-            out.append("")
-            continue
-        site = Site(row.dictionary, int(row.layer))
-        direction = dicts[site].W_dec[int(row.feature)].detach().to(w_u)
+    out = [""] * len(nodes)
+    feats = nodes[nodes["kind"] == "feature"]
+    for (kind, layer), part in feats.groupby(["dictionary", "layer"], sort=False):  # one dictionary at a time
+        site = Site(kind, int(layer))
+        rows = dicts[site].W_dec[torch.tensor(part["feature"].tolist())].detach().to(w_u)
         if site.kind == "attn_z":
             o_proj = model.original_model.model.layers[site.layer].self_attn.o_proj.weight.detach()
-            direction = o_proj.to(w_u) @ direction
-        ids = torch.topk(direction @ w_u, k).indices.tolist()
-        out.append(", ".join(str(t) for t in tok.convert_ids_to_tokens(ids)))
+            rows = rows @ o_proj.to(w_u).T
+        top = torch.topk(rows @ w_u, k, dim=-1).indices.tolist()
+        for label, ids in zip(part.index, top, strict=True):
+            out[nodes.index.get_loc(label)] = ", ".join(str(t) for t in tok.convert_ids_to_tokens(ids))
     return out
 
 

@@ -4,9 +4,12 @@ round trips and the figure. Float64 end to end (the ``true_float64`` fixture, se
 
 from __future__ import annotations
 
+import copy
+import gc
 import json
 import math
 import re
+import weakref
 
 import numpy as np
 import pandas as pd
@@ -31,7 +34,7 @@ from mechintro.models import HookNames, load_model, spec_for, with_spec
 from mechintro.prompts import trial_prompt
 from mechintro.readout import unembedding, yes_no_direction
 from mechintro.testing import save_random_transcoders
-from mechintro.transcoders import load_transcoders, replace_mlps
+from mechintro.transcoders import LazyTranscoders, load_transcoders, replace_mlps
 
 GRID = [0.0, 1.0, 2.0, 3.0]
 
@@ -319,6 +322,22 @@ def test_an_edge_found_twice_keeps_its_largest_weight(m64, tc64, vec, graph, mon
     np.testing.assert_allclose(eb.loc[twice, "weight"], 3 * plain.loc[twice], rtol=1e-12)
 
 
+def test_error_and_skip_nodes_carry_the_integrated_remainders(m64, tc64, vec, graph):
+    att = steering_attribution(m64, tc64, ["Bread"], strengths=GRID, vectors=vec)
+    w = dict(zip(GRID, quadrature_weights(GRID), strict=True))
+    r = att.remainders
+    rest = graph.nodes[graph.nodes["kind"].isin(["error", "skip"])]
+    assert set(rest["kind"]) == {"error", "skip"}
+    places = set(zip(graph.feature_nodes()["layer"], graph.feature_nodes()["position"], strict=True))
+    assert set(zip(rest["layer"], rest["position"], strict=True)) == places
+    for node in rest.itertuples(index=False):
+        part = r[(r["layer"] == node.layer) & (r["position"] == node.position)]
+        by_hand = sum(w[a] * v for a, v in zip(part["strength"], part[node.kind], strict=True))
+        assert node.isa == pytest.approx(by_hand, rel=1e-12)
+        e = graph.edges.set_index(["source", "target"])["weight"]
+        assert e[("steer", node.node)] == node.isa and e[(node.node, "metric")] == node.isa
+
+
 def test_layer_shares_of_the_graph(graph):
     layers = graph.layers
     feats = graph.feature_nodes()
@@ -543,6 +562,40 @@ def test_json_round_trip(graph, tmp_path):
         AttributionGraph.from_json('{"nodes": []}')
 
 
+def test_json_round_trip_keeps_dtypes_of_empty_frames():
+    g = _hand_graph()
+    g.edges = g.edges.iloc[:0]
+    g.layers = pd.DataFrame(
+        {"layer": pd.Series([], dtype="int64"), "explained": pd.Series([], dtype="float64")}
+    )
+    back = AttributionGraph.from_json(g.to_json())
+    for name in ("nodes", "edges", "layers"):
+        pd.testing.assert_frame_equal(getattr(back, name), getattr(g, name))
+
+
+def test_a_lazy_mapping_gives_the_same_graph_holding_one_layer_at_a_time(m64, tc64, vec):
+    """Hops, metrics and the logit lens read dictionaries one site at a time: with a lazy mapping that keeps
+    one layer, no other layer's dictionary is alive when the next loads, and the graph is unchanged."""
+    alive: weakref.WeakSet = weakref.WeakSet()
+    seen = []
+
+    def load(layer):
+        if len(alive) > 1:  # collect only to confirm (a full collection takes ~0.5 s)
+            gc.collect()
+        seen.append(len(alive))
+        tc = copy.deepcopy(tc64[layer])
+        alive.add(tc)
+        return tc
+
+    lazy = LazyTranscoders(list(tc64), load, keep=1)
+    kw = dict(strengths=GRID, vector=vec[0], depth=1, batch_size=64)
+    again = attribution_graph(m64, lazy, "Bread", **kw)
+    assert max(seen) <= 1 and len(seen) > 6
+    eager = attribution_graph(m64, tc64, "Bread", **kw)
+    pd.testing.assert_frame_equal(again.nodes, eager.nodes)
+    pd.testing.assert_frame_equal(again.edges, eager.edges)
+
+
 def test_saes_are_left_out_of_the_neuronpedia_export_with_a_warning(m64, tc64, attn_sae, vec):
     g = attribution_graph(
         m64,
@@ -572,7 +625,9 @@ def test_figure(graph):
     assert f"{first['isa']:+.4g}" in hover and first["top_tokens"] in hover
     sizes = np.asarray(features.marker.size)
     order = np.argsort(feats["isa"].abs().to_numpy())
-    assert (np.diff(sizes[order]) >= 0).all(), "node size grows with |ISA|"
+    assert (np.diff(sizes[order]) >= 0).all() and sizes[order][-1] > 2 * sizes[order][0], (
+        "size grows with |ISA|"
+    )
     lines = [t for t in fig.data if t.mode == "lines"]
     assert len(lines) == len(graph.edges)
     for trace, weight in zip(lines, graph.edges["weight"], strict=True):
