@@ -21,6 +21,7 @@ Neuronpedia / circuit-tracer JSON, and the parquet frames of the attribution. Th
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,6 @@ from mechintro.plots import save_figure
 from mechintro.prompts import trial_prompt
 from mechintro.readout import yes_no_gap
 from mechintro.steering import inject
-from mechintro.transcoders import feature_name
 
 
 def causal_check(s: runs.Setup, att: Any, concept: str, *, top: int) -> pd.DataFrame:
@@ -87,20 +87,31 @@ def causal_check(s: runs.Setup, att: Any, concept: str, *, top: int) -> pd.DataF
 
 
 def compare(graph: Any, gates: pd.DataFrame, carriers: pd.DataFrame) -> dict[str, Any]:
-    """Is find_gates' top gate in the graph, and which of its carriers are on the graph's paths?"""
+    """Is find_gates' top gate in the graph, which of its evidence carriers are on the graph's paths, and what
+    find_evidence_carriers calls the features the graph finds feeding that gate."""
     nodes = graph.feature_nodes()
     nodes = nodes[nodes["dictionary"] == "transcoder"]
-    names = {feature_name(la, i) for la, i in zip(nodes["layer"], nodes["feature"], strict=True)}
+    names = set(nodes["name"])
     gate = gates["feature"].iloc[0]
-    in_graph = nodes[
-        [feature_name(la, i) == gate for la, i in zip(nodes["layer"], nodes["feature"], strict=True)]
-    ]
+    in_graph = nodes[nodes["name"] == gate]
     ranked = nodes.sort_values("isa", ascending=False)["name"].tolist()
+    roles = carriers.set_index("feature")[["role", "rank"]]
     top_carriers = carriers[carriers["role"] == "carrier"]["feature"].head(20).tolist()
-    on_path = [c for c in top_carriers if c in names]
     edges = graph.edges
-    gate_nodes = set(in_graph["node"])
-    into_gate = edges[edges["target"].isin(gate_nodes) & edges["direction"].isin(["backward", "forward"])]
+    hops = edges["direction"].isin(["backward", "forward"])
+    into_gate = edges[edges["target"].isin(set(in_graph["node"])) & hops]
+    feeding = []
+    for source, weight in zip(into_gate["source"], into_gate["weight"], strict=True):
+        name = source.split(" @")[0]
+        known = name in roles.index
+        feeding.append(
+            {
+                "node": source,
+                "weight": float(weight),
+                "role": str(roles.loc[name, "role"]) if known else None,
+                "rank_in_role": int(roles.loc[name, "rank"]) if known else None,
+            }
+        )
     return {
         "top_gate": gate,
         "top_gate_in_graph": bool(len(in_graph)),
@@ -108,8 +119,8 @@ def compare(graph: Any, gates: pd.DataFrame, carriers: pd.DataFrame) -> dict[str
         "top_gate_positions": sorted(int(p) for p in in_graph["position"]),
         "gates_top10_in_graph": [g for g in gates["feature"].head(10) if g in names],
         "carriers_top20": top_carriers,
-        "carriers_in_graph": on_path,
-        "carrier_edges_into_gate": sorted(set(into_gate["source"])),
+        "carriers_top20_in_graph": [c for c in top_carriers if c in names],
+        "graph_features_feeding_the_gate": feeding,
     }
 
 
@@ -142,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             feature_grid,
             gates["feature"].iloc[0],
             behaviour=runs.carrier_behaviour(rates),
+            include_other=True,
         )
         picked = success_failure(rates, n=args.n_graphs)
         concepts = args.concept or picked["success"] + picked["failure"]
@@ -152,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         vectors, known = s.vectors, s.concepts
     rows = [known.index(c) for c in concepts]
+    started = time.perf_counter()
     att = steering_attribution(
         s.model,
         s.transcoders,
@@ -161,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         integration=args.integration,
         batch_size=args.batch_size,
     )
+    seconds_attribution = time.perf_counter() - started
     for path in att.to_parquet(out / "attribution"):
         print(path)
     summary: dict[str, Any] = {
@@ -169,13 +183,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "strengths": list(grid),
         "integration": args.integration,
         "depth": args.depth,
+        "seconds_attribution": seconds_attribution,
         "concepts": {},
     }
     weights = att.weights
     for concept in concepts:
+        started = time.perf_counter()
         graph = attribution_graph(
             s.model, s.transcoders, concept, args.depth, attribution=att, batch_size=args.batch_size
         )
+        seconds_graph = time.perf_counter() - started
         slug = concept.replace(" ", "_")
         graph.to_json(out / f"attribution_graph_{slug}.json")
         graph.to_neuronpedia(out / f"attribution_graph_{slug}_neuronpedia.json")
@@ -201,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "metric_change": change,
             "n_feature_nodes": len(feats),
             "n_edges": len(graph.edges),
+            "seconds_graph": seconds_graph,
             "top_features": feats[["node", "hop", "isa", "activation", "activation_0", "top_tokens"]]
             .head(10)
             .to_dict("records"),
