@@ -307,7 +307,7 @@ def backward_hop(ctx: _Context, parents: list[Mapping[str, Any]]) -> pd.DataFram
                     continue
                 idx = torch.as_tensor(arrays["feature"][keep], device=d.W_dec.device)
                 pos = torch.as_tensor(arrays["position"][keep] - first, device=d.W_dec.device)
-                g = got.grad[site][r].to(d.W_dec.dtype).flatten(1)[pos]
+                g = got.grad[site][r].to(d.W_dec.device, d.W_dec.dtype).flatten(1)[pos]
                 jac = (
                     (g * d.W_dec[idx].detach()).sum(-1).double().cpu().numpy()
                 )  # ∂pre_parent/∂y_f · W_dec[f]
@@ -345,7 +345,10 @@ def forward_hop(ctx: _Context, parents: list[Mapping[str, Any]]) -> pd.DataFrame
             rows.append((r, p, strength, Site(parent["dictionary"], int(parent["layer"])), sg_parent))
         for site in downstream:  # one dictionary at a time
             d = ctx.dicts[site]
-            x, x_dot = (dict_input(site, d, t.to(d.W_enc.dtype)) for t in (got.x[site], got.x_dot[site]))
+            x, x_dot = (
+                dict_input(site, d, t.to(d.W_enc.device, d.W_enc.dtype))
+                for t in (got.x[site], got.x_dot[site])
+            )
             with torch.no_grad():
                 sae_in_dot = torch.func.jvp(d.process_sae_in, (x,), (x_dot,))[1].flatten(2)
             for r, p, strength, site_p, sg_parent in rows:

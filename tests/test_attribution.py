@@ -308,10 +308,13 @@ def test_the_trapezoid_integral_of_the_slope_converges_to_the_metric_change(m64,
             assert len(sub) == n and sub[-1] == top
             w = quadrature_weights(sub, rule)
             errors[rule, n] = float(w @ slope.loc[list(sub)].to_numpy()) - change
-    ratios = [errors["trapezoid", n] / errors["trapezoid", 2 * n + -1] for n in (5, 9, 17)]
-    assert all(3.3 < r < 4.7 for r in ratios), ratios  # second order: ~4x per doubling
-    assert abs(errors["trapezoid", 33]) < 2e-3 * abs(change)
-    assert abs(errors["simpson", 33]) < abs(errors["trapezoid", 33]) / 20  # fourth order
+    ratios = [errors["trapezoid", n] / errors["trapezoid", 2 * n - 1] for n in (5, 9, 17)]
+    assert all(3.8 < r < 4.2 for r in ratios), (
+        ratios
+    )  # second order: 4x per doubling (measured 4.02, 4.00, 4.00)
+    assert abs(errors["trapezoid", 33]) < 1e-3 * abs(change)
+    simpson = [errors["simpson", n] / errors["simpson", 2 * n - 1] for n in (9, 17)]
+    assert all(r > 12 for r in simpson), simpson  # fourth order: ~16x (measured 15.4, 15.9)
 
 
 def test_quadrature_weights():
