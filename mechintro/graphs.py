@@ -967,13 +967,21 @@ _SIGN_COLORS = ("#2166ac", "#b2182b")
 
 
 def graph_figure(
-    graph: AttributionGraph, *, title: str | None = None, width: int = 1100, height: int = 700
+    graph: AttributionGraph,
+    *,
+    title: str | None = None,
+    width: int = 1100,
+    height: int = 720,
+    labels: int = 8,
 ) -> Any:
-    """The graph layered by layer (y) and prompt position (x), the metric on top and the injection at the
-    bottom; node size ∝ |ISA|, edges coloured by sign and as wide as |weight| (relative to the largest).
+    """The graph layered by layer (y) and prompt position (x, one column per position that holds a node), the
+    metric on top; node size ∝ |ISA|; edges coloured by sign (blue +, red -) and as wide as |weight|, hop
+    edges relative to the largest hop edge, steer and metric edges relative to the largest ISA (drawn
+    lighter); the ``labels`` largest features are named.
 
-    Hover text: the feature, its ISA, its activation at the top and lowest strength, and its top logit-lens
-    tokens. Works offline (no external assets needed in Jupyter; save the HTML with plotly.js embedded).
+    Hover text: the node, its ISA, its activation at the top and the lowest strength, and its top logit-lens
+    tokens. A plain plotly figure: it renders in Jupyter; save the HTML with plotly.js embedded to view it
+    offline (``save_figure(..., offline=True)``).
     """
     import plotly.graph_objects as go
 
@@ -983,13 +991,21 @@ def graph_figure(
     n["y"] = n["layer"].astype(float) + n["dictionary"].map(_STAGE_OFFSET).fillna(0.0)
     n.loc[n["kind"] == "metric", "y"] = n_layers + 0.5
     n.loc[n["kind"] == "steer", "y"] = float(s["attribution"]["layer"]) + 0.35
-    # spread nodes that share a (y, position) slot
-    n["x"] = n["position"].astype(float) + n.groupby(["y", "position"]).cumcount() * 0.18
+    columns = sorted(set(n["position"].astype(int)))
+    column = {p: k for k, p in enumerate(columns)}
+    n["x"] = n["position"].astype(int).map(column).astype(float)
+    for _, cell in n.groupby(["y", "x"]):  # spread the nodes of one (layer, position) cell across its column
+        if len(cell) > 1:
+            n.loc[cell.index, "x"] += np.linspace(-0.42, 0.42, len(cell))
     where = dict(zip(n["node"], zip(n["x"], n["y"], strict=True), strict=True))
     fig = go.Figure()
     edges = graph.edges
-    biggest = float(edges["weight"].abs().max()) if len(edges) else 1.0
-    for e in edges.itertuples(index=False):
+    hop = edges["direction"].isin(["backward", "forward"])
+    scale = {
+        True: float(edges.loc[hop, "weight"].abs().max()) if hop.any() else 1.0,
+        False: float(edges.loc[~hop, "weight"].abs().max()) if (~hop).any() else 1.0,
+    }
+    for e, is_hop in zip(edges.itertuples(index=False), hop, strict=True):
         if e.source not in where or e.target not in where:
             continue
         (x0, y0), (x1, y1) = where[e.source], where[e.target]
@@ -1000,34 +1016,45 @@ def graph_figure(
                 mode="lines",
                 line={
                     "color": _SIGN_COLORS[e.weight < 0],
-                    "width": 0.5 + 6 * abs(e.weight) / (biggest or 1.0),
+                    "width": 0.5 + 5 * abs(e.weight) / (scale[is_hop] or 1),
                 },
-                opacity=0.55,
+                opacity=0.7 if is_hop else 0.18,
                 hoverinfo="text",
                 showlegend=False,
                 text=f"{e.source} → {e.target}<br>weight {e.weight:+.4g} ({e.direction}, hop {e.hop})",
             )
         )
     isa_max = float(n["isa"].abs().max()) if n["isa"].notna().any() else 1.0
+    named = set(graph.feature_nodes().sort_values("isa", key=abs, ascending=False)["node"].head(labels))
+    n["label_at"] = "top center"
+    for _, row in (
+        n[n["node"].isin(named)].sort_values("x").groupby("y")
+    ):  # alternate so neighbours don't clash
+        n.loc[row.index[1::2], "label_at"] = "bottom center"
     for kind, part in n.groupby("kind", sort=False):
         size = np.where(part["isa"].notna(), 8 + 32 * part["isa"].abs() / (isa_max or 1.0), 22)
         fig.add_trace(
             go.Scatter(
                 x=part["x"],
                 y=part["y"],
-                mode="markers",
+                mode="markers+text",
                 name=kind,
                 marker={
                     "size": size,
                     "color": _KIND_COLORS.get(kind, "#444"),
                     "line": {"width": 1, "color": "white"},
                 },
+                text=[
+                    r.name if r.node in named or r.kind in ("steer", "metric") else ""
+                    for r in part.itertuples()
+                ],
+                textposition=part["label_at"].tolist(),
+                textfont={"size": 10},
                 hoverinfo="text",
-                text=[_hover(r) for r in part.itertuples(index=False)],
+                hovertext=[_hover(r) for r in part.itertuples(index=False)],
             )
         )
     tokens = s["prompt_token_strings"]
-    shown = sorted(set(n["position"].astype(int)))
     fig.update_layout(
         title=title
         or (
@@ -1041,12 +1068,12 @@ def graph_figure(
         xaxis={
             "title": "prompt position",
             "tickmode": "array",
-            "tickvals": shown,
-            "ticktext": [f"{p}: {tokens[p]!s}" for p in shown],
-            "tickangle": -45,
+            "tickvals": list(range(len(columns))),
+            "ticktext": [f"{p}: {_show(tokens[p])}" for p in columns],
+            "range": [-0.6, len(columns) - 0.4],
         },
         yaxis={"title": "layer", "range": [-0.8, n_layers + 1]},
-        legend={"orientation": "h", "y": -0.25},
+        legend={"orientation": "h", "y": -0.15},
     )
     fig.add_annotation(
         text="Edge weights are total effects integrated over α: they do not add up along paths.",
@@ -1058,6 +1085,12 @@ def graph_figure(
         font={"size": 11},
     )
     return fig
+
+
+def _show(token: str) -> str:
+    """A token as a tick label: line breaks and bare spaces made visible."""
+    shown = token.replace("\n", "⏎")
+    return shown if shown.strip() else repr(token)
 
 
 def _hover(r: Any) -> str:

@@ -616,12 +616,12 @@ def test_saes_are_left_out_of_the_neuronpedia_export_with_a_warning(m64, tc64, a
 
 def test_figure(graph):
     fig = graph.figure()
-    markers = [t for t in fig.data if t.mode == "markers"]
+    markers = [t for t in fig.data if t.mode == "markers+text"]
     features = next(t for t in markers if t.name == "feature")
     feats = graph.feature_nodes()
     assert len(features.x) == len(feats)
     first = feats.iloc[0]
-    hover = next(h for h in features.text if first["node"] in h)
+    hover = next(h for h in features.hovertext if first["node"] in h)
     assert f"{first['isa']:+.4g}" in hover and first["top_tokens"] in hover
     sizes = np.asarray(features.marker.size)
     order = np.argsort(feats["isa"].abs().to_numpy())
@@ -634,3 +634,7 @@ def test_figure(graph):
         assert trace.line.color == ("#b2182b" if weight < 0 else "#2166ac")
     assert any("total effects" in a.text for a in fig.layout.annotations)
     assert fig.layout.yaxis.range[1] > graph.settings["n_layers"], "the metric on top"
+    metric = next(t for t in markers if t.name == "metric")
+    assert metric.y[0] > max(features.y) and list(metric.text) == ["Yes − No"]
+    named = [t for t in features.text if t]
+    assert 1 <= len(named) <= 8 and feats.sort_values("isa", key=abs).iloc[-1]["name"] in named
