@@ -53,7 +53,7 @@ import contextlib
 import json
 import math
 import numbers
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
@@ -1135,9 +1135,3 @@ def _concat(parts: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
     if not parts:
         return pd.DataFrame(columns=columns)
     return pd.concat(parts, ignore_index=True)[columns]
-
-
-def iter_chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    """Consecutive chunks of ``items`` of at most ``size``."""
-    for begin in range(0, len(items), size):
-        yield items[begin : begin + size]
