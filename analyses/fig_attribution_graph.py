@@ -13,13 +13,14 @@ Neuronpedia / circuit-tracer JSON, and the parquet frames of the attribution. Th
   to its unsteered (α = 0) activation at its position, against its ISA (Spearman; reported, not asserted).
 
     python analyses/fig_attribution_graph.py --model organism
-    python analyses/fig_attribution_graph.py --concept Bread --strengths 0,0.5,1,1.5,2 --depth 2 --no-compare
+    python analyses/fig_attribution_graph.py --concept Bread --strengths 0,0.5,1,1.5,2 --depth 2
     python analyses/fig_attribution_graph.py --model tiny --concepts Bread,Oceans,Dust --judge logit \
         --n-trials 1
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from collections.abc import Sequence
@@ -134,7 +135,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--top", type=int, default=15, help="top features in the causal check")
     p.add_argument(
-        "--no-compare", action="store_true", help="skip find_gates/find_evidence_carriers (no trials)"
+        "--compare",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compare with find_gates/find_evidence_carriers, which needs the trials of --concepts (default: "
+        "on, off when --concept names the graph concepts)",
     )
     args = p.parse_args(argv)
     s = runs.load_setup(args)
@@ -142,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     grid = tuple(args.strengths) if args.strengths else strength_grid(s.model, args.points)
     gates = carriers = None
-    if args.no_compare:
+    if not (args.compare if args.compare is not None else args.concept is None):
         concepts = args.concept or s.concepts[: args.n_graphs]
     else:
         rates = runs.behaviour(s)
