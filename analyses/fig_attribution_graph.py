@@ -87,42 +87,41 @@ def causal_check(s: runs.Setup, att: Any, concept: str, *, top: int) -> pd.DataF
     return pd.DataFrame(rows)
 
 
-def compare(graph: Any, gates: pd.DataFrame, carriers: pd.DataFrame) -> dict[str, Any]:
-    """Is find_gates' top gate in the graph, which of its evidence carriers are on the graph's paths, and what
-    find_evidence_carriers calls the features the graph finds feeding that gate."""
+def compare(graph: Any, gates: pd.DataFrame, carriers: dict[str, pd.DataFrame]) -> dict[str, Any]:
+    """Is find_gates' top gate in the graph; which of its evidence carriers (each table of ``carriers``: the
+    concept-mean set, and the per-(gate, concept) set of the paper's code) are in the graph; and what each
+    table calls the features the graph finds feeding that gate."""
     nodes = graph.feature_nodes()
     nodes = nodes[nodes["dictionary"] == "transcoder"]
     names = set(nodes["name"])
     gate = gates["feature"].iloc[0]
     in_graph = nodes[nodes["name"] == gate]
     ranked = nodes.sort_values("isa", ascending=False)["name"].tolist()
-    roles = carriers.set_index("feature")[["role", "rank"]]
-    top_carriers = carriers[carriers["role"] == "carrier"]["feature"].head(20).tolist()
     edges = graph.edges
     hops = edges["direction"].isin(["backward", "forward"])
     into_gate = edges[edges["target"].isin(set(in_graph["node"])) & hops]
-    feeding = []
-    for source, weight in zip(into_gate["source"], into_gate["weight"], strict=True):
-        name = source.split(" @")[0]
-        known = name in roles.index
-        feeding.append(
-            {
-                "node": source,
-                "weight": float(weight),
-                "role": str(roles.loc[name, "role"]) if known else None,
-                "rank_in_role": int(roles.loc[name, "rank"]) if known else None,
-            }
-        )
-    return {
+    out: dict[str, Any] = {
         "top_gate": gate,
         "top_gate_in_graph": bool(len(in_graph)),
         "top_gate_isa_rank": ranked.index(gate) + 1 if gate in ranked else None,
         "top_gate_positions": sorted(int(p) for p in in_graph["position"]),
         "gates_top10_in_graph": [g for g in gates["feature"].head(10) if g in names],
-        "carriers_top20": top_carriers,
-        "carriers_top20_in_graph": [c for c in top_carriers if c in names],
-        "graph_features_feeding_the_gate": feeding,
+        "graph_features_feeding_the_gate": [
+            {"node": src, "weight": float(w)}
+            for src, w in zip(into_gate["source"], into_gate["weight"], strict=True)
+        ],
     }
+    for label, table in carriers.items():
+        roles = table.set_index("feature")[["role", "rank"]]
+        top = table[table["role"] == "carrier"]["feature"].head(20).tolist()
+        out[f"{label}_top20"] = top
+        out[f"{label}_top20_in_graph"] = [c for c in top if c in names]
+        for row in out["graph_features_feeding_the_gate"]:
+            name = row["node"].split(" @")[0]
+            row[f"{label}_role"] = (
+                f"{roles.loc[name, 'role']} #{int(roles.loc[name, 'rank'])}" if name in roles.index else None
+            )
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -152,14 +151,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         rates = runs.behaviour(s)
         feature_grid, gates = runs.grid_and_gates(s, rates)
-        carriers = find_evidence_carriers(
-            s.model,
-            s.transcoders,
-            feature_grid,
-            gates["feature"].iloc[0],
-            behaviour=runs.carrier_behaviour(rates),
-            include_other=True,
-        )
+        carrier_rates = runs.carrier_behaviour(rates)
+
+        def carriers_of(concept: str | None) -> pd.DataFrame:
+            return find_evidence_carriers(
+                s.model,
+                s.transcoders,
+                feature_grid,
+                gates["feature"].iloc[0],
+                behaviour=carrier_rates,
+                concept=concept,
+                include_other=True,
+            )
+
+        carriers = carriers_of(None)
         picked = success_failure(rates, n=args.n_graphs)
         concepts = args.concept or picked["success"] + picked["failure"]
     unknown = [c for c in concepts if c not in s.concepts]
@@ -232,7 +237,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "causal": causal.to_dict("records"),
         }
         if gates is not None:
-            info["versus_gates_and_carriers"] = compare(graph, gates, carriers)
+            tables = {"carriers": carriers}
+            if concept in feature_grid.concepts:
+                tables["concept_carriers"] = carriers_of(concept)
+            info["versus_gates_and_carriers"] = compare(graph, gates, tables)
         summary["concepts"][concept] = info
         causal.to_csv(out / f"attribution_causal_{slug}.csv", index=False)
         print(
