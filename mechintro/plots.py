@@ -298,10 +298,18 @@ def personas_figure(metrics: pd.DataFrame, *, title: str = "Persona variants: de
 
 
 def save_figure(
-    fig: go.Figure, name: str, out_dir: str | Path = "figures", *, formats: Sequence[str] = ("html", "png")
+    fig: go.Figure,
+    name: str,
+    out_dir: str | Path = "figures",
+    *,
+    formats: Sequence[str] = ("html", "png"),
+    offline: bool = False,
 ) -> list[Path]:
     """Write ``fig`` as ``<out_dir>/<name>.html`` and ``.png`` (PNG through kaleido); return the paths
     written.
+
+    ``offline=True`` embeds plotly.js in the HTML (about 4 MB) so that it opens without network access;
+    otherwise the HTML loads plotly.js from its CDN.
 
     Static formats (png, svg, pdf) need a Chrome/Chromium (:mod:`mechintro.browser`). Without one -- or with
     ``MECHINTRO_BROWSER=none`` -- the HTML is still written, the static files are skipped, and one message
@@ -319,7 +327,7 @@ def save_figure(
     for fmt in formats:
         path = out / f"{name}.{fmt}"
         if fmt == "html":
-            fig.write_html(path, include_plotlyjs="cdn")
+            fig.write_html(path, include_plotlyjs=True if offline else "cdn")
         elif browser is None:
             warn_once(f"{name} (and every later figure)")
             continue
