@@ -252,6 +252,10 @@ SCRIPT_COMMANDS = {
         "progressive gate ablation/patching curves and carrier-ablation curves",
         ("fig_gate_curves.py", "fig_carrier_ablation.py"),
     ),
+    "attribute": (
+        "steering-attribution graphs: parquet frames, graph JSON, Neuronpedia JSON and the figure",
+        ("fig_attribution_graph.py",),
+    ),
     "elicit": (
         "train a bias vector on training concepts and measure it on held-out ones (the paper's Figure 16)",
         ("fig_bias_vector.py",),
@@ -351,6 +355,7 @@ REPRODUCE_STEPS = (
         Step(script, _GEOMETRY_FULL.get(script, ""), _GEOMETRY_QUICK, kind="trials")
         for script in GEOMETRY_SCRIPTS
     ),
+    Step("fig_attribution_graph.py", "", f"{_QUICK_MECH} --n-graphs 1 --points 5 --depth 1 --top 5"),
     Step(
         "fig_bias_vector.py",
         "--n-trials 2 --max-new-tokens 24",

@@ -141,7 +141,9 @@ def strength_arg(text: str) -> float | str:
     except (argparse.ArgumentTypeError, ValueError):
         if text.replace("_", "").isalpha() and text.lower() not in ("nan", "inf", "infinity"):
             return text
-        raise argparse.ArgumentTypeError(f"expected a finite number or an operating point name, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a finite number or an operating point name, got {text!r}"
+        ) from None
 
 
 def positive_int(text: str) -> int:
@@ -265,11 +267,15 @@ def check_run_options(args: argparse.Namespace) -> None:
                 f"--layer {layer} does not exist in {args.model}: valid layers are 0..{n_layers - 1}"
             )
     strengths = [getattr(args, "strength", None)] + list(getattr(args, "strengths", None) or [])
-    points = peek_operating_points(tiny_model_folder() if args.model == TINY else args.model) or {"default": None}
+    points = peek_operating_points(tiny_model_folder() if args.model == TINY else args.model) or {
+        "default": None
+    }
     for strength in (s for s in strengths if s is not None):
         if isinstance(strength, str):
             if strength not in points:
-                raise ValueError(f"unknown operating point {strength!r} of {args.model}; valid: {sorted(points)}")
+                raise ValueError(
+                    f"unknown operating point {strength!r} of {args.model}; valid: {sorted(points)}"
+                )
         elif not math.isfinite(strength):
             raise ValueError(f"strength must be a finite number, got {strength}")
     for name, option, valid in (("variant", "variant", VARIANTS), ("persona", "persona", PERSONAS)):
@@ -379,7 +385,10 @@ def mechanism_parser(doc: str | None) -> argparse.ArgumentParser:
     add_run_options(p)
     p.add_argument("--layer", type=int, default=None, help="injection layer (default: the model's)")
     p.add_argument(
-        "--strength", type=strength_arg, default=None, help="strength or operating point (default: the model's)"
+        "--strength",
+        type=strength_arg,
+        default=None,
+        help="strength or operating point (default: the model's)",
     )
     p.add_argument("--k", type=positive_int, default=200, help="number of gate candidates (default 200)")
     p.add_argument("--out", default="figures", help="output folder")
@@ -493,7 +502,8 @@ def grid_and_gates(s: Setup, rates: pd.DataFrame | None) -> tuple[Any, pd.DataFr
 
 
 def add_carrier_options(p: argparse.ArgumentParser) -> None:
-    """``--gate`` and how carriers are found (the scripts that find a gate's evidence carriers share these)."""
+    """``--gate`` and how carriers are found (the scripts that find a gate's evidence carriers share
+    these)."""
     p.add_argument("--gate", default=None, help="e.g. 'L45 F1234' (default: the top gate)")
     p.add_argument(
         "--carrier-concept",

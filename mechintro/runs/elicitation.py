@@ -26,8 +26,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from mechintro import runs
 from mechintro import elicitation as el
+from mechintro import runs
 from mechintro.concepts import training_concepts
 from mechintro.metrics import detection_metrics
 from mechintro.models import with_spec
@@ -48,7 +48,10 @@ def parser(doc: str | None = __doc__) -> argparse.ArgumentParser:
     runs.add_run_options(p)
     p.add_argument("--parts", type=runs.name_list, default=list(PARTS), help=f"comma list of {PARTS}")
     p.add_argument(
-        "--strength", type=runs.strength_arg, default=None, help="strength or operating point (default: the spec's)"
+        "--strength",
+        type=runs.strength_arg,
+        default=None,
+        help="strength or operating point (default: the spec's)",
     )
     p.add_argument(
         "--bias-layer", type=int, default=None, help="the headline bias layer (default: the spec's)"
@@ -375,4 +378,3 @@ def main(argv: Sequence[str] | None = None, *, doc: str | None = __doc__) -> Non
         injection_sweep(run)
     print(f"\n==== README numbers ({time.time() - t0:.0f} s)\n" + "\n".join(run.lines))
     (Path(args.out) / "bias_vector_numbers.txt").write_text("\n".join(run.lines) + "\n")
-
