@@ -65,6 +65,7 @@ import torch.autograd.forward_ad as fwAD
 from jaxtyping import Float
 from torch import Tensor
 
+from mechintro._html import card
 from mechintro.concepts import concept_vectors
 from mechintro.hooks import capture, check_layer, hooks_context
 from mechintro.models import HookNames, Model, Transcoders, check_d_model, spec_for
@@ -875,6 +876,31 @@ class SteeringAttribution:
         order = {c: i for i, c in enumerate(self.settings.concepts)}
         out = out.assign(_c=out["concept"].map(order)).sort_values(["_c", "isa"], ascending=[True, False])
         return out.drop(columns="_c").reset_index(drop=True)
+
+    def top(self, n: int = 10) -> pd.DataFrame:
+        """The ``n`` features with the largest |ISA| per concept (from :meth:`isa`), largest first."""
+        isa = self.isa()
+        order = isa["isa"].abs().groupby(isa["concept"], sort=False).rank(ascending=False, method="first")
+        concepts = {c: i for i, c in enumerate(isa["concept"].unique())}
+        out = isa.assign(_r=order, _c=isa["concept"].map(concepts))[order <= n]
+        return out.sort_values(["_c", "_r"]).drop(columns=["_r", "_c"]).reset_index(drop=True)
+
+    def _repr_html_(self) -> str:
+        s = self.settings
+        facts = {
+            "model": s.model,
+            "concepts": list(s.concepts),
+            "strengths": list(s.strengths),
+            "integration": s.integration,
+            "injection": f"layer {s.layer} from position {s.start}",
+            "metric": s.metric.label or s.metric.kind,
+            "dictionaries": [f"{site.kind} L{site.layer}" for site in s.sites],
+        }
+        return card(
+            "SteeringAttribution",
+            facts,
+            [("metric per (concept, strength)", self.metric), ("top features by |ISA|", self.top(5))],
+        )
 
     def integrated_remainders(self) -> pd.DataFrame:
         """``∫ total``, ``∫ features``, ``∫ skip``, ``∫ error`` per (concept, dictionary, layer, position)."""

@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechintro._html import card
 from mechintro._stats import pearson_columns, spearman_columns
 from mechintro.concepts import concept_vectors
 from mechintro.hooks import Positions, capture, check_layer, check_positions
@@ -130,6 +131,34 @@ class FeatureGrid:
         out = torch.zeros(acts.shape[2], dtype=values.dtype)
         out.index_add_(0, idx[2, keep], values[keep])
         return out / len(self.concepts)
+
+    def summary(self) -> pd.DataFrame:
+        """Per layer: d_sae, nonzero entries, and features active at any strength, at the default strength
+        and unsteered (strength 0, when on the grid)."""
+        rows = []
+        has_zero = any(s == 0.0 for s in self.strengths)
+        for layer in self.layers:
+            rows.append(
+                {
+                    "layer": layer,
+                    "d_sae": self.d_sae(layer),
+                    "nonzero": int(self.acts[layer].values().ne(0).sum()),
+                    "active_any": len(self.active(layer)),
+                    "active_default": len(self.active(layer, strength=self.default_strength)),
+                    "active_unsteered": len(self.active(layer, strength=0.0)) if has_zero else None,
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def _repr_html_(self) -> str:
+        facts = {
+            "concepts": list(self.concepts),
+            "strengths": list(self.strengths),
+            "injection layer": self.injection_layer,
+            "default strength": self.default_strength,
+            "trial / position": f"{self.trial} / {self.positions}",
+        }
+        return card("FeatureGrid", facts, [("active features per layer", self.summary())], max_rows=64)
 
     def to_frame(self) -> pd.DataFrame:
         """Tidy nonzero activations: concept, strength, layer, index, feature, activation (metadata in
@@ -699,10 +728,10 @@ def find_evidence_carriers(
             ].numpy()
         weight = virtual_weights(transcoders, (gate_layer, gate_index), layer, idx).numpy()
         frames.append(stats.assign(virtual_weight=weight, attribution=weight * stats["activation_default"]))
-    if not frames:
-        return pd.DataFrame(
-            columns=["feature", "layer", "index", "virtual_weight", "attribution", "role", "rank"]
-        )
+    first = ["feature", "layer", "index", "role", "rank", "attribution", "virtual_weight"]
+    if not frames:  # the same columns as a non-empty table
+        stats = feature_stats(grid, [], behaviour=behaviour, correlation=correlation)
+        return pd.DataFrame(columns=first + [c for c in stats.columns if c not in first])
     df = pd.concat(frames, ignore_index=True)
     df["role"] = _roles(df, criteria=criteria, use_behaviour=behaviour is not None, min_abs_corr=min_abs_corr)
     if not include_other:
@@ -712,5 +741,4 @@ def find_evidence_carriers(
     df = df.assign(_r=df["role"].map(order), _k=key).sort_values(["_r", "_k"], kind="stable")
     df["rank"] = df.groupby("role").cumcount() + 1
     df = df.drop(columns=["_r", "_k"]).reset_index(drop=True)
-    first = ["feature", "layer", "index", "role", "rank", "attribution", "virtual_weight"]
     return df[first + [c for c in df.columns if c not in first]]

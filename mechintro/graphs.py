@@ -47,6 +47,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from mechintro._html import card
 from mechintro.attribution import (
     Dictionaries,
     Metric,
@@ -741,6 +742,23 @@ class AttributionGraph:
 
     def feature_nodes(self) -> pd.DataFrame:
         return self.nodes[self.nodes["kind"] == "feature"]
+
+    def _repr_html_(self) -> str:
+        kinds = self.nodes["kind"].value_counts()
+        facts = {
+            "concept": self.settings.get("concept"),
+            "model": self.settings.get("model"),
+            "nodes": ", ".join(f"{n} {k}" for k, n in kinds.items()),
+            "edges": len(self.edges),
+            "metric by strength": self.settings.get("metric_value", {}),
+        }
+        top = self.feature_nodes().sort_values("isa", key=np.abs, ascending=False)
+        cols = ["name", "layer", "position", "hop", "isa", "influence", "top_tokens"]
+        return card(
+            "AttributionGraph",
+            facts,
+            [("feature nodes by |ISA|", top[cols]), ("per-layer explained share", self.layers)],
+        )
 
 
 def _frame_to_dict(df: pd.DataFrame) -> dict[str, Any]:

@@ -284,6 +284,18 @@ def carriers_figure(carriers: pd.DataFrame, *, top: int = 20, gate: str | None =
     parts = [carriers[carriers["role"] == role].head(top) for role in ("carrier", "suppressor")]
     shown = pd.concat(parts).sort_values("attribution", ascending=False)
     fig = go.Figure()
+    name = f" of {gate}" if gate else ""
+    if shown.empty:  # an honest empty figure: nothing between the injection layer and the gate qualifies
+        fig.add_annotation(
+            text="no evidence carriers or suppressors: no active feature between the injection layer and "
+            "the gate meets the criteria",
+            showarrow=False,
+            x=0.5,
+            y=0.5,
+            xref="paper",
+            yref="paper",
+        )
+        return _style(fig, title=f"Evidence carriers{name}", height=380)
     for i, role in enumerate(("carrier", "suppressor")):
         rows = shown[shown["role"] == role]
         fig.add_trace(
@@ -303,7 +315,6 @@ def carriers_figure(carriers: pd.DataFrame, *, top: int = 20, gate: str | None =
         )
     fig.update_yaxes(categoryorder="array", categoryarray=shown["feature"].tolist()[::-1])
     fig.update_xaxes(title_text="attribution to the gate (virtual weight x activation)")
-    name = f" of {gate}" if gate else ""
     return _style(fig, title=f"Evidence carriers{name}", height=max(380, 22 * len(shown) + 160))
 
 

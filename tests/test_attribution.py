@@ -442,6 +442,15 @@ def test_isa_and_layer_shares(att):
     for layer, part in kept.groupby("layer"):
         assert some_b.loc[layer, "kept_isa"] == pytest.approx(part["isa"].sum(), rel=1e-12)
         assert some_b.loc[layer, "explained"] == pytest.approx(part["isa"].sum() / some_b.loc[layer, "total"])
+    top = att.top(2)
+    for concept, part in isa.groupby("concept"):
+        want = part.loc[part["isa"].abs().sort_values(ascending=False).index[:2]]
+        got = top[top["concept"] == concept]
+        assert (
+            got[["feature", "layer", "position"]].values.tolist()
+            == want[["feature", "layer", "position"]].values.tolist()
+        )
+    assert "<b>SteeringAttribution</b>" in att._repr_html_()
 
 
 def test_parquet_round_trip(att, tmp_path):

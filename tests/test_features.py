@@ -105,6 +105,21 @@ def test_grid_is_sparse_and_round_trips(grid):
         grid.dense(9)
 
 
+def test_grid_summary_counts_and_card(grid):
+    summary = grid.summary().set_index("layer")
+    for layer in grid.layers:
+        dense = grid.dense(layer)
+        row = summary.loc[layer]
+        assert row["nonzero"] == int((dense != 0).sum())
+        assert row["active_any"] == int((dense != 0).any(dim=(0, 1)).sum())
+        s0, sd = grid.strength_index(0.0), grid.strength_index(grid.default_strength)
+        assert row["active_unsteered"] == int((dense[:, s0] != 0).any(dim=0).sum())
+        assert row["active_default"] == int((dense[:, sd] != 0).any(dim=0).sum())
+    html = grid._repr_html_()
+    assert html.startswith("<div class='mechintro-card'><b>FeatureGrid</b>")
+    assert f"<td>{int(summary['nonzero'].iloc[0])}</td>" in html
+
+
 def test_feature_names():
     assert feature_name(3, 12) == "L3 F12" and parse_feature("L3 F12") == (3, 12) == parse_feature((3, 12))
     with pytest.raises(ValueError, match="looks like 'L3 F12'"):
@@ -257,6 +272,8 @@ def test_carrier_virtual_weight_sign_on_constructed_weights(tiny):
     assert len(no_behaviour) == 3
     strict = find_evidence_carriers(tiny, made, grid, "L3 F0", behaviour=rates, min_abs_corr=0.999)
     assert set(strict["feature"]) == {"L2 F0", "L2 F1"}
+    empty = find_evidence_carriers(tiny, made, grid, "L2 F0", behaviour=rates)  # no layer in between
+    assert empty.empty and list(empty.columns) == list(out.reset_index().columns)
 
 
 def test_behaviour_correlation_is_spearman_by_default_and_pearson_on_request():

@@ -98,6 +98,8 @@ def test_gates_and_carriers_figures():
     )
     fig = pm.carriers_figure(carriers, top=1, gate="L5 F2")
     assert [list(t.y) for t in fig.data] == [["L4 F1"], ["L4 F3"]]
+    empty = pm.carriers_figure(carriers.iloc[:0], gate="L5 F2")
+    assert not empty.data and "no evidence carriers" in empty.layout.annotations[0].text
 
 
 def test_curve_figures():
