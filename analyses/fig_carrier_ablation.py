@@ -12,41 +12,18 @@ from collections.abc import Sequence
 
 from mechintro import runs
 from mechintro.curves import carrier_curves, success_failure
-from mechintro.features import find_evidence_carriers
 from mechintro.plots_mechanism import carrier_ablation_figure
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = runs.mechanism_parser(__doc__)
-    p.add_argument("--gate", default=None, help="e.g. 'L45 F1234' (default: the top gate)")
+    runs.add_carrier_options(p)
     p.add_argument("--n-concepts", type=int, default=2, help="high- and low-detection concepts shown (each)")
-    p.add_argument(
-        "--carrier-concept",
-        default=None,
-        help="find carriers for this one concept (the paper's per-(gate, concept) carriers); default: pooled",
-    )
-    p.add_argument(
-        "--criteria",
-        choices=["dose_behaviour", "sign"],
-        default="dose_behaviour",
-        help="carrier criteria: dose and behaviour filters (default) or the attribution sign alone (paper)",
-    )
-    p.add_argument("--correlation", choices=["spearman", "pearson"], default="spearman")
     args = p.parse_args(argv)
     s = runs.load_setup(args)
     rates = runs.behaviour(s)
     grid, gates = runs.grid_and_gates(s, rates)
-    gate = args.gate or gates["feature"].iloc[0]
-    carriers = find_evidence_carriers(
-        s.model,
-        s.transcoders,
-        grid,
-        gate,
-        behaviour=runs.carrier_behaviour(rates),
-        concept=args.carrier_concept,
-        criteria=args.criteria,
-        correlation=args.correlation,
-    )
+    gate, carriers = runs.find_carriers(s, grid, gates, rates)
     picked = success_failure(rates, n=args.n_concepts)
     shown = picked["success"] + picked["failure"]
     rows = [s.concepts.index(c) for c in shown]

@@ -1,8 +1,17 @@
 """mechintro: concept injection, introspection trials and circuit analysis (arXiv 2603.21396).
 
-The public API is re-exported here; see README.md for a tour.
+The public API is re-exported here; see README.md for a tour. Modules: models, hooks, prompts, concepts,
+steering, sampling, readout, transcoders, trials, store, judges, metrics, patching, features, interventions,
+curves, attribution, graphs, geometry, elicitation, plots*.
 """
 
+from mechintro.attribution import (
+    SteeringAttribution,
+    feature_metric,
+    steering_attribution,
+    strength_grid,
+    token_metric,
+)
 from mechintro.concepts import (
     all_concepts,
     baseline_words,
@@ -12,44 +21,83 @@ from mechintro.concepts import (
     original_concepts,
     training_concepts,
 )
+from mechintro.elicitation import (
+    BiasVector,
+    ablate_directions,
+    bias_vector,
+    difference_of_means,
+    gate_direction,
+    load_bias_vector,
+    random_direction,
+    train_bias_vector,
+)
+from mechintro.features import feature_grid, find_evidence_carriers, find_gates
+from mechintro.graphs import AttributionGraph, attribution_graph
+from mechintro.hooks import capture
+from mechintro.interventions import intervene, read_features
 from mechintro.judges import LLMJudge, LogitJudge, RuleJudge
 from mechintro.metrics import detection_metrics
 from mechintro.models import HookNames, ModelSpec, load_model, spec_for
+from mechintro.patching import PatchingConfig, component_patching
 from mechintro.prompts import PERSONAS, VARIANTS, TrialPrompt, forced_prefill, left_pad, trial_prompt
 from mechintro.sampling import sample
 from mechintro.steering import inject
 from mechintro.store import StoreError, TrialStore
-from mechintro.transcoders import encode_at, load_transcoders
+from mechintro.transcoders import encode_at, load_transcoders, replace_mlps
 from mechintro.trials import run_trials, sweep
 
 __all__ = [
+    "AttributionGraph",
+    "BiasVector",
     "HookNames",
     "LLMJudge",
     "LogitJudge",
-    "RuleJudge",
-    "StoreError",
-    "TrialStore",
-    "detection_metrics",
-    "run_trials",
-    "sweep",
     "ModelSpec",
     "PERSONAS",
+    "PatchingConfig",
+    "RuleJudge",
+    "SteeringAttribution",
+    "StoreError",
     "TrialPrompt",
+    "TrialStore",
     "VARIANTS",
+    "ablate_directions",
     "all_concepts",
+    "attribution_graph",
     "baseline_words",
+    "bias_vector",
+    "capture",
+    "component_patching",
     "concept_vectors",
+    "detection_metrics",
+    "difference_of_means",
     "encode_at",
+    "feature_grid",
+    "feature_metric",
+    "find_evidence_carriers",
+    "find_gates",
     "forced_prefill",
+    "gate_direction",
     "heldout_concepts",
     "inject",
+    "intervene",
     "left_pad",
+    "load_bias_vector",
     "load_model",
     "load_transcoders",
     "new_concepts",
     "original_concepts",
+    "random_direction",
+    "read_features",
+    "replace_mlps",
+    "run_trials",
     "sample",
     "spec_for",
+    "steering_attribution",
+    "strength_grid",
+    "sweep",
+    "token_metric",
+    "train_bias_vector",
     "training_concepts",
     "trial_prompt",
 ]

@@ -252,6 +252,18 @@ SCRIPT_COMMANDS = {
         "progressive gate ablation/patching curves and carrier-ablation curves",
         ("fig_gate_curves.py", "fig_carrier_ablation.py"),
     ),
+    "attribute": (
+        "steering-attribution graphs: parquet frames, graph JSON, Neuronpedia JSON and the figure",
+        ("fig_attribution_graph.py",),
+    ),
+    "elicit": (
+        "train a bias vector on training concepts and measure it on held-out ones (the paper's Figure 16)",
+        ("fig_bias_vector.py",),
+    ),
+    "ablate-direction": (
+        "ablate a direction (the organism's gates' say-No one) during trials, against random directions",
+        ("fig_direction_ablation.py",),
+    ),
     "geometry": (
         "success/failure geometry of concept vectors: swaps, bidirectional steering, PCA, logit lens, "
         "verbalizability, delta-PCs, ridge, noise controls",
@@ -279,7 +291,8 @@ class Step:
     full: str = ""
     """Extra arguments in the full run (split on spaces)."""
     quick: str = ""
-    """Extra arguments in the quick run, CI's ``make reproduce-quick`` (split on spaces)."""
+    """Extra arguments in the quick run, CI's ``make reproduce-quick`` (split on spaces; ``{out}`` is the
+    quick run's folder)."""
     kind: Literal["table", "trials", "mechanism"] = "mechanism"
     """``"table"`` reads a table (only ``--out``); ``"trials"`` takes the run options; ``"mechanism"`` also
     the feature-grid ``--cache``."""
@@ -297,7 +310,7 @@ class Step:
             *cached,
             "--out",
             out,
-            *(self.quick if quick else self.full).split(),
+            *(self.quick if quick else self.full).format(out=out).split(),
         ]
 
 
@@ -341,6 +354,21 @@ REPRODUCE_STEPS = (
     *(
         Step(script, _GEOMETRY_FULL.get(script, ""), _GEOMETRY_QUICK, kind="trials")
         for script in GEOMETRY_SCRIPTS
+    ),
+    Step("fig_attribution_graph.py", "", f"{_QUICK_MECH} --n-graphs 1 --points 5 --depth 1 --top 5"),
+    Step(
+        "fig_bias_vector.py",
+        "--n-trials 2 --max-new-tokens 24",
+        "--parts headline,dose --concepts held-out:6 --train-eval training:4 --epoch-size 32 --n-trials 1 "
+        "--artifacts {out}/elicitation",
+        kind="trials",
+    ),
+    Step(
+        "fig_direction_ablation.py",
+        "--concepts held-out:50 --n-trials 2 --max-new-tokens 24",
+        "--concepts held-out:6 --grid-concepts held-out:6 --n-random 1 --multiples 1 --n-trials 1 "
+        "--artifacts {out}/elicitation",
+        kind="trials",
     ),
 )
 """The figure scripts ``make reproduce`` runs, in order."""

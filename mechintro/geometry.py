@@ -49,7 +49,7 @@ from torch import Tensor
 
 from mechintro._stats import pearson_columns
 from mechintro.features import concept_rates, feature_grid
-from mechintro.judges import LogitJudge
+from mechintro.judges import judge_kind
 from mechintro.metrics import wilson_interval
 from mechintro.models import Model, Transcoders, spec_for
 from mechintro.readout import unembedding
@@ -456,7 +456,7 @@ def steer_trials(
         raise ValueError("labels must be distinct")
     keys = [f"{label}#{_digest(v)}" for label, v in zip(labels, x, strict=True)]
     spec = spec_for(model)
-    judge = judge if isinstance(judge, LogitJudge) else _WordJudge(judge)
+    judge = judge if judge_kind(judge) == "logits" else _WordJudge(judge)  # a scorer reads no words
     df = run_trials(
         model,
         keys,

@@ -73,6 +73,16 @@ class HookNames:
         return f"blocks.{layer}.hook_mlp_out"
 
     @staticmethod
+    def attn_z(layer: int) -> str:
+        """The concatenated head outputs entering the attention output projection (``o_proj``).
+
+        The bridge's own hook point; ``blocks.L.attn.hook_z`` (the name sae-lens attention SAEs record) is
+        TransformerLens's alias for the same point. It carries ``[batch, pos, n_heads, d_head]``. Not
+        ``hook_attn_out``: in Gemma 3 that is the post-attention-norm output, after ``o_proj``.
+        """
+        return f"blocks.{layer}.attn.o.hook_in"
+
+    @staticmethod
     def mlp_in_prenorm(layer: int) -> str:
         """The residual entering the feed-forward norm: what sae-lens's ``hook_mlp_in`` means in TL.
 
@@ -92,6 +102,11 @@ class HookNames:
     @staticmethod
     def transcoder_out(layer: int) -> str:
         return f"blocks.{layer}.hook_mlp_out"
+
+    @staticmethod
+    def final_norm_in() -> str:
+        """The residual stream entering the final norm (the last block's output, after its hooks)."""
+        return "ln_final.hook_in"
 
     @staticmethod
     def final_norm_out() -> str:

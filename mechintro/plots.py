@@ -82,7 +82,8 @@ class Style:
 STYLE = Style()
 
 
-def _apply_style(fig: go.Figure, *, title: str, height: int, style: Style = STYLE) -> go.Figure:
+def apply_style(fig: go.Figure, *, title: str, height: int, top: int = 90, style: Style = STYLE) -> go.Figure:
+    """The shared look: template, title, size, font and margins (``top``: room for the title and legend)."""
     fig.update_layout(
         template=style.template,
         title={"text": title, "x": 0.01},
@@ -90,12 +91,12 @@ def _apply_style(fig: go.Figure, *, title: str, height: int, style: Style = STYL
         width=style.width,
         font={"family": style.font, "size": style.font_size},
         legend={"tracegroupgap": 2},
-        margin={"l": 70, "r": 30, "t": 90, "b": 60},
+        margin={"l": 70, "r": 30, "t": top, "b": 60},
     )
     return fig
 
 
-def _rgba(color: str, alpha: float) -> str:
+def rgba(color: str, alpha: float) -> str:
     """A plotly color string ("rgb(...)" or "#rrggbb") with opacity ``alpha``."""
     if color.startswith("#"):
         r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
@@ -167,7 +168,7 @@ def _band(x: Sequence, lo: Sequence, hi: Sequence, *, color: str, group: str) ->
         x=[*x, *x[::-1]],
         y=[*hi, *lo[::-1]],
         fill="toself",
-        fillcolor=_rgba(color, STYLE.band_opacity),
+        fillcolor=rgba(color, STYLE.band_opacity),
         mode="lines",
         line={"width": 0},
         hoverinfo="skip",
@@ -243,7 +244,7 @@ def layer_sweep_figure(
     if len(ours) and ours["layer"].nunique() <= 24:
         fig.update_xaxes(dtick=1, col=1)
     title += "<br><sup>lines: rate; bands: 95% Wilson intervals</sup>"
-    return _apply_style(fig, title=title, height=STYLE.panel_height * len(METRICS) + 120)
+    return apply_style(fig, title=title, height=STYLE.panel_height * len(METRICS) + 120)
 
 
 # ----------------------------------------------------------------------------------------------- bars
@@ -280,7 +281,7 @@ def rate_bars_figure(
         )
     fig.update_layout(barmode="group", yaxis={"title": "rate", "range": [0, 1.05]}, xaxis={"title": axis})
     default = {"variant": "Prompt variants: detection", "persona": "Persona variants: detection"}[axis]
-    return _apply_style(fig, title=title or default, height=460)
+    return apply_style(fig, title=title or default, height=460)
 
 
 def variants_figure(metrics: pd.DataFrame, *, title: str = "Prompt variants: detection") -> go.Figure:
@@ -297,10 +298,18 @@ def personas_figure(metrics: pd.DataFrame, *, title: str = "Persona variants: de
 
 
 def save_figure(
-    fig: go.Figure, name: str, out_dir: str | Path = "figures", *, formats: Sequence[str] = ("html", "png")
+    fig: go.Figure,
+    name: str,
+    out_dir: str | Path = "figures",
+    *,
+    formats: Sequence[str] = ("html", "png"),
+    offline: bool = False,
 ) -> list[Path]:
     """Write ``fig`` as ``<out_dir>/<name>.html`` and ``.png`` (PNG through kaleido); return the paths
     written.
+
+    ``offline=True`` embeds plotly.js in the HTML (about 4 MB) so that it opens without network access;
+    otherwise the HTML loads plotly.js from its CDN.
 
     Static formats (png, svg, pdf) need a Chrome/Chromium (:mod:`mechintro.browser`). Without one -- or with
     ``MECHINTRO_BROWSER=none`` -- the HTML is still written, the static files are skipped, and one message
@@ -318,7 +327,7 @@ def save_figure(
     for fmt in formats:
         path = out / f"{name}.{fmt}"
         if fmt == "html":
-            fig.write_html(path, include_plotlyjs="cdn")
+            fig.write_html(path, include_plotlyjs=True if offline else "cdn")
         elif browser is None:
             warn_once(f"{name} (and every later figure)")
             continue

@@ -29,7 +29,7 @@ from scipy import stats
 
 from mechintro._stats import mean_ci
 from mechintro.geometry import PAPER_TEXT
-from mechintro.plots import STYLE
+from mechintro.plots import STYLE, apply_style
 
 __all__ = [
     "bidirectional_figure",
@@ -48,15 +48,7 @@ PAPER_NAME = "paper (text), Gemma3-27B"
 
 
 def _style(fig: go.Figure, *, title: str, height: int) -> go.Figure:
-    fig.update_layout(
-        template=STYLE.template,
-        title={"text": title, "x": 0.01},
-        height=height,
-        width=STYLE.width,
-        font={"family": STYLE.font, "size": STYLE.font_size},
-        margin={"l": 70, "r": 30, "t": 100, "b": 60},
-    )
-    return fig
+    return apply_style(fig, title=title, height=height, top=100)
 
 
 def _need(df: pd.DataFrame, columns: set[str], what: str) -> None:

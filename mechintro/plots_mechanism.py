@@ -25,7 +25,7 @@ from mechintro._stats import mean_ci
 from mechintro.curves import summarize_gate_curves
 from mechintro.features import FeatureGrid
 from mechintro.patching import EXPERIMENTS, summarize_patching
-from mechintro.plots import STYLE
+from mechintro.plots import STYLE, apply_style, rgba
 from mechintro.transcoders import parse_feature
 
 __all__ = [
@@ -48,20 +48,7 @@ _EXPERIMENT_TITLES = {
 
 
 def _style(fig: go.Figure, *, title: str, height: int) -> go.Figure:
-    fig.update_layout(
-        template=STYLE.template,
-        title={"text": title, "x": 0.01},
-        height=height,
-        width=STYLE.width,
-        font={"family": STYLE.font, "size": STYLE.font_size},
-        margin={"l": 70, "r": 30, "t": 90, "b": 60},
-    )
-    return fig
-
-
-def _rgba(color: str, alpha: float) -> str:
-    r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
-    return f"rgba({r}, {g}, {b}, {alpha})"
+    return apply_style(fig, title=title, height=height, top=90)
 
 
 def _line_with_band(
@@ -85,7 +72,7 @@ def _line_with_band(
             y=[*rows["hi"], *rows["lo"][::-1]],
             fill="toself",
             mode="lines",
-            fillcolor=_rgba(color, STYLE.band_opacity),
+            fillcolor=rgba(color, STYLE.band_opacity),
             line={"width": 0},
             hoverinfo="skip",
             showlegend=False,

@@ -46,9 +46,8 @@ def build_subword_tokenizer(*, vocab_size: int = 600) -> Any:
     stimuli, so that most words split into several pieces: prompts then have different lengths and batches
     need padding, as with Gemma's own tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    from mechintro.organism.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
+    from mechintro.organism.tokenizer import SPECIAL_TOKENS, gemma_style
 
     core = Tokenizer(models.BPE(unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
@@ -59,17 +58,7 @@ def build_subword_tokenizer(*, vocab_size: int = 600) -> Any:
     answers = ["yes Yes YES no No NO"] * 100  # frequent enough to become whole tokens, as in Gemma
     texts = stimuli_texts() + stimuli_words() + answers + ["user\nmodel\nTell me about\n\n"]
     core.train_from_iterator(texts, trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
-        padding_side="left",
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return gemma_style(core)
 
 
 def save_tiny_gemma3(

@@ -95,3 +95,26 @@ def hf_injected_logits(hf_model, tokens, *, layer, vector, strength, start):
             return hf_model(tokens[None]).logits[0, -1].float()
     finally:
         handle.remove()
+
+
+@pytest.fixture(scope="module")
+def true_float64():
+    """For one test module: Gemma 3's RMSNorm and the bridge's attention softmax keep float64 inputs in
+    float64 (they round to float32 otherwise: ``x.float()``, ``softmax(..., dtype=torch.float32)``), so a
+    model loaded with ``dtype=torch.float64`` is float64 end to end. float32 inputs are computed as before."""
+    from transformers.models.gemma3 import modeling_gemma3
+
+    plain_softmax, plain_norm = torch.nn.functional.softmax, modeling_gemma3.Gemma3RMSNorm.forward
+
+    def softmax(x, *args, dtype=None, **kw):
+        return plain_softmax(x, *args, dtype=None if x.dtype == torch.float64 else dtype, **kw)
+
+    def norm(self, x):
+        if x.dtype != torch.float64:
+            return plain_norm(self, x)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "softmax", softmax)
+        mp.setattr(modeling_gemma3.Gemma3RMSNorm, "forward", norm)
+        yield

@@ -89,6 +89,12 @@ def build_tokenizer(vocab: list[str], *, prepend: str = "never") -> PreTrainedTo
     core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     core.pre_tokenizer = _pre_tokenizer(prepend)
     core.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme=prepend, split=True)
+    return gemma_style(core)
+
+
+def gemma_style(core: Tokenizer) -> PreTrainedTokenizerFast:
+    """A ``PreTrainedTokenizerFast`` around ``core`` with Gemma's special tokens, left padding and the
+    Gemma-3-style chat template."""
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token="<bos>",

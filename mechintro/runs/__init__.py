@@ -35,8 +35,10 @@ __all__ = [
     "add_run_options",
     "analyses_dir",
     "behaviour",
+    "add_carrier_options",
     "carrier_behaviour",
     "check_run_options",
+    "find_carriers",
     "float_list",
     "format_metrics",
     "grid_and_gates",
@@ -139,7 +141,9 @@ def strength_arg(text: str) -> float | str:
     except (argparse.ArgumentTypeError, ValueError):
         if text.replace("_", "").isalpha() and text.lower() not in ("nan", "inf", "infinity"):
             return text
-        raise argparse.ArgumentTypeError(f"expected a finite number or an operating point name, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a finite number or an operating point name, got {text!r}"
+        ) from None
 
 
 def positive_int(text: str) -> int:
@@ -263,11 +267,15 @@ def check_run_options(args: argparse.Namespace) -> None:
                 f"--layer {layer} does not exist in {args.model}: valid layers are 0..{n_layers - 1}"
             )
     strengths = [getattr(args, "strength", None)] + list(getattr(args, "strengths", None) or [])
-    points = peek_operating_points(tiny_model_folder() if args.model == TINY else args.model) or {"default": None}
+    points = peek_operating_points(tiny_model_folder() if args.model == TINY else args.model) or {
+        "default": None
+    }
     for strength in (s for s in strengths if s is not None):
         if isinstance(strength, str):
             if strength not in points:
-                raise ValueError(f"unknown operating point {strength!r} of {args.model}; valid: {sorted(points)}")
+                raise ValueError(
+                    f"unknown operating point {strength!r} of {args.model}; valid: {sorted(points)}"
+                )
         elif not math.isfinite(strength):
             raise ValueError(f"strength must be a finite number, got {strength}")
     for name, option, valid in (("variant", "variant", VARIANTS), ("persona", "persona", PERSONAS)):
@@ -377,7 +385,10 @@ def mechanism_parser(doc: str | None) -> argparse.ArgumentParser:
     add_run_options(p)
     p.add_argument("--layer", type=int, default=None, help="injection layer (default: the model's)")
     p.add_argument(
-        "--strength", type=strength_arg, default=None, help="strength or operating point (default: the model's)"
+        "--strength",
+        type=strength_arg,
+        default=None,
+        help="strength or operating point (default: the model's)",
     )
     p.add_argument("--k", type=positive_int, default=200, help="number of gate candidates (default 200)")
     p.add_argument("--out", default="figures", help="output folder")
@@ -488,6 +499,42 @@ def grid_and_gates(s: Setup, rates: pd.DataFrame | None) -> tuple[Any, pd.DataFr
         frame.to_parquet(grid_path, index=False)
         gates.to_parquet(gates_path, index=False)
     return grid, gates
+
+
+def add_carrier_options(p: argparse.ArgumentParser) -> None:
+    """``--gate`` and how carriers are found (the scripts that find a gate's evidence carriers share
+    these)."""
+    p.add_argument("--gate", default=None, help="e.g. 'L45 F1234' (default: the top gate)")
+    p.add_argument(
+        "--carrier-concept",
+        default=None,
+        help="find carriers for this one concept (the paper's per-(gate, concept) carriers); default: pooled",
+    )
+    p.add_argument(
+        "--criteria",
+        choices=["dose_behaviour", "sign"],
+        default="dose_behaviour",
+        help="carrier criteria: dose and behaviour filters (default) or the attribution sign alone (paper)",
+    )
+    p.add_argument("--correlation", choices=["spearman", "pearson"], default="spearman")
+
+
+def find_carriers(s: Setup, grid: Any, gates: pd.DataFrame, rates: pd.DataFrame) -> tuple[str, pd.DataFrame]:
+    """(the gate, its evidence carriers and suppressors) as the carrier options ask."""
+    from mechintro.features import find_evidence_carriers
+
+    gate = s.args.gate or gates["feature"].iloc[0]
+    carriers = find_evidence_carriers(
+        s.model,
+        s.transcoders,
+        grid,
+        gate,
+        behaviour=carrier_behaviour(rates),
+        concept=s.args.carrier_concept,
+        criteria=s.args.criteria,
+        correlation=s.args.correlation,
+    )
+    return gate, carriers
 
 
 def carrier_behaviour(rates: pd.DataFrame) -> pd.DataFrame | None:

@@ -28,8 +28,8 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from mechintro import runs
 from mechintro import geometry as geo
+from mechintro import runs
 from mechintro.concepts import concept_vectors
 from mechintro.models import ModelSpec, spec_for, with_spec
 
@@ -40,7 +40,10 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     runs.add_run_options(p)
     p.add_argument("--layer", type=int, default=None, help="injection layer (default: the model's)")
     p.add_argument(
-        "--strength", type=runs.strength_arg, default=None, help="strength or operating point (default: the model's)"
+        "--strength",
+        type=runs.strength_arg,
+        default=None,
+        help="strength or operating point (default: the model's)",
     )
     p.add_argument(
         "--rates-trials",
@@ -61,7 +64,9 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="figures", help="output folder")
     _figure_options(p)
-    p.add_argument("--formats", type=runs.name_list, default=["html", "png"], help="figure formats (default html,png)")
+    p.add_argument(
+        "--formats", type=runs.name_list, default=["html", "png"], help="figure formats (default html,png)"
+    )
     p.set_defaults(store=runs.DEFAULT_STORE, threads=1)
     return p
 
@@ -71,7 +76,10 @@ def _figure_options(p: argparse.ArgumentParser) -> None:
     same arguments to all of them)."""
     f6 = p.add_argument_group("swaps (fig_swaps.py)")
     f6.add_argument(
-        "--partners", type=runs.name_list, default=list(geo.PARTNER_RULES), help="random,nearest (default both)"
+        "--partners",
+        type=runs.name_list,
+        default=list(geo.PARTNER_RULES),
+        help="random,nearest (default both)",
     )
     f6.add_argument(
         "--no-swap-rescale", action="store_true", help="keep the swapped norm (default: rescale to ‖v‖)"
@@ -115,7 +123,10 @@ def _figure_options(p: argparse.ArgumentParser) -> None:
     f8d.add_argument("--leaky", action="store_true", help="also rank features on all concepts (leaks)")
     fn = p.add_argument_group("noise controls (fig_noise_controls.py)")
     fn.add_argument(
-        "--noise-multiples", type=runs.float_list, default=[1.0], help="multiples of the default strength (default 1)"
+        "--noise-multiples",
+        type=runs.float_list,
+        default=[1.0],
+        help="multiples of the default strength (default 1)",
     )
     fn.add_argument("--repeats", type=int, default=1, help="random vectors per concept and kind (default 1)")
 
