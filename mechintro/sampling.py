@@ -214,6 +214,7 @@ def prompt_logits(
     when the batch shares a prefix)."""
     device = model.cfg.device
     cache, first = _start(model, batch, prefix, use_cache=True)
+    cache = cache if first else None  # no cache to extend, none to keep
     real, positions = batch.real.to(device), batch.position_ids.to(device)
     with runner(model, path=path) as run:
         queries = real.shape[1] - first

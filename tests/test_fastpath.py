@@ -200,6 +200,50 @@ def test_paths_agree_under_feature_interventions_and_mlp_replacement(m64, prompt
     assert not torch.allclose(out["hf"].logits[:, 0], out["hf", "replaced"].logits[:, 0])
 
 
+def test_bias_vectors_and_directional_ablation_run_on_the_fast_path(m64, prompts, vecs):
+    """A bias vector and a directional ablation from position 0 act alike on every row ("shared"): under them
+    run_trials shares the prompt prefix on the fast path and equals the bridge. A per-row ablation start
+    ("tracked") survives dropped rows."""
+    from mechintro.concepts import training_concepts
+    from mechintro.elicitation import BiasVector, ablate_directions, bias_settings, bias_vector
+    from mechintro.sampling import can_drop_rows, can_share_prefix
+
+    gen = torch.Generator().manual_seed(5)
+    bias = BiasVector(
+        vectors=torch.randn(1, 64, generator=gen) * 2,
+        settings=bias_settings(m64, training_concepts()[:4], layer=2, labels="injected"),
+    )
+    direction = torch.randn(64, generator=gen, dtype=torch.float64)
+    vectors = torch.randn(2, 64, dtype=torch.float64, generator=gen) * 4
+    kw = dict(layer=LAYER, strength=3.0, n_trials=3, judge=RuleJudge(), vectors=vectors, trials=[1, 10, 4])
+    kw |= {"max_new_tokens": 6, "progress": False, "batch_size": 4}
+    with bias_vector(m64, bias), ablate_directions(m64, direction, layers=[1, 2]):
+        assert can_share_prefix(m64) and choose_path(m64)[0] == "hf"
+        fast = run_trials(m64, ["Bread", "Oceans"], **kw)
+        with m64.hooks(fwd_hooks=[(HookNames.resid_pre(0), lambda x, hook=None: None)]):
+            bridge = run_trials(m64, ["Bread", "Oceans"], **kw)
+    plain = run_trials(m64, ["Bread", "Oceans"], **kw)
+    cols = ["concept", "trial", "condition", "response", "n_new_tokens"]
+    assert fast[cols].equals(bridge[cols])
+    assert not fast.response.equals(plain.response)
+
+    b = left_pad(prompts, pad_id=m64.tokenizer.pad_token_id, share_prefix=True)
+    out = {}
+    for path in ("hf", "bridge"):
+        with hooks_context(m64, stop_boost(m64), rows="shared"):
+            pre = prefill(m64, b, path=path)
+            with (
+                ablate_directions(m64, direction, layers=[1], start=b.starts + 2),
+                inject(m64, vecs, layer=LAYER, strength=STRENGTHS, start=b.starts),
+            ):
+                assert can_drop_rows(m64) and not can_share_prefix(m64)
+                out[path] = sample(
+                    m64, b, max_new_tokens=12, seeds=list(range(6)), prefix=pre, path=path, keep_logits=True
+                )
+    assert out["hf"].path == "hf" and len(set(out["hf"].lengths.tolist())) >= 3
+    assert_same_run(out["hf"], out["bridge"])
+
+
 def test_shared_prefix_equals_unshared_and_each_row_alone(m64, prompts, vecs):
     """Rows of different suffix lengths: the shared-prefix batch gives each row the tokens and logits of
     the plain left-padded batch and of the row run alone (its own seed)."""
@@ -426,7 +470,11 @@ def test_bad_input_names_the_valid_choices(m64, prompts, vecs):
     with pytest.raises(ValueError, match=r"prefill\(model, batch\)"):
         sample(m64, b, max_new_tokens=2, seeds=[1, 2, 3])
     other = left_pad(prompts[3:], pad_id=m64.tokenizer.pad_token_id, share_prefix=True)
-    wrong = prefill(m64, left_pad([prompts[0], prompts[0]], pad_id=0, starts=[50, 50], share_prefix=True))
+    changed = prompts[0].tokens.clone()
+    changed[5] = changed[6]  # the same length, one other token
+    starts = [other.prefix] * 2
+    wrong = prefill(m64, left_pad([changed, changed], pad_id=0, starts=starts, share_prefix=True))
+    assert len(wrong.tokens) == other.prefix
     with pytest.raises(ValueError, match="other tokens"):
         sample(m64, other, max_new_tokens=2, seeds=[1, 2, 3], prefix=wrong)
     with pytest.raises(ValueError, match=r"valid: \['auto', 'hf', 'bridge'\]"):
