@@ -320,7 +320,7 @@ def bias_vector(model: Model, artifact: BiasVector) -> Iterator[BiasVector]:
     check_d_model(model, vectors.shape[1], what="the bias vector")
     if not torch.isfinite(vectors).all():
         raise ValueError("the bias vector has NaN or inf entries")
-    with hooks_context(model, _bias_hooks(layers, vectors.detach())):
+    with hooks_context(model, _bias_hooks(layers, vectors.detach()), rows="shared"):
         yield artifact
 
 
@@ -965,7 +965,8 @@ class DirectionalAblation:
         if bool((self.starts > 0).any()):
             seq = x.shape[1]
             offset = self.tracker.offset if self.tracker.seq == seq else 0
-            on = position_mask("from_start", offset=offset, seq=seq, starts=self.starts, device=x.device)
+            starts = self.tracker.select(self.starts, x.shape[0], what="the ablation")
+            on = position_mask("from_start", offset=offset, seq=seq, starts=starts, device=x.device)
             removed = removed * on[..., None].to(x.dtype)
         return x - removed
 
@@ -1110,5 +1111,7 @@ def ablate_directions(
     KV-cached generation (positions of a decoding step come from the KV cache).
     """
     ablation = make_ablation(model, directions, layers=layers, weight=weight, site=site, start=start)
-    with hooks_context(model, ablation.hooks):
+    # from position 0 the edit is the same at every row and position; per-row starts are looked up by row
+    rows = "tracked" if bool((ablation.starts > 0).any()) else "shared"
+    with hooks_context(model, ablation.hooks, rows=rows):
         yield ablation

@@ -71,14 +71,68 @@ def check_layer(model: Model, layer: Any) -> int:
     return index
 
 
-def hooks_context(model: Model, fwd_hooks: Sequence[tuple[str, Any]]) -> contextlib.AbstractContextManager:
-    """``model.hooks(fwd_hooks)`` after checking every name exists (TransformerLens skips unknown names)."""
+RowMode: TypeAlias = Literal["fixed", "tracked", "shared"]
+"""How a set of hooks depends on the rows of the batch (see :func:`hooks_context`)."""
+
+ROW_MODES: tuple[RowMode, ...] = ("fixed", "tracked", "shared")
+
+
+@dataclass(frozen=True)
+class HookSet:
+    """Hooks that mechintro installed on a model with :func:`hooks_context`, and how they treat the batch."""
+
+    hooks: tuple[tuple[str, Any], ...]
+    """``(hook name, function)`` pairs, in the order they were installed."""
+    rows: RowMode
+    """``"fixed"``, ``"tracked"`` or ``"shared"`` (see :func:`hooks_context`)."""
+
+
+_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def active_hooks(model: Model) -> list[HookSet]:
+    """The hook sets installed on ``model`` by :func:`hooks_context` and not yet removed, outermost first.
+
+    The generation fast path (:mod:`mechintro.fastpath`) replays exactly these on the plain Hugging Face
+    modules; any other hook on the model sends generation through the bridge.
+    """
+    return list(_ACTIVE.get(model, ()))
+
+
+def hooks_context(
+    model: Model, fwd_hooks: Sequence[tuple[str, Any]], *, rows: RowMode = "fixed"
+) -> contextlib.AbstractContextManager:
+    """``model.hooks(fwd_hooks)`` after checking every name exists (TransformerLens skips unknown names).
+
+    The hooks are also recorded as mechintro's own (:func:`active_hooks`), so generation can replay them on
+    the Hugging Face modules. ``rows`` says what the sampler may do to the batch while they are active:
+
+    * ``"fixed"`` (default): nothing; every forward call sees every row of the batch they were made for.
+    * ``"tracked"``: per-row settings are looked up through the position tracker's ``rows``
+      (:meth:`PositionTracker.select`), so finished rows may be dropped from the batch.
+    * ``"shared"``: the same edit for every row at every position (a bias, an MLP replacement), so rows may
+      be dropped and a prompt prefix common to every row may be run once, as a one-row call.
+    """
+    if rows not in ROW_MODES:
+        raise ValueError(f"unknown rows mode {rows!r}; valid: {list(ROW_MODES)}")
     known = model.hook_dict
     for name, _ in fwd_hooks:
         if name not in known:
             close = sorted(k for k in known if k.split(".")[-1] == name.split(".")[-1])[:6]
             raise ValueError(f"no hook point {name!r} in this model; similar names: {close}")
-    return model.hooks(fwd_hooks=list(fwd_hooks))
+    entry = HookSet(hooks=tuple(fwd_hooks), rows=rows)
+    return _recorded(model, entry)
+
+
+@contextlib.contextmanager
+def _recorded(model: Model, entry: HookSet) -> Iterator[None]:
+    with model.hooks(fwd_hooks=list(entry.hooks)):
+        stack = _ACTIVE.setdefault(model, [])
+        stack.append(entry)
+        try:
+            yield
+        finally:
+            stack.remove(entry)
 
 
 # ----------------------------------------------------------------------------------------------- positions
@@ -99,6 +153,41 @@ class PositionTracker:
     """Number of positions in the current (or latest) call."""
     calls: int = 0
     """Forward calls seen so far."""
+    rows: Tensor | None = None
+    """While a sampler runs a batch whose finished rows it dropped: which rows of the full batch the current
+    call holds (indices into it); None: the call holds the full batch."""
+    full: int = 0
+    """The number of rows of the full batch while ``rows`` is set."""
+
+    def select(self, values: Tensor, batch: int, *, what: str) -> Tensor:
+        """The current call's rows of a per-row setting ``values`` (``[rows | 1, ...]``; one row is shared).
+
+        ``batch`` is the number of rows of the call. Raises naming both sizes when ``values`` fits neither the
+        call nor the full batch the call's rows were taken from.
+        """
+        n = values.shape[0]
+        if n == 1:
+            return values
+        if self.rows is not None and n == self.full and len(self.rows) == batch:
+            return values[self.rows.to(values.device)]
+        if n != batch:
+            raise ValueError(f"{what} has per-row settings for [{n}] rows but the batch has {batch} rows")
+        return values
+
+    @contextlib.contextmanager
+    def selecting(self, rows: Tensor | None, *, full: int) -> Iterator[None]:
+        """Within the block, forward calls hold only ``rows`` of a batch of ``full`` rows (set by the sampler
+        between calls as rows finish: update ``rows`` in place with :meth:`keep`)."""
+        previous = (self.rows, self.full)
+        self.rows, self.full = rows, full
+        try:
+            yield
+        finally:
+            self.rows, self.full = previous
+
+    def keep(self, rows: Tensor) -> None:
+        """Set the rows of the full batch that the next calls hold (inside :meth:`selecting`)."""
+        self.rows = rows
 
     @property
     def stop(self) -> int:

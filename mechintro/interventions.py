@@ -150,32 +150,39 @@ class FeatureIntervention:
                 out.append((HookNames.transcoder_out(plan.layer), self._edit_hook(plan)))
         return out
 
-    def _begin_call(self, seq: int, device: torch.device) -> None:
+    def _begin_call(self, batch: int, seq: int, device: torch.device) -> None:
         offset = self.tracker.offset if self.tracker.seq == seq else 0
         if self.last is None:
             self.last = offset + seq - 1
         self.calls += 1
         chosen = [self.last] if self.positions == "last" else self.positions
-        self._where = position_mask(chosen, offset=offset, seq=seq, starts=self.starts, device=device)
+        starts = self._rows(self.starts, batch)
+        self._where = position_mask(chosen, offset=offset, seq=seq, starts=starts, device=device)
+
+    def _rows(self, values: Tensor, batch: int) -> Tensor:
+        """This call's rows of a per-row setting (all of them unless the sampler dropped finished rows)."""
+        return self.tracker.select(values, batch, what="the intervention")
 
     def _check_rows(self, batch: int) -> None:
         rows = {self.target.shape[0], self.mask.shape[0], self.starts.shape[0]} - {1}
-        if rows and rows != {batch}:
-            raise ValueError(
-                f"the intervention has per-row settings for {sorted(rows)} rows but the batch has {batch}"
-            )
+        if len(rows) > 1:
+            raise ValueError(f"the intervention's per-row settings disagree on the number of rows: {rows}")
+        for values in (self.target, self.mask, self.starts):
+            self._rows(values, batch)
 
     def _read(self, plan: _LayerPlan, x: Float[Tensor, "b s d"]) -> None:
-        if plan is self.plans[0]:
-            self._begin_call(x.shape[1], x.device)
         self._check_rows(x.shape[0])
+        if plan is self.plans[0]:
+            self._begin_call(x.shape[0], x.shape[1], x.device)
         self.current[plan.layer] = encode_features(self.transcoders[plan.layer], x, plan.indices)
 
     def _edit(self, plan: _LayerPlan, out: Float[Tensor, "b s d"]) -> Float[Tensor, "b s d"]:
         current = self.current[plan.layer].to(out.device)  # [b, s, n]
         cols = plan.columns.to(out.device)
-        target = self.target.to(out.device)[:, cols][:, None, :]  # [rows|1, 1, n]
-        on = self.mask.to(out.device)[:, cols][:, None, :] & self._where[..., None]  # [rows|1, s, n]
+        batch = out.shape[0]
+        target = self._rows(self.target, batch).to(out.device)[:, cols][:, None, :]  # [rows|1, 1, n]
+        mask = self._rows(self.mask, batch).to(out.device)
+        on = mask[:, cols][:, None, :] & self._where[..., None]  # [rows|1, s, n]
         zero = torch.zeros((), dtype=current.dtype, device=out.device)
         delta = torch.where(on, target.to(current.dtype) - current, zero)
         edit = (delta @ plan.directions.to(device=out.device, dtype=delta.dtype)).to(out.dtype)
@@ -309,7 +316,7 @@ def intervene(
         site=site,
         record=record,
     )
-    with hooks_context(model, iv.hooks):
+    with hooks_context(model, iv.hooks, rows="tracked"):
         yield iv
 
 

@@ -311,6 +311,7 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    hf_model: Any = None,
 ) -> Any:
     """Load a Gemma 3 model (or the organism) as a TransformerBridge with raw HF weights.
 
@@ -319,6 +320,9 @@ def load_model(
             local folder saved with ``save_pretrained`` (works with ``HF_HUB_OFFLINE=1``).
         device: defaults to CUDA when available, else CPU.
         dtype: defaults to float32 (bfloat16 for the real 27B on GPU is the caller's choice).
+        hf_model: a Hugging Face model already in memory to wrap instead of loading weights (e.g. random
+            weights at a real size, for a benchmark); ``name_or_path`` then gives only the tokenizer and the
+            recorded settings.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -326,7 +330,9 @@ def load_model(
     if folder is None:
         folder = _hub_snapshot(name)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = TransformerBridge.boot_transformers(str(folder), device=device, dtype=dtype or torch.float32)
+    model = TransformerBridge.boot_transformers(
+        str(folder), device=device, dtype=dtype or torch.float32, hf_model=hf_model
+    )
     model.eval()
     tok = model.tokenizer
     if tok.pad_token_id is None:

@@ -242,44 +242,84 @@ def chat_prompt_tokens(model: Model, user: str, *, system: str | None = None) ->
 
 @dataclass(frozen=True)
 class PaddedBatch:
-    """Left-padded prompts. Every position in here is absolute in the padded tensor."""
+    """Padded prompts. Every position in here is absolute in the padded tensor (its column index).
+
+    Plain left padding (``prefix == 0``) puts each row's pads in front of it. With a shared prefix
+    (``prefix > 0``), the first ``prefix`` tokens are the same in every row and the pads sit right after them,
+    in front of each row's suffix: the prefix then has the same columns in every row, so its KV cache can be
+    computed once (:func:`mechintro.sampling.prefill`). Either way every row ends at the last column.
+    """
 
     tokens: Int[Tensor, "batch seq"]
     attention_mask: Int[Tensor, "batch seq"]
     pad: Int[Tensor, " batch"]
-    """Number of pad tokens in front of each row."""
+    """Number of pad tokens of each row (in front of it, or right after the shared prefix)."""
     starts: Int[Tensor, " batch"]
     """Injection starts shifted by each row's padding (0 where the prompt had none)."""
+    prefix: int = 0
+    """Number of leading tokens shared by every row (before any pad); 0 for plain left padding."""
 
     @property
     def last(self) -> int:
-        """Index of the last prompt token (the same for every row under left padding)."""
+        """Index of the last prompt token (the same for every row)."""
         return self.tokens.shape[1] - 1
 
     @property
     def real(self) -> Bool[Tensor, "batch seq"]:
         return self.attention_mask.bool()
 
+    @property
+    def position_ids(self) -> Int[Tensor, "batch seq"]:
+        """Each token's position in its own unpadded prompt (RoPE positions); a pad repeats the position
+        before it (0 in front of a row)."""
+        return (self.attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def shared_prefix_length(sequences: Sequence[Tensor], starts: Sequence[int]) -> int:
+    """The longest prefix common to every sequence that ends at or before every start and before every last
+    token (the part of a batch that a shared prefix cache can hold)."""
+    limit = max(0, min([len(t) - 1 for t in sequences] + [int(s) for s in starts]))
+    first = sequences[0][:limit]
+    n = limit
+    for t in sequences[1:]:
+        differ = (t[:n] != first[:n]).nonzero()
+        if len(differ):
+            n = int(differ[0, 0])
+    return n
+
 
 def left_pad(
-    sequences: Sequence[Tensor | TrialPrompt], *, pad_id: int, starts: Sequence[int] | None = None
+    sequences: Sequence[Tensor | TrialPrompt],
+    *,
+    pad_id: int,
+    starts: Sequence[int] | None = None,
+    share_prefix: bool = False,
 ) -> PaddedBatch:
     """Left-pad token sequences (or :class:`TrialPrompt` s) into one batch.
 
     The injection start of each row moves right by that row's padding: this is the one place where padding
-    and positions meet.
+    and positions meet. With ``share_prefix`` the pads go after the longest prefix that every row shares and
+    that ends at or before every start (:func:`shared_prefix_length`), so a start never moves into the
+    prefix and the prefix sits at the same columns in every row (:attr:`PaddedBatch.prefix`).
     """
     if len(sequences) == 0:
         raise ValueError("left_pad needs at least one sequence")
     toks = [s.tokens if isinstance(s, TrialPrompt) else torch.as_tensor(s) for s in sequences]
     if starts is None:
         starts = [s.injection_start if isinstance(s, TrialPrompt) else 0 for s in sequences]
+    if len(starts) != len(toks):
+        raise ValueError(f"need one start per sequence: {len(toks)} sequences, {len(starts)} starts")
+    prefix = shared_prefix_length(toks, starts) if share_prefix else 0
     width = max(len(t) for t in toks)
     tokens = torch.full((len(toks), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(toks), width), dtype=torch.long)
     pad = torch.empty(len(toks), dtype=torch.long)
     for i, t in enumerate(toks):
         pad[i] = width - len(t)
-        tokens[i, pad[i] :] = t
-        mask[i, pad[i] :] = 1
-    return PaddedBatch(tokens=tokens, attention_mask=mask, pad=pad, starts=pad + torch.as_tensor(starts))
+        tokens[i, :prefix] = t[:prefix]
+        tokens[i, prefix + pad[i] :] = t[prefix:]
+        mask[i, :prefix] = 1
+        mask[i, prefix + pad[i] :] = 1
+    return PaddedBatch(
+        tokens=tokens, attention_mask=mask, pad=pad, starts=pad + torch.as_tensor(starts), prefix=prefix
+    )

@@ -58,17 +58,24 @@ class Injection:
     def delta(
         self, batch: int, seq: int, *, offset: int, dtype: torch.dtype, device: torch.device
     ) -> Float[Tensor, "b s d"]:
-        """What the hook adds to resid_post for a call of ``batch`` rows at positions ``offset .. + seq``."""
+        """What the hook adds to resid_post for a call of ``batch`` rows at positions ``offset .. + seq``.
+
+        The product ``strength * vector`` is taken in ``dtype`` (the model's), as it is added. When the
+        sampler has dropped finished rows, the call's rows of each per-row setting are used
+        (:meth:`mechintro.hooks.PositionTracker.select`).
+        """
         rows = {self.vectors.shape[0], self.strengths.shape[0], self.starts.shape[0]} - {1}
-        if rows and rows != {batch}:
+        if len(rows) > 1:
             raise ValueError(
-                f"the injection has per-row settings for {sorted(rows)} rows but the batch has {batch} rows"
+                f"the injection's per-row settings disagree on the number of rows: {sorted(rows)}"
             )
+        pick = self.positions.select
+        vectors = pick(self.vectors, batch, what="the injection")
+        strengths = pick(self.strengths, batch, what="the injection")
+        starts = pick(self.starts, batch, what="the injection")
         positions = torch.arange(offset, offset + seq, device=device)
-        on = positions[None, :] >= self.starts.to(device)[:, None]  # [rows|1, seq]
-        step = self.strengths.to(device=device, dtype=dtype)[:, None] * self.vectors.to(
-            device=device, dtype=dtype
-        )
+        on = positions[None, :] >= starts.to(device)[:, None]  # [rows|1, seq]
+        step = strengths.to(device=device, dtype=dtype)[:, None] * vectors.to(device=device, dtype=dtype)
         zero = torch.zeros((), dtype=dtype, device=device)
         return torch.where(on[..., None], step[:, None, :], zero).expand(batch, seq, -1)
 
@@ -181,5 +188,5 @@ def inject(
     Yields the :class:`Injection`.
     """
     injection = make_injection(model, vectors, layer=layer, strength=strength, start=start)
-    with hooks_context(model, injection.hooks):
+    with hooks_context(model, injection.hooks, rows="tracked"):
         yield injection

@@ -440,7 +440,7 @@ def mlp_replacement_hooks(model: Model, transcoders: Transcoders) -> list[tuple[
 
 def replace_mlps(model: Model, transcoders: Transcoders) -> Any:
     """Context manager: run the model with every given layer's MLP replaced by its transcoder."""
-    return hooks_context(model, mlp_replacement_hooks(model, transcoders))
+    return hooks_context(model, mlp_replacement_hooks(model, transcoders), rows="shared")
 
 
 # ------------------------------------------------------------------------------------------- naming features

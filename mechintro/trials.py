@@ -42,6 +42,7 @@ from mechintro.models import Model, check_d_model, spec_for
 from mechintro.prompts import (
     PERSONAS,
     VARIANTS,
+    PaddedBatch,
     TrialPrompt,
     category_of,
     forced_prefill,
@@ -49,7 +50,7 @@ from mechintro.prompts import (
     trial_prompt,
 )
 from mechintro.readout import concept_logprob, concept_token_ids, yes_no_gap
-from mechintro.sampling import sample, trial_seed
+from mechintro.sampling import Prefix, can_share_prefix, prefill, prompt_logits, sample, trial_seed
 from mechintro.settings import BATCHING, CONDITIONS, SAMPLING, STORE, TRIALS, check_choices
 from mechintro.steering import inject
 from mechintro.store import KEY_COLUMNS, TrialStore
@@ -359,9 +360,18 @@ def _make_batch(
     )
 
 
+def _padded(model: Model, batch: _Batch) -> tuple[PaddedBatch, Prefix | None]:
+    """The batch padded after the prompt prefix its rows share (up to the earliest injection start), and that
+    prefix's cache, computed once before the injection is installed (it adds nothing there). Without sharing
+    (hooks around the call that are not the same for every row) plain left padding."""
+    share = can_share_prefix(model)
+    padded = left_pad(batch.prompts, pad_id=model.tokenizer.pad_token_id, share_prefix=share)
+    return padded, prefill(model, padded) if padded.prefix else None
+
+
 def _generate(model: Model, batch: _Batch, settings: RunSettings) -> tuple[list[str], list[int]]:
     """Sample every row of ``batch`` under its own injection; (response texts, new-token counts)."""
-    padded = left_pad(batch.prompts, pad_id=model.tokenizer.pad_token_id)
+    padded, prefix = _padded(model, batch)
     seeds = [trial_seed(settings.seed, t.concept, t.trial, t.sample, t.condition) for t in batch.trials]
     with inject(model, batch.vectors, layer=batch.layer, strength=batch.strengths, start=padded.starts):
         out = sample(
@@ -370,6 +380,7 @@ def _generate(model: Model, batch: _Batch, settings: RunSettings) -> tuple[list[
             max_new_tokens=settings.max_new_tokens,
             seeds=seeds,
             temperature=settings.temperature,
+            prefix=prefix,
         )
     return out.texts(model.tokenizer), out.lengths.tolist()
 
@@ -378,11 +389,10 @@ def _generate(model: Model, batch: _Batch, settings: RunSettings) -> tuple[list[
 def _scores(model: Model, batch: _Batch) -> tuple[list[float], list[float]]:
     """One injected forward pass: (Yes-No logit gap, P(concept's first token)) at the first response
     position."""
-    padded = left_pad(batch.prompts, pad_id=model.tokenizer.pad_token_id)
-    device = model.cfg.device
+    padded, prefix = _padded(model, batch)
     with inject(model, batch.vectors, layer=batch.layer, strength=batch.strengths, start=padded.starts):
-        logits = model(padded.tokens.to(device), attention_mask=padded.attention_mask.to(device))
-    logits = logits[:, -1].float()
+        logits = prompt_logits(model, padded, prefix=prefix)
+    logits = logits.float()
     ids = concept_token_ids(model, [t.concept for t in batch.trials])
     gap = yes_no_gap(logits, spec_for(model))
     return gap.cpu().tolist(), concept_logprob(logits, ids).exp().cpu().tolist()
