@@ -59,13 +59,22 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from mechintro.models import Model, spec_for
+from mechintro.models import Model, load_model, spec_for
+from mechintro.prompts import TrialPrompt
+from mechintro.store import Claim, TrialStore
+from mechintro.trials import (
+    Trial,
+    _batch_outputs,
+    _Grid,
+    _judged_rows,
+    _layer_vectors,
+    _make_batch,
+    _Outputs,
+    _prompt_key,
+)
 
 if TYPE_CHECKING:
     from mechintro.features import FeatureGrid
-    from mechintro.prompts import TrialPrompt
-    from mechintro.store import Claim, TrialStore
-    from mechintro.trials import Trial, _Grid, _Outputs
 
 __all__ = [
     "EXECUTORS",
@@ -192,8 +201,6 @@ def plan_batches(
     Prompts of about one length share a batch (little padding), and every batch but each layer's last is
     full. The rows do not depend on the batches (per-trial seeds); only the time does.
     """
-    from mechintro.trials import _prompt_key
-
     batches: list[list[Trial]] = []
     for layer in layers:
         rows = sorted(
@@ -220,8 +227,6 @@ class TrialJob:
 
     def prompts_of(self, trials: Sequence[Trial]) -> dict[tuple, TrialPrompt]:
         """The prompts one batch needs (what travels with it to an actor)."""
-        from mechintro.trials import _prompt_key
-
         return {_prompt_key(t): self.prompts[_prompt_key(t)] for t in trials}
 
 
@@ -233,8 +238,6 @@ class _JobRunner:
         self.by_layer: dict[int, dict[str, Tensor]] = {}
 
     def outputs(self, trials: Sequence[Trial], prompts: Mapping[tuple, TrialPrompt]) -> _Outputs:
-        from mechintro.trials import _batch_outputs, _layer_vectors, _make_batch
-
         layer = trials[0].layer
         if layer not in self.by_layer:
             given = {layer: _fetch(self.given[layer])} if layer in self.given else None
@@ -344,8 +347,6 @@ def execute(
     """
     from tqdm.auto import tqdm
 
-    from mechintro.trials import _judged_rows
-
     settings = job.grid.settings
     if not job.batches:
         return
@@ -409,7 +410,7 @@ class _LocalPool:
 
     def results(self, *, timeout: float) -> Iterator[tuple[int, list[Trial], _Outputs]]:
         ticket, trials = self._queue.popleft()
-        yield ticket, trials, self.runner.outputs(trials, self.job.prompts_of(trials))
+        yield ticket, trials, self.runner.outputs(trials, self.job.prompts)
 
     def close(self) -> None:
         self._queue.clear()
@@ -449,8 +450,6 @@ class _Worker:
 
     def __init__(self, name: str, *, device: str, dtype: str, threads: int) -> None:
         torch.set_num_threads(threads)
-        from mechintro.models import load_model
-
         self.model = load_model(name, device=device, dtype=getattr(torch, dtype))
         self.fingerprint = model_fingerprint(self.model)
         self.jobs: collections.OrderedDict[str, _JobRunner] = collections.OrderedDict()
