@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeAlias
 
 import numpy as np
@@ -57,6 +57,7 @@ __all__ = [
     "find_gates",
     "grid_from_frame",
     "inverted_v",
+    "merge_grids",
     "parse_feature",
     "virtual_weights",
 ]
@@ -232,6 +233,53 @@ def grid_from_frame(df: pd.DataFrame, **meta: Any) -> FeatureGrid:
         trial=int(info.get("trial", 1)),
         positions=info.get("positions", info.get("position", "last")),
     )
+
+
+def merge_grids(grids: Sequence[FeatureGrid]) -> FeatureGrid:
+    """One grid from grids of parts of the concepts and/or layers (a sharded run); exact: the stored
+    activations are concatenated, never recomputed.
+
+    The parts must share strengths, injection layer, default strength, trial and position, and cover every
+    (concept, layer) cell of the result exactly once. Concepts keep their order of first appearance, so parts
+    given in order rebuild the unsharded order.
+    """
+    grids = list(grids)
+    if not grids or not all(isinstance(g, FeatureGrid) for g in grids):
+        raise TypeError("merge_grids needs a non-empty sequence of FeatureGrid")
+    first = grids[0]
+    shared = ("strengths", "injection_layer", "default_strength", "trial", "positions")
+    for g in grids[1:]:
+        differ = [name for name in shared if getattr(g, name) != getattr(first, name)]
+        if differ:
+            raise ValueError(f"grids to merge differ in {differ}; only concepts and layers may differ")
+    concepts = tuple(dict.fromkeys(c for g in grids for c in g.concepts))
+    c_of = {c: i for i, c in enumerate(concepts)}
+    layers = sorted({layer for g in grids for layer in g.layers})
+    acts = {}
+    for layer in layers:
+        parts = [g for g in grids if layer in g.acts]
+        covered = [c for g in parts for c in g.concepts]
+        if sorted(covered) != sorted(concepts):
+            twice = sorted({c for c in covered if covered.count(c) > 1})
+            missing = sorted(set(concepts) - set(covered))
+            raise ValueError(
+                f"layer {layer}: the grids must cover every concept once; twice: {twice}, missing: {missing}"
+            )
+        widths = {g.d_sae(layer) for g in parts}
+        if len(widths) != 1:
+            raise ValueError(f"layer {layer}: the grids have different transcoder widths {sorted(widths)}")
+        indices, values = [], []
+        for g in parts:
+            part = g.acts[layer]
+            idx = part.indices().clone()
+            idx[0] = torch.tensor([c_of[c] for c in g.concepts], dtype=torch.long)[idx[0]]
+            indices.append(idx)
+            values.append(part.values())
+        shape = (len(concepts), len(first.strengths), widths.pop())
+        acts[layer] = torch.sparse_coo_tensor(
+            torch.cat(indices, dim=1), torch.cat(values), shape, check_invariants=True
+        ).coalesce()
+    return replace(first, concepts=concepts, acts=acts)
 
 
 def default_strengths(model: Model) -> tuple[float, ...]:

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -54,6 +54,9 @@ from mechintro.sampling import Prefix, can_share_prefix, prefill, prompt_logits,
 from mechintro.settings import BATCHING, CONDITIONS, SAMPLING, STORE, TRIALS, check_choices
 from mechintro.steering import inject
 from mechintro.store import KEY_COLUMNS, TrialStore
+
+if TYPE_CHECKING:
+    from mechintro.executors import Executor
 
 __all__ = [
     "CONDITIONS",
@@ -407,22 +410,45 @@ def verdict_columns(verdict: Verdict) -> dict[str, Any]:
     }
 
 
-def _run_batch(model: Model, batch: _Batch, *, judge: Any, settings: RunSettings) -> list[dict[str, Any]]:
-    """Generate (or score) and judge one batch; one store row per trial."""
-    forced = [t.forced for t in batch.trials]
-    if judge_kind(judge) == "logits":
+@dataclass(frozen=True)
+class _Outputs:
+    """What the model produced for one batch, before judging: responses, or logit scores."""
+
+    responses: list[str | None]
+    """Generated texts (None per row when scoring logits)."""
+    lengths: list[int]
+    """New tokens per row (0 when scoring logits)."""
+    gaps: list[float] | None = None
+    """Yes-No logit gaps (logit scoring only)."""
+    p_concepts: list[float] | None = None
+    """P(concept's first token) (logit scoring only)."""
+
+
+def _batch_outputs(model: Model, batch: _Batch, *, settings: RunSettings, scores: bool) -> _Outputs:
+    """Generate (or, with ``scores``, score the logits of) one batch: the model's part of a batch, which a
+    worker process can run without the judge."""
+    if scores:
         gaps, p_concepts = _scores(model, batch)
-        verdicts = judge.score(gaps=gaps, p_concepts=p_concepts, forced=forced)
-        responses, lengths = [None] * len(gaps), [0] * len(gaps)
+        return _Outputs([None] * len(gaps), [0] * len(gaps), gaps, p_concepts)
+    responses, lengths = _generate(model, batch, settings)
+    return _Outputs(responses, lengths)
+
+
+def _judged_rows(
+    trials: Sequence[Trial], out: _Outputs, *, judge: Any, settings: RunSettings
+) -> list[dict[str, Any]]:
+    """Judge one batch's outputs; one store row per trial."""
+    forced = [t.forced for t in trials]
+    if out.gaps is not None:
+        verdicts = judge.score(gaps=out.gaps, p_concepts=out.p_concepts, forced=forced)
     else:
-        responses, lengths = _generate(model, batch, settings)
-        concepts = [t.concept for t in batch.trials]
-        verdicts = judge.judge(responses=responses, concepts=concepts, forced=forced)
-        if len(verdicts) != len(responses):
-            raise ValueError(f"the judge returned {len(verdicts)} verdicts for {len(responses)} responses")
+        concepts = [t.concept for t in trials]
+        verdicts = judge.judge(responses=out.responses, concepts=concepts, forced=forced)
+    if len(verdicts) != len(trials):
+        raise ValueError(f"the judge returned {len(verdicts)} verdicts for {len(trials)} trials")
     return [
         t.row(settings) | {"response": r, "n_new_tokens": n} | verdict_columns(v)
-        for t, r, n, v in zip(batch.trials, responses, lengths, verdicts, strict=True)
+        for t, r, n, v in zip(trials, out.responses, out.lengths, verdicts, strict=True)
     ]
 
 
@@ -471,42 +497,31 @@ def _execute(
     progress: bool,
     retry_errors: bool,
     lease_s: float,
+    executor: Executor,
 ) -> None:
     """Run every planned trial that the store does not hold yet, writing each batch as it completes.
 
-    Batches are claimed in the store before they run (:meth:`~mechintro.store.TrialStore.claims`), so several
-    processes on one store split the work, and a crashed process's batches are taken over when their lease
-    expires. With ``retry_errors`` a stored row whose judge failed is run again.
+    The batches run on ``executor`` (:mod:`mechintro.executors`: in this process, or on Ray actors); this
+    process judges them and is the only writer of the store. Batches are claimed in the store before they
+    run, so several processes on one store split the work, and a crashed process's batches are taken over.
+    With ``retry_errors`` a stored row whose judge failed is run again.
     """
-    from tqdm.auto import tqdm
+    from mechintro.executors import TrialJob, execute, plan_batches
 
     s = grid.settings
     done = store.done_keys((t.key(s) for t in planned), retry_errors=retry_errors)
     todo = [t for t in planned if t.key(s) not in done]
-    chunks = []
-    for layer in grid.layers:  # shortest prompts together: less padding; results unaffected
-        rows = sorted(
-            (t for t in todo if t.layer == layer), key=lambda t: len(prompts[_prompt_key(t)].tokens)
-        )
-        chunks += list(_chunks(rows, batch_size))
-    by_key = {t.key(s): t for t in todo}
-    by_layer: dict[int, dict[str, Tensor]] = {}  # concept vectors, computed on first use of a layer
-    batches = [[t.key(s) for t in chunk] for chunk in chunks]
-    with (
-        tqdm(total=len(todo), disable=not progress, desc="trials", unit="trial") as bar,
-        store.claims(batches, ttl_s=lease_s, retry_errors=retry_errors) as queue,
-    ):
-        for claim in queue:
-            chunk = [by_key[k] for k in claim.keys]
-            layer = chunk[0].layer
-            if layer not in by_layer:
-                by_layer[layer] = _layer_vectors(model, grid, layer, vectors)
-            bar.set_description(f"layer {layer}")
-            store.write(
-                _run_batch(model, _make_batch(chunk, prompts, by_layer[layer]), judge=judge, settings=s)
-            )
-            bar.update(len(chunk))
-        bar.update(queue.skipped)
+    batches = plan_batches(todo, prompts, layers=grid.layers, batch_size=batch_size)
+    job = TrialJob(model=model, grid=grid, batches=batches, prompts=prompts, vectors=vectors)
+    execute(
+        job,
+        judge=judge,
+        store=store,
+        executor=executor,
+        progress=progress,
+        retry_errors=retry_errors,
+        lease_s=lease_s,
+    )
 
 
 def _collect(store: TrialStore, grid: _Grid, planned: list[Trial]) -> pd.DataFrame:
@@ -541,7 +556,11 @@ def _run_grid(
     progress: bool,
     retry_errors: bool,
     lease_s: float,
+    executor: str | Executor,
 ) -> pd.DataFrame:
+    from mechintro.executors import resolve_executor
+
+    executor = resolve_executor(executor)  # an unknown executor, or Ray not installed, fails before any work
     _check_int("batch_size", batch_size, minimum=1)
     if not (isinstance(lease_s, (int, float)) and math.isfinite(lease_s) and lease_s > 0):
         raise ValueError(f"lease_s must be a positive number of seconds, got {lease_s!r}")
@@ -563,6 +582,7 @@ def _run_grid(
             progress=progress,
             retry_errors=bool(retry_errors),
             lease_s=float(lease_s),
+            executor=executor,
         )
         return _collect(opened, grid, planned)
 
@@ -589,6 +609,7 @@ def run_trials(
     progress: bool = True,
     retry_errors: bool = STORE.retry_errors,
     lease_s: float = STORE.lease_s,
+    executor: str | Executor = "local",
 ) -> pd.DataFrame:
     """Run introspection trials for every concept at one layer and strength; one row per trial.
 
@@ -617,6 +638,11 @@ def run_trials(
         retry_errors: run again the stored trials whose judge failed (default); False keeps their error rows.
         lease_s: how long a claimed batch stays reserved for this process in a shared store (renewed while it
             runs); several processes on one store split the batches, and a crashed one's are taken over.
+        executor: where the batches run: ``"local"`` (this process, the default), ``"ray"`` (Ray actors, each
+            loading the model by its name), or a :class:`~mechintro.executors.LocalExecutor` /
+            :class:`~mechintro.executors.RayExecutor` (address, number of actors, GPUs per actor...). This
+            process judges every batch and is the only writer of the store; the rows do not depend on the
+            executor (per-trial seeds).
 
     Returns the stored rows of every requested trial (also those done by earlier calls), with the columns
     of :data:`mechintro.store.COLUMNS`: model, concept, trial, sample, condition, layer, strength, variant,
@@ -647,6 +673,7 @@ def run_trials(
         progress=progress,
         retry_errors=retry_errors,
         lease_s=lease_s,
+        executor=executor,
     )
 
 
@@ -672,13 +699,15 @@ def sweep(
     progress: bool = True,
     retry_errors: bool = STORE.retry_errors,
     lease_s: float = STORE.lease_s,
+    executor: str | Executor = "local",
 ) -> pd.DataFrame:
     """:func:`run_trials` over layers x strengths x variants x personas, with one progress bar.
 
     Concept vectors are computed once per layer (or taken from ``vectors``, a ``{layer: [n_concepts,
     d_model]}`` mapping); controls run once per (layer, variant, persona), not per strength (they carry
     strength 0.0). Trials of every strength, variant and persona of a layer share batches. The other
-    settings are those of :func:`run_trials`. Returns one row per requested trial.
+    settings are those of :func:`run_trials` (``executor="ray"`` spreads the batches over Ray actors; see
+    :mod:`mechintro.executors`). Returns one row per requested trial.
     """
     grid = _grid(
         model,
@@ -706,6 +735,7 @@ def sweep(
         progress=progress,
         retry_errors=retry_errors,
         lease_s=lease_s,
+        executor=executor,
     )
 
 
