@@ -66,6 +66,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechintro._html import card
+from mechintro._progress import progress_bar
 from mechintro.concepts import concept_vectors
 from mechintro.hooks import capture, check_layer, hooks_context
 from mechintro.models import HookNames, Model, Transcoders, check_d_model, spec_for
@@ -1019,6 +1020,7 @@ def steering_attribution(
     variant: str = "original",
     batch_size: int = 32,
     prefix_cache: bool = True,
+    progress: bool = True,
 ) -> SteeringAttribution:
     """Steering attribution of ``metric`` to every dictionary feature, for each concept over a strength grid.
 
@@ -1038,6 +1040,7 @@ def steering_attribution(
         trial / variant: the trial prompt.
         batch_size: (concept, strength) rows per pass (results do not depend on it).
         prefix_cache: share the un-injected prefix's KV cache across rows (exact).
+        progress: show a progress bar over the (concept, strength) rows.
 
     Returns a :class:`SteeringAttribution`.
     """
@@ -1067,6 +1070,7 @@ def steering_attribution(
     feature_parts: list[pd.DataFrame] = []
     remainder_parts: list[pd.DataFrame] = []
     metric_parts: list[pd.DataFrame] = []
+    bar = progress_bar(total=len(pairs), desc="steering attribution", unit="row", enabled=progress)
     for begin in range(0, len(pairs), batch_size):
         chunk = pairs[begin : begin + batch_size]
         row_concept = np.array([concepts[c] for c, _ in chunk], dtype=object)
@@ -1134,6 +1138,8 @@ def steering_attribution(
                 )
             )
         del got
+        bar.update(len(chunk))
+    bar.close()
     settings = AttributionSettings(
         model=spec.name,
         concepts=tuple(concepts),

@@ -33,6 +33,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from mechintro._progress import progress_bar
 from mechintro._stats import mean_ci
 from mechintro.concepts import concept_vectors
 from mechintro.features import default_strengths
@@ -198,6 +199,7 @@ def gate_curves_logit(
     positions: str = "last",
     scale: str = "unit",
     batch_size: int = BATCHING.batch_size,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Gate curves scored from logits: Yes-vs-No gap (ablation, patching) or P(concept) (forced_ablation).
 
@@ -206,13 +208,17 @@ def gate_curves_logit(
         ks: numbers of gates (default :func:`default_ks`).
         experiments: from :data:`GATE_EXPERIMENTS`.
         positions / scale: of the feature intervention (:func:`mechintro.interventions.intervene`).
+        progress: show a progress bar over the (experiment, k, concept) rows.
 
     Returns columns experiment, k, concept, trial, metric, value.
     """
     gates = parse_features(gates)
     ks, st = _check_ks(ks, len(gates)), _setting(model, concepts, vectors, strength, injection_layer)
+    experiments = _check_experiments(experiments)
     frames = []
-    for experiment in _check_experiments(experiments):
+    total = len(experiments) * len(ks) * len(concepts)
+    bar = progress_bar(total=total, desc="gate curves", unit="row", enabled=progress)
+    for experiment in experiments:
         rows = _gate_rows(
             model,
             transcoders,
@@ -255,6 +261,7 @@ def gate_curves_logit(
                 values.append(concept_logprob(logits, ids).exp().cpu())
             else:
                 values.append(yes_no_gap(logits, spec_for(model)).cpu())
+            bar.update(len(c_idx))
         frames.append(
             pd.DataFrame(
                 {
@@ -267,6 +274,7 @@ def gate_curves_logit(
                 }
             )
         )
+    bar.close()
     return pd.concat(frames, ignore_index=True)
 
 
@@ -292,13 +300,15 @@ def gate_curves_sampled(
     temperature: float = SAMPLING.temperature,
     seed: int = SAMPLING.seed,
     batch_size: int = BATCHING.batch_size,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Gate curves from sampled, judged trials (the paper's version).
 
     Each (experiment, k, concept) gets ``n_samples`` samples of the trial prompt under its injection and gate
     intervention, judged by ``judge`` (``judge(*, responses, concepts, forced) -> list[Verdict]``). Sample
     ``i`` of a concept uses the same seed for every ``k`` (that of :func:`mechintro.sampling.trial_seed`), so
-    curves differ only by the intervention. Returns columns experiment, k, concept, trial, sample, condition
+    curves differ only by the intervention (``progress``: a progress bar over the samples). Returns columns
+    experiment, k, concept, trial, sample, condition
     (injection / control / forced), response, detected, identified, forced_identified, judge_error.
     """
     if judge_kind(judge) == "logits":
@@ -319,13 +329,17 @@ def gate_curves_sampled(
                 positions=positions,
                 scale=scale,
                 batch_size=batch_size,
+                progress=progress,
             ),
         )
     gates = parse_features(gates)
     ks, st = _check_ks(ks, len(gates)), _setting(model, concepts, vectors, strength, injection_layer)
     pad_id = model.tokenizer.pad_token_id
     frames = []
-    for experiment in _check_experiments(experiments):
+    experiments = _check_experiments(experiments)
+    total = len(experiments) * len(ks) * len(concepts) * n_samples
+    bar = progress_bar(total=total, desc="gate curves (sampled)", unit="trial", enabled=progress)
+    for experiment in experiments:
         rows = _gate_rows(
             model,
             transcoders,
@@ -388,7 +402,9 @@ def gate_curves_sampled(
                 }
                 for (r, s), name, text, v in zip(chunk, names, texts, verdicts, strict=True)
             ]
+            bar.update(len(chunk))
         frames.append(pd.DataFrame(out))
+    bar.close()
     return pd.concat(frames, ignore_index=True)
 
 

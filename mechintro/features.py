@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechintro._html import card
+from mechintro._progress import progress_bar
 from mechintro._stats import pearson_columns, spearman_columns
 from mechintro.concepts import concept_vectors
 from mechintro.hooks import Positions, capture, check_layer, check_positions
@@ -314,6 +315,23 @@ def _prompt_position(positions: Positions, seq: int) -> int:
     )
 
 
+def _encode_sparse(
+    tc: Any, inputs: list[Tensor], pairs: Int[Tensor, "row 2"], *, shape: tuple[int, int], chunk: int
+) -> Tensor:
+    """Encode one layer's captured inputs (chunk by chunk, in the grid's row order) into a sparse
+    ``[concept, strength, d_sae]`` tensor of the nonzero activations."""
+    idx, vals = [], []
+    for rows, x in zip(pairs.split(chunk), inputs, strict=True):
+        acts = tc.encode(x.to(tc.W_enc.device, tc.W_enc.dtype)).float().cpu()
+        nz = acts.nonzero(as_tuple=True)
+        idx.append(torch.stack([rows[nz[0], 0], rows[nz[0], 1], nz[1]]))
+        vals.append(acts[nz])
+    d_sae = int(tc.cfg.d_sae)
+    return torch.sparse_coo_tensor(
+        torch.cat(idx, dim=1), torch.cat(vals), (*shape, d_sae), check_invariants=True
+    ).coalesce()
+
+
 def _grid_chunk(
     model: Model,
     prompt: TrialPrompt,
@@ -367,6 +385,7 @@ def feature_grid(
     variant: str = TRIALS.variant,
     batch_size: int = BATCHING.batch_size,
     prefix_cache: bool = True,
+    progress: bool = True,
 ) -> FeatureGrid:
     """Transcoder activations at one prompt position for every (concept, strength), kept sparse.
 
@@ -387,6 +406,10 @@ def feature_grid(
         batch_size: rows per forward (results do not depend on it).
         prefix_cache: run the prompt before the injection start once per chunk and share its KV cache
             (exact: nothing is injected there); False runs the whole prompt for every row.
+        progress: show a progress bar over the rows.
+
+    Every chunk's transcoder inputs are captured first (one position per row: small), then each layer is
+    encoded once, so a :class:`~mechintro.transcoders.LazyTranscoders` mapping loads each layer once.
     """
     spec = spec_for(model)
     injection_layer = spec.injection_layer if injection_layer is None else check_layer(model, injection_layer)
@@ -404,31 +427,30 @@ def feature_grid(
     pos = _prompt_position(positions, len(prompt.tokens))
     pairs = torch.tensor([(c, s) for s in range(len(strengths)) for c in range(len(concepts))])
     all_strengths = torch.tensor(strengths, dtype=torch.float32)
-    found: dict[int, list[tuple[Tensor, Tensor]]] = {layer: [] for layer in layers}
-    for rows in pairs.split(batch_size):
-        got = _grid_chunk(
-            model,
-            prompt,
-            pos=pos,
-            vectors=vectors[rows[:, 0]],
-            strengths=all_strengths[rows[:, 1]],
-            injection_layer=injection_layer,
-            layers=layers,
-            prefix_cache=prefix_cache,
-        )
-        for layer in layers:
-            tc = transcoders[layer]
-            acts = tc.encode(got[layer].to(tc.W_enc.dtype)).float().cpu()
-            nz = acts.nonzero(as_tuple=True)
-            found[layer].append((torch.stack([rows[nz[0], 0], rows[nz[0], 1], nz[1]]), acts[nz]))
-    shape = (len(concepts), len(strengths))
+    inputs: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+    with progress_bar(total=len(pairs), desc="feature grid", unit="row", enabled=progress) as bar:
+        for rows in pairs.split(batch_size):
+            got = _grid_chunk(
+                model,
+                prompt,
+                pos=pos,
+                vectors=vectors[rows[:, 0]],
+                strengths=all_strengths[rows[:, 1]],
+                injection_layer=injection_layer,
+                layers=layers,
+                prefix_cache=prefix_cache,
+            )
+            for layer in layers:
+                inputs[layer].append(got[layer])
+            bar.update(len(rows))
     acts_by_layer = {
-        layer: torch.sparse_coo_tensor(
-            torch.cat([f[0] for f in found[layer]], dim=1),
-            torch.cat([f[1] for f in found[layer]]),
-            (*shape, int(transcoders[layer].cfg.d_sae)),
-            check_invariants=True,
-        ).coalesce()
+        layer: _encode_sparse(
+            transcoders[layer],
+            inputs.pop(layer),
+            pairs,
+            shape=(len(concepts), len(strengths)),
+            chunk=batch_size,
+        )
         for layer in layers
     }
     return FeatureGrid(

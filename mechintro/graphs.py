@@ -449,12 +449,14 @@ def attribution_graph(
     batch_size: int = 32,
     prefix_cache: bool = True,
     attribution: SteeringAttribution | None = None,
+    progress: bool = True,
 ) -> AttributionGraph:
     """The steering-attribution graph of one concept: injection -> features -> metric, hop by hop.
 
     Args:
         transcoders / saes / strengths / metric / integration / layer / trial / variant / batch_size /
-            prefix_cache: as :func:`mechintro.attribution.steering_attribution` (which runs first, for
+            prefix_cache / progress: as :func:`mechintro.attribution.steering_attribution` (which runs first,
+            for
             ``concept`` alone, unless ``attribution`` is given).
         concept: the injected concept.
         depth: hops beyond hop 0.
@@ -488,6 +490,7 @@ def attribution_graph(
             variant=variant,
             batch_size=batch_size,
             prefix_cache=prefix_cache,
+            progress=progress,
         )
     elif concept not in attribution.settings.concepts:
         raise ValueError(

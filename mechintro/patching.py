@@ -39,6 +39,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechintro._progress import progress_bar
 from mechintro._stats import mean_ci
 from mechintro.concepts import concept_vectors
 from mechintro.hooks import capture, check_layer, hooks_context, tracker
@@ -301,6 +302,7 @@ def component_patching(
     vectors: Float[Tensor, "concept d_model"] | None = None,
     config: PatchingConfig | None = None,
     detection: DetectionWeights | None = None,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Per-layer attention / MLP ablation and patching (see the module docstring).
 
@@ -310,6 +312,7 @@ def component_patching(
         config: the settings (:class:`PatchingConfig`).
         detection: the weights of ``metric="log_odds"`` (:func:`mechintro.readout.detection_weights` of judged
             trials); default: Yes tokens weigh 1 and No tokens 0.
+        progress: show a progress bar over the intervention rows.
 
     Returns a tidy DataFrame: experiment, kind (``"intervention"``, or the baselines ``"steered"`` and
     ``"unsteered"``), layer and component (NA / "" for baselines), concept, trial, metric (``"gap"`` or
@@ -327,6 +330,8 @@ def component_patching(
     vectors = torch.as_tensor(vectors).float()
     read = _Reader(model, cfg.metric, detection if detection is not None else detection_weights(model))
     frames = []
+    total = len(cfg.experiments) * len(cfg.trials) * len(sites) * len(concepts)
+    bar = progress_bar(total=total, desc="component patching", unit="row", enabled=progress)
     for forced in (False, True):
         experiments = [e for e in cfg.experiments if (e == "forced_ablation") == forced]
         if not experiments:
@@ -346,7 +351,9 @@ def component_patching(
             inj=inj,
             strength=strength,
             read=read,
+            bar=bar,
         )
+    bar.close()
     return pd.concat(frames, ignore_index=True)
 
 
@@ -362,6 +369,7 @@ def _run_prompts(
     inj,
     strength,
     read,
+    bar,
 ) -> list[pd.DataFrame]:
     clean, steered, baselines = {}, {}, {}
     for t, p in prompts.items():
@@ -400,6 +408,7 @@ def _run_prompts(
                 batch_size=cfg.batch_size,
             )
             metric, value = read(logits, experiment, [concepts[c] for _, c in rows])
+            bar.update(len(rows))
             frames.append(
                 _rows_frame(
                     experiment,

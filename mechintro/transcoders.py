@@ -296,6 +296,9 @@ class LazyTranscoders(Mapping[int, Any]):
     def __len__(self) -> int:
         return len(self._layers)
 
+    def __contains__(self, layer: object) -> bool:  # Mapping's default would load the layer to answer
+        return layer in self._layers
+
     @property
     def loaded(self) -> list[int]:
         """The layers held in memory now."""

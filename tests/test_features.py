@@ -29,7 +29,7 @@ from mechintro.prompts import trial_prompt
 from mechintro.readout import yes_no_direction
 from mechintro.steering import inject
 from mechintro.testing import save_random_transcoders
-from mechintro.transcoders import encode_at, from_raw_params, load_transcoders
+from mechintro.transcoders import LazyTranscoders, encode_at, from_raw_params, load_transcoders
 
 CONCEPTS = ["Bread", "Oceans", "Dust"]
 STRENGTHS = (-4.0, 0.0, 2.0, 4.0)
@@ -103,6 +103,24 @@ def test_grid_is_sparse_and_round_trips(grid):
         grid.strength_index(8.0)
     with pytest.raises(ValueError, match=r"layers are \[0, 1, 2, 3\]"):
         grid.dense(9)
+
+
+def test_lazy_transcoders_load_each_layer_once(tiny, tcs, vecs, grid):
+    """Inputs of every chunk are captured first, then each layer is encoded: one load per layer, whatever
+    the number of chunks, and the same grid."""
+    loads = []
+
+    def load(layer):
+        loads.append(layer)
+        return tcs[layer]
+
+    lazy = LazyTranscoders(sorted(tcs), load, keep=1)
+    again = feature_grid(
+        tiny, lazy, CONCEPTS, vectors=vecs, strengths=STRENGTHS, batch_size=5, progress=False
+    )
+    assert sorted(loads) == sorted(tcs)
+    for layer in grid.layers:
+        assert torch.equal(again.dense(layer), grid.dense(layer))
 
 
 def test_grid_summary_counts_and_card(grid):
