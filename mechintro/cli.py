@@ -154,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     expected = (
         ValueError,
         TypeError,
+        ImportError,  # an optional extra that is not installed (Ray); the message says what to install
         MissingAPIKeyError,
         FileNotFoundError,
         ModelNotAvailableError,

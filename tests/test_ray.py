@@ -297,3 +297,28 @@ def test_sharded_feature_grid_on_ray_equals_one_call(tiny, tmp_path_factory):
     for layer in whole.layers:
         assert whole.acts[layer]._nnz() > 0
         torch.testing.assert_close(got.dense(layer), whole.dense(layer), atol=1e-5, rtol=0)
+
+
+def test_cli_sweep_with_ray_writes_the_local_rows(tiny, tiny_dir, local_rows, monkeypatch, tmp_path):
+    """``mechintro sweep --ray --ray-actors 1`` fills the store with the rows of the local sweep."""
+    import mechintro.trials as trials
+    from mechintro.cli import main
+
+    store = tmp_path / "cli.sqlite"
+    argv = ["sweep", "--model", str(tiny_dir), "--concepts", ",".join(CONCEPTS), "--layers", "1,2"]
+    argv += [
+        "--strengths",
+        "2,8",
+        "--n-trials",
+        "2",
+        "--forced",
+        "--batch-size",
+        "4",
+        "--max-new-tokens",
+        "5",
+    ]
+    assert main([*argv, "--quiet", "--store", str(store), "--ray", "--ray-actors", "1"]) == 0
+    monkeypatch.setattr(trials, "sample", lambda *a, **k: pytest.fail("everything is in the store already"))
+    assert_same_rows(sweep(tiny, CONCEPTS, judge=RuleJudge(), store=store, **PLAN), local_rows)
+    with pytest.raises(SystemExit):
+        main([*argv, "--quiet", "--ray-actors", "1"])

@@ -212,6 +212,18 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         default=STORE.lease_s,
         help=f"seconds a claimed batch stays reserved in a shared store (default {STORE.lease_s:g})",
     )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the batches on Ray actors (this process stays the store's one writer): a cluster address "
+        "('auto', 'ray://head:10001'), or none for ray.init's default (RAY_ADDRESS, else a local instance)",
+    )
+    p.add_argument(
+        "--ray-actors", type=positive_int, default=None, help="number of Ray actors (default: what fits)"
+    )
 
 
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -227,7 +239,22 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
         "progress": not args.quiet,
         "retry_errors": args.retry_errors,
         "lease_s": args.lease_s,
+        "executor": executor_from_args(args),
     }
+
+
+def executor_from_args(args: argparse.Namespace) -> Any:
+    """``--ray [ADDRESS]`` / ``--ray-actors N`` -> a RayExecutor; without ``--ray``, ``"local"``."""
+    address = getattr(args, "ray", None)
+    if address is None:
+        if getattr(args, "ray_actors", None) is not None:
+            raise ValueError("--ray-actors needs --ray")
+        return "local"
+    from mechintro.executors import RayExecutor, resolve_executor
+
+    return resolve_executor(
+        RayExecutor(address=address or None, num_actors=getattr(args, "ray_actors", None))
+    )
 
 
 def _check_device(device: str | None) -> None:
@@ -302,6 +329,7 @@ def prepare_run(args: argparse.Namespace) -> tuple[Any, list[str], Any, Any]:
     check_judge(judge)
     concepts = parse_concepts(args.concepts)
     check_run_options(args)
+    executor_from_args(args)  # --ray without Ray installed, or --ray-actors alone, fails before the model
     model = load_named_model(args.model, device=args.device)
     return judge, concepts, model, spec_for(model)
 
