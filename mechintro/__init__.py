@@ -31,6 +31,7 @@ from mechintro.elicitation import (
     random_direction,
     train_bias_vector,
 )
+from mechintro.executors import RayExecutor, release_ray_workers, sharded_feature_grid
 from mechintro.features import feature_grid, find_evidence_carriers, find_gates
 from mechintro.graphs import AttributionGraph, attribution_graph
 from mechintro.hooks import capture
@@ -55,6 +56,7 @@ __all__ = [
     "ModelSpec",
     "PERSONAS",
     "PatchingConfig",
+    "RayExecutor",
     "RuleJudge",
     "SteeringAttribution",
     "StoreError",
@@ -89,9 +91,11 @@ __all__ = [
     "original_concepts",
     "random_direction",
     "read_features",
+    "release_ray_workers",
     "replace_mlps",
     "run_trials",
     "sample",
+    "sharded_feature_grid",
     "spec_for",
     "steering_attribution",
     "strength_grid",
