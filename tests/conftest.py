@@ -118,3 +118,72 @@ def true_float64():
         mp.setattr(torch.nn.functional, "softmax", softmax)
         mp.setattr(modeling_gemma3.Gemma3RMSNorm, "forward", norm)
         yield
+
+
+_STALLING_SWEEP = """\
+import sys, time, torch
+torch.set_num_threads(1)
+from mechintro.judges import RuleJudge
+from mechintro.models import load_model
+from mechintro.trials import sweep
+
+class StallingJudge:
+    name = "rule"
+    calls = 0
+    def judge(self, **rows):
+        self.calls += 1
+        if self.calls == {stall_at}:  # earlier batches are stored; this one is in flight when we are killed
+            print("STALLED", flush=True)
+            time.sleep(300)
+        return RuleJudge().judge(**rows)
+
+{prelude}
+model = load_model(sys.argv[1], device="cpu")
+sweep(model, {concepts!r}, judge=StallingJudge(), store=sys.argv[2], progress=False, {settings})
+print("FINISHED", flush=True)
+"""
+
+
+@pytest.fixture
+def kill_a_stalled_sweep(tmp_path):
+    """``kill(model_dir, store, *, concepts, settings, stall_at, prelude="", args=())``: see
+    :func:`_kill_a_stalled_sweep`."""
+    return lambda *a, **k: _kill_a_stalled_sweep(tmp_path, *a, **k)
+
+
+def _kill_a_stalled_sweep(
+    tmp_path, model_dir, store, *, concepts, settings: str, stall_at: int, prelude: str = "", args=()
+) -> int:
+    """Run ``sweep(model, concepts, <settings>)`` in a subprocess whose judge stalls on call ``stall_at``,
+    SIGKILL it there (as a crash would), and return its pid. ``prelude`` runs before the model loads (e.g.
+    ``ray.init``); ``args`` come after the model folder and the store on its command line."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "stalling_sweep.py"
+    script.write_text(
+        _STALLING_SWEEP.format(stall_at=stall_at, prelude=prelude, concepts=list(concepts), settings=settings)
+    )
+    repo = Path(__file__).resolve().parent.parent  # this checkout's mechintro, not another install's
+    env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(model_dir), str(store), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=repo,
+    )
+    try:
+        line = ""
+        for line in proc.stdout:
+            if line.strip() in ("STALLED", "FINISHED"):
+                break
+        assert line.strip() == "STALLED", "the sweep finished before its judge stalled"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    return proc.pid

@@ -7,13 +7,6 @@ sliding window of 16 that the prompts exceed, so the window is exercised with pa
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -344,51 +337,17 @@ def test_run_trials_is_the_same_under_a_user_hook_and_across_batch_compositions(
     assert fast.response.nunique() > len(fast) // 2
 
 
-KILL_SCRIPT = textwrap.dedent(
-    """
-    import sys, time, torch
-    torch.set_num_threads(1)
-    from mechintro.judges import RuleJudge
-    from mechintro.models import load_model
-    from mechintro.trials import sweep
-
-    class StallingJudge:
-        name = "rule"
-        calls = 0
-        def judge(self, **rows):
-            self.calls += 1
-            if self.calls == 2:
-                print("STALLED", flush=True)
-                time.sleep(120)
-            return RuleJudge().judge(**rows)
-
-    model = load_model(sys.argv[1], device="cpu")
-    sweep(model, ["Bread", "Oceans"], layers=[1], strengths=[8.0], n_trials=3, judge=StallingJudge(),
-          store=sys.argv[2], batch_size=3, max_new_tokens=6, trials=[1, 10, 2], progress=False)
-    """
-)
-
-
-def test_a_killed_fast_run_resumes_to_what_the_bridge_gives(subword, subword_dir, tmp_path):
+def test_a_killed_fast_run_resumes_to_what_the_bridge_gives(
+    subword, subword_dir, tmp_path, kill_a_stalled_sweep
+):
     path = tmp_path / "killed.sqlite"
-    script = tmp_path / "kill.py"
-    script.write_text(KILL_SCRIPT)
-    repo = str(Path(__file__).resolve().parent.parent)
-    env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(subword_dir), str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
+    kill_a_stalled_sweep(
+        subword_dir,
+        path,
+        concepts=["Bread", "Oceans"],
+        settings="layers=[1], strengths=[8.0], n_trials=3, batch_size=3, max_new_tokens=6, trials=[1, 10, 2]",
+        stall_at=2,
     )
-    try:
-        line = proc.stdout.readline().strip()
-        assert line == "STALLED"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
     with TrialStore(path) as store:
         assert len(store) == 3
     kw = dict(layers=[1], strengths=[8.0], n_trials=3, judge=RuleJudge(), batch_size=3, max_new_tokens=6)

@@ -7,9 +7,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -203,65 +200,26 @@ def test_judge_errors_are_run_again_on_a_rerun(tiny, local_rows, tmp_path):
     assert_same_rows(got, local_rows)
 
 
-DRIVER = textwrap.dedent(
-    """
-    import sys, time, torch, ray
-    torch.set_num_threads(1)
-    from mechintro.executors import RayExecutor
-    from mechintro.judges import RuleJudge
-    from mechintro.models import load_model
-    from mechintro.trials import sweep
-
-    class StallingJudge:
-        name = "rule"
-        calls = 0
-        def judge(self, **rows):
-            self.calls += 1
-            if self.calls == 3:  # two batches are stored; more are in flight when the parent kills us
-                print("STALLED", flush=True)
-                time.sleep(300)
-            return RuleJudge().judge(**rows)
-
-    ray.init(address=sys.argv[3], log_to_driver=False)
-    model = load_model(sys.argv[1], device="cpu")
-    # this module's warm actors hold both logical CPUs: this driver's actor asks for none
-    executor = RayExecutor(num_actors=1, num_cpus=0, threads=1)
-    sweep(model, ["Bread", "Oceans", "Dust"], layers=[1, 2], strengths=[2.0, 8.0], n_trials=2, forced=True,
-          batch_size=4, max_new_tokens=5, progress=False, judge=StallingJudge(), store=sys.argv[2],
-          executor=executor)
-    print("FINISHED", flush=True)
-    """
-)
-
-
-def test_killed_driver_resumes_on_ray_with_identical_rows(tiny, tiny_dir, local_rows, tmp_path):
+def test_killed_driver_resumes_on_ray_with_identical_rows(
+    tiny, tiny_dir, local_rows, tmp_path, kill_a_stalled_sweep
+):
     path = tmp_path / "crash.sqlite"
-    script = tmp_path / "driver.py"
-    script.write_text(DRIVER)
-    address = ray.get_runtime_context().gcs_address
-    env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(tiny_dir), str(path), address],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-        cwd=REPO,
+    # this module's warm actors hold both logical CPUs: the killed driver's actor asks for none
+    pid = kill_a_stalled_sweep(
+        tiny_dir,
+        path,
+        concepts=CONCEPTS,
+        settings="layers=[1, 2], strengths=[2.0, 8.0], n_trials=2, forced=True, batch_size=4, "
+        "max_new_tokens=5, executor=RayExecutor(num_actors=1, num_cpus=0, threads=1)",
+        stall_at=3,
+        prelude="import ray\nfrom mechintro.executors import RayExecutor\n"
+        "ray.init(address=sys.argv[3], log_to_driver=False)",
+        args=[ray.get_runtime_context().gcs_address],
     )
-    try:
-        line = ""
-        for line in proc.stdout:
-            if line.strip() in ("STALLED", "FINISHED"):
-                break
-        assert line.strip() == "STALLED"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
     with TrialStore(path) as store:
         assert len(store) == 8  # two batches of four written before the kill
         leases = store.leases()
-        assert len(leases) >= 4 and set(leases.owner.str.split(":").str[1]) == {str(proc.pid)}
+        assert len(leases) >= 4 and set(leases.owner.str.split(":").str[1]) == {str(pid)}
 
     judge = KillingJudge()
     start = time.monotonic()

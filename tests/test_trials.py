@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 import sys
-import textwrap
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -314,54 +311,15 @@ def test_bad_settings_fail_before_generation(tiny, monkeypatch, change, error, m
         run_trials(tiny, CONCEPTS, **kw)
 
 
-CRASH_SCRIPT = textwrap.dedent(
-    """
-    import sys, time, torch
-    torch.set_num_threads(1)
-    from mechintro.judges import RuleJudge
-    from mechintro.models import load_model
-    from mechintro.trials import sweep
-
-    class StallingJudge:
-        name = "rule"
-        calls = 0
-        def judge(self, **rows):
-            self.calls += 1
-            if self.calls == 3:  # two batches are stored; the third is in flight when the parent kills us
-                print("STALLED", flush=True)
-                time.sleep(120)
-            return RuleJudge().judge(**rows)
-
-    model = load_model(sys.argv[1], device="cpu")
-    sweep(model, ["Bread", "Oceans"], layers=[1], strengths=[2.0, 8.0], n_trials=3, judge=StallingJudge(),
-          store=sys.argv[2], batch_size=2, max_new_tokens=4, progress=False)
-    print("FINISHED", flush=True)
-    """
-)
-
-
-def test_killed_sweep_resumes_with_nothing_lost_or_doubled(tiny, tiny_dir, tmp_path):
+def test_killed_sweep_resumes_with_nothing_lost_or_doubled(tiny, tiny_dir, tmp_path, kill_a_stalled_sweep):
     path = tmp_path / "crash.sqlite"
-    script = tmp_path / "crash.py"
-    script.write_text(CRASH_SCRIPT)
-    repo = str(Path(__file__).resolve().parent.parent)  # this checkout's mechintro, not another install's
-    env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(tiny_dir), str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
+    kill_a_stalled_sweep(
+        tiny_dir,
+        path,
+        concepts=["Bread", "Oceans"],
+        settings="layers=[1], strengths=[2.0, 8.0], n_trials=3, batch_size=2, max_new_tokens=4",
+        stall_at=3,
     )
-    try:
-        for line in proc.stdout:
-            if line.strip() in ("STALLED", "FINISHED"):
-                break
-        assert line.strip() == "STALLED"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
     with TrialStore(path) as store:
         assert len(store) == 4  # two batches of two written before the kill; the third lost in flight
 
