@@ -308,8 +308,9 @@ def save_figure(
     """Write ``fig`` as ``<out_dir>/<name>.html`` and ``.png`` (PNG through kaleido); return the paths
     written.
 
-    ``offline=True`` embeds plotly.js in the HTML (about 4 MB) so that it opens without network access;
-    otherwise the HTML loads plotly.js from its CDN.
+    ``offline=True`` writes plotly.js once into ``out_dir`` (``plotly.min.js``, about 4 MB, shared by every
+    offline figure there) and points the HTML at it, so that it opens without network access as long as the
+    two files stay together; otherwise the HTML loads plotly.js from its CDN.
 
     Static formats (png, svg, pdf) need a Chrome/Chromium (:mod:`mechintro.browser`). Without one -- or with
     ``MECHINTRO_BROWSER=none`` -- the HTML is still written, the static files are skipped, and one message
@@ -327,7 +328,7 @@ def save_figure(
     for fmt in formats:
         path = out / f"{name}.{fmt}"
         if fmt == "html":
-            fig.write_html(path, include_plotlyjs=True if offline else "cdn")
+            fig.write_html(path, include_plotlyjs="directory" if offline else "cdn")
         elif browser is None:
             warn_once(f"{name} (and every later figure)")
             continue

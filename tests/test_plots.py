@@ -101,6 +101,13 @@ def test_save_figure_writes_html(tmp_path):
     assert paths == [tmp_path / "figs" / "variants.html"] and paths[0].stat().st_size > 1000
     with pytest.raises(ValueError, match="valid"):
         plots.save_figure(fig, "variants", tmp_path, formats=("gif",))
+    assert "cdn.plot.ly" in paths[0].read_text()
+    for name in ("a", "b"):  # offline: one shared plotly.js beside the HTML files, none embedded
+        plots.save_figure(fig, name, tmp_path / "offline", formats=("html",), offline=True)
+    files = sorted(p.name for p in (tmp_path / "offline").iterdir())
+    assert files == ["a.html", "b.html", "plotly.min.js"]
+    html = (tmp_path / "offline" / "a.html").read_text()
+    assert 'src="plotly.min.js"' in html and "cdn.plot.ly" not in html and len(html) < 100_000
 
 
 def test_without_a_browser_figures_degrade_to_html_with_one_message(tmp_path, monkeypatch, capsys):
