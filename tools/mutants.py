@@ -258,6 +258,46 @@ MUTANTS = (
         "batch.prefix:",
         ("tests/test_fastpath.py",),
     ),
+    Mutant(
+        "attribution-ga-first-row",
+        "GA equals the finite difference of the metric under a decoder nudge, row by row",
+        "mechintro/attribution.py",
+        "ga = (gi[rows] * d.W_dec[index]).sum(-1)",
+        "ga = (gi[rows[:1]] * d.W_dec[index]).sum(-1)",
+        ("tests/test_attribution.py",),
+    ),
+    Mutant(
+        "attribution-skip-dropped",
+        "features + skip + error = total at every site and position",
+        "mechintro/attribution.py",
+        "skip = (gi * (xd_flat[i : i + step] @ w_skip.T)).sum(-1)",
+        "skip = 0 * (gi * (xd_flat[i : i + step] @ w_skip.T)).sum(-1)",
+        ("tests/test_attribution.py",),
+    ),
+    Mutant(
+        "swap-keeps-own-projection",
+        "a projection swap puts the partner's projection on the direction (planted linear rule flips)",
+        "mechintro/geometry.py",
+        "swapped = residual + p[w, None] * u[None, :] if kind",
+        "swapped = residual + p[:, None] * u[None, :] if kind",
+        ("tests/test_geometry.py",),
+    ),
+    Mutant(
+        "ablation-removes-half",
+        "directional ablation removes the whole projection on the direction",
+        "mechintro/elicitation.py",
+        "removed = (x @ r)[..., None] * r * self.weights[i]",
+        "removed = 0.5 * (x @ r)[..., None] * r * self.weights[i]",
+        ("tests/test_elicitation.py",),
+    ),
+    Mutant(
+        "grid-encodes-scaled-input",
+        "the feature grid equals one forward per (concept, strength) encoded by the transcoder",
+        "mechintro/features.py",
+        "acts = tc.encode(x.to(tc.W_enc.device, tc.W_enc.dtype)).float().cpu()",
+        "acts = tc.encode(1.01 * x.to(tc.W_enc.device, tc.W_enc.dtype)).float().cpu()",
+        ("tests/test_features.py",),
+    ),
 )
 
 
