@@ -67,7 +67,7 @@ from torch import Tensor
 
 from mechintro._html import card
 from mechintro._progress import progress_bar
-from mechintro.concepts import concept_vectors
+from mechintro.concepts import check_concepts, concept_vectors
 from mechintro.hooks import capture, check_layer, hooks_context
 from mechintro.models import HookNames, Model, Transcoders, check_d_model, spec_for
 from mechintro.prompts import TrialPrompt, trial_prompt
@@ -1046,9 +1046,7 @@ def steering_attribution(
     """
     spec = spec_for(model)
     layer = spec.injection_layer if layer is None else check_layer(model, layer)
-    concepts = [concepts] if isinstance(concepts, str) else list(concepts)
-    if not concepts:
-        raise ValueError("no concepts given")
+    concepts = check_concepts([concepts] if isinstance(concepts, str) else concepts)
     grid = strength_grid(model) if strengths is None else check_grid(strengths)
     quadrature_weights(grid, integration)  # validates the rule against the grid
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:

@@ -112,6 +112,20 @@ def baseline_mean(
     return last_token_resid(model, concept_prompts(model, words), layer=layer, batch_size=batch_size).mean(0)
 
 
+def check_concepts(concepts: Sequence[str], *, unique: bool = True) -> list[str]:
+    """``concepts`` as a list after checking it: a non-empty list of non-empty words (not one string), each
+    listed once when ``unique`` (a repeated concept would be one concept counted twice)."""
+    if isinstance(concepts, str) or not all(isinstance(c, str) and c.strip() for c in concepts):
+        raise TypeError(f"concepts must be a list of non-empty words, got {concepts!r}")
+    concepts = list(concepts)
+    if not concepts:
+        raise ValueError("concepts is empty")
+    repeated = sorted({c for c in concepts if concepts.count(c) > 1}) if unique else []
+    if repeated:
+        raise ValueError(f"concepts are listed more than once: {repeated}")
+    return concepts
+
+
 def concept_vectors(
     model: Model,
     concepts: Sequence[str],
@@ -130,8 +144,7 @@ def concept_vectors(
 
     Returns a float32 ``[len(concepts), d_model]`` tensor on the CPU.
     """
-    if isinstance(concepts, str):
-        raise TypeError("concepts must be a list of words, not one string")
+    concepts = check_concepts(concepts, unique=False)
     if torch.is_tensor(baseline):
         check_d_model(model, baseline.shape[-1], what="the baseline mean")
         mean = baseline.float().cpu()

@@ -33,7 +33,7 @@ from torch import Tensor
 from mechintro._html import card
 from mechintro._progress import progress_bar
 from mechintro._stats import pearson_columns, spearman_columns
-from mechintro.concepts import concept_vectors
+from mechintro.concepts import check_concepts, concept_vectors
 from mechintro.hooks import Positions, capture, check_layer, check_positions
 from mechintro.judges.base import error_mask
 from mechintro.models import HookNames, Model, Transcoders, spec_for
@@ -418,8 +418,11 @@ def feature_grid(
     )
     default_strength = spec.strength if default_strength is None else float(default_strength)
     layers = _grid_layers(model, transcoders, layers)
+    concepts = check_concepts(concepts)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if vectors is None:
-        vectors = concept_vectors(model, list(concepts), layer=injection_layer)
+        vectors = concept_vectors(model, concepts, layer=injection_layer)
     vectors = torch.as_tensor(vectors).float()
     if vectors.shape[0] != len(concepts):
         raise ValueError(f"vectors has {vectors.shape[0]} rows for {len(concepts)} concepts")
@@ -693,6 +696,8 @@ def find_gates(
     score), with the columns of :func:`dla_scores` and of :func:`feature_stats` (dose-strength Spearman,
     inverted-V, behaviour correlations).
     """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (the number of gate candidates) must be an int >= 1, got {k!r}")
     if layers is None:
         layers = [la for la in grid.layers if la > grid.injection_layer]
     scores = dla_scores(model, transcoders, grid, layers=layers)

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from mechintro._progress import progress_bar
 from mechintro._stats import mean_ci
-from mechintro.concepts import concept_vectors
+from mechintro.concepts import check_concepts, concept_vectors
 from mechintro.hooks import capture, check_layer, hooks_context, tracker
 from mechintro.models import HookNames, Model, spec_for
 from mechintro.prompts import TrialPrompt, forced_prefill, trial_prompt
@@ -320,6 +320,7 @@ def component_patching(
     averages it across concepts with 95% CIs.
     """
     cfg = config or PatchingConfig()
+    concepts = check_concepts(concepts)
     spec = spec_for(model)
     inj = spec.injection_layer if cfg.injection_layer is None else check_layer(model, cfg.injection_layer)
     strength = spec.strength if cfg.strength is None else float(cfg.strength)

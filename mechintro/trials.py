@@ -36,7 +36,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechintro.concepts import concept_vectors
+from mechintro.concepts import check_concepts, concept_vectors
 from mechintro.judges import LogitJudge, Verdict, check_judge, judge_kind
 from mechintro.models import Model, check_d_model, spec_for
 from mechintro.prompts import (
@@ -129,18 +129,6 @@ class Trial:
 
 
 # ----------------------------------------------------------------------------------------------- validation
-
-
-def _check_concepts(concepts: Sequence[str]) -> list[str]:
-    if isinstance(concepts, str) or not all(isinstance(c, str) and c.strip() for c in concepts):
-        raise TypeError(f"concepts must be a list of non-empty words, got {concepts!r}")
-    concepts = list(concepts)
-    if not concepts:
-        raise ValueError("concepts is empty")
-    repeated = sorted({c for c in concepts if concepts.count(c) > 1})
-    if repeated:
-        raise ValueError(f"concepts are listed more than once: {repeated}")
-    return concepts
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> int:
@@ -292,7 +280,7 @@ def _grid(
         max_new_tokens=0 if logit else _check_int("max_new_tokens", max_new_tokens, minimum=1),
     )
     return _Grid(
-        concepts=_check_concepts(concepts),
+        concepts=check_concepts(concepts),
         layers=layers,
         strengths=_check_strengths(strengths),
         variants=check_choices("prompt variant", variants, VARIANTS),

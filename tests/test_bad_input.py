@@ -191,3 +191,38 @@ def test_lazy_transcoders_hold_at_most_keep_layers(tiny, tmp_path):
     shutil.rmtree(source)
     with pytest.raises(FileNotFoundError):
         lazy[1]
+
+
+@pytest.mark.parametrize(
+    ("concepts", "error", "match"),
+    [([], ValueError, "concepts is empty"), (["Bread", "Bread"], ValueError, r"more than once: \['Bread'\]")],
+)
+def test_every_concept_taking_analysis_refuses_empty_or_repeated_concepts(tiny, tcs, concepts, error, match):
+    """An empty list is an error, not a crash inside torch; a repeated concept would be counted twice."""
+    from mechintro.attribution import steering_attribution
+    from mechintro.features import feature_grid
+    from mechintro.patching import component_patching
+
+    calls = [
+        lambda: feature_grid(tiny, tcs, concepts, progress=False),
+        lambda: component_patching(tiny, concepts, progress=False),
+        lambda: steering_attribution(tiny, tcs, concepts, progress=False),
+        lambda: run_trials(
+            tiny, concepts, layer=1, strength=2.0, n_trials=1, judge=RuleJudge(), progress=False
+        ),
+    ]
+    if not concepts:
+        calls.append(lambda: concept_vectors(tiny, concepts, layer=1))
+    for call in calls:
+        with pytest.raises(error, match=match):
+            call()
+
+
+def test_grid_batch_size_and_gate_count_are_checked(tiny, tcs):
+    from mechintro.features import feature_grid, find_gates
+
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+        feature_grid(tiny, tcs, ["Bread"], batch_size=0, progress=False)
+    grid = feature_grid(tiny, tcs, ["Bread", "Dust"], strengths=[0.0, 2.0], progress=False)
+    with pytest.raises(ValueError, match="k .* must be an int >= 1, got 0"):
+        find_gates(tiny, tcs, grid, k=0)
