@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -301,17 +302,30 @@ class Step:
         """The script's command line."""
         if self.kind == "table":
             return ["--out", out]
-        base = QUICK_ARGS if quick else REPRODUCE_ARGS
+        own = (self.quick if quick else self.full).format(out=out).split()
         cached = ["--cache", cache] if self.kind == "mechanism" else []
         return [
-            *base.split(),
+            *_without(QUICK_ARGS if quick else REPRODUCE_ARGS, own),
             "--store",
             store,
             *cached,
             "--out",
             out,
-            *(self.quick if quick else self.full).format(out=out).split(),
+            *own,
         ]
+
+
+def _without(base: str, own: Sequence[str]) -> list[str]:
+    """The ``--flag value`` pairs of ``base`` whose flag the step does not set itself (so each flag appears
+    once on the printed command line; argparse would take the step's, the last, either way)."""
+    words, out = base.split(), []
+    for i, word in enumerate(words):
+        if word.startswith("--") and word in own:
+            continue
+        if not word.startswith("--") and i and words[i - 1] in own:
+            continue
+        out.append(word)
+    return out
 
 
 REPRODUCE_ARGS = "--model organism --n-trials 4 --max-new-tokens 40 --batch-size 128"

@@ -193,3 +193,18 @@ def test_environment_errors_are_one_line(tmp_path, capsys, monkeypatch):
             main([*argv, *(["--concepts", "Bread", "--quiet"] if argv[0] == "evaluate" else [])])
         err = capsys.readouterr().err
         assert stop.value.code == 2 and needle in err and "Traceback" not in err, err
+
+
+def test_reproduce_steps_name_each_flag_once():
+    """A step's own setting replaces the shared one (not a second copy of the flag)."""
+    from mechintro.commands import REPRODUCE_STEPS
+
+    for step in REPRODUCE_STEPS:
+        for quick in (False, True):
+            argv = step.argv(quick=quick, out="out", store="s.sqlite", cache="cache")
+            flags = [a for a in argv if a.startswith("--")]
+            assert len(flags) == len(set(flags)), (step.script, quick, argv)
+            if step.kind != "table":
+                assert argv[argv.index("--model") + 1] == "organism"
+    layer_sweep = REPRODUCE_STEPS[1].argv(quick=False, out="o", store="s", cache="c")
+    assert layer_sweep[layer_sweep.index("--n-trials") + 1] == "2"  # the step's, not the shared 4
