@@ -142,10 +142,11 @@ def swaps_figure(
                 showarrow=False,
                 font={"size": 10},
             )
-    fig.update_layout(barmode="group", legend={"orientation": "h", "y": 1.12, "x": 0.0})
+    # the legend sits above the subplot titles, with the top margin to hold both
+    fig.update_layout(barmode="group", legend={"orientation": "h", "y": 1.1, "yanchor": "bottom", "x": 0.0})
     fig.update_yaxes(title_text="detection rate", range=[0, 1.05], row=1, col=1)
-    fig = _style(fig, title=title, height=520)
-    fig.update_layout(margin={"b": 130})
+    fig = _style(fig, title=title, height=560)
+    fig.update_layout(margin={"b": 130, "t": 150})
     return fig
 
 
