@@ -8,6 +8,7 @@ curves, attribution, graphs, geometry, elicitation, plots*.
 from mechintro.attribution import (
     SteeringAttribution,
     feature_metric,
+    merge_attributions,
     steering_attribution,
     strength_grid,
     token_metric,
@@ -31,7 +32,12 @@ from mechintro.elicitation import (
     random_direction,
     train_bias_vector,
 )
-from mechintro.executors import RayExecutor, release_ray_workers, sharded_feature_grid
+from mechintro.executors import (
+    RayExecutor,
+    release_ray_workers,
+    sharded_feature_grid,
+    sharded_steering_attribution,
+)
 from mechintro.features import feature_grid, find_evidence_carriers, find_gates
 from mechintro.graphs import AttributionGraph, attribution_graph
 from mechintro.hooks import capture
@@ -87,6 +93,7 @@ __all__ = [
     "load_bias_vector",
     "load_model",
     "load_transcoders",
+    "merge_attributions",
     "new_concepts",
     "original_concepts",
     "random_direction",
@@ -96,6 +103,7 @@ __all__ = [
     "run_trials",
     "sample",
     "sharded_feature_grid",
+    "sharded_steering_attribution",
     "spec_for",
     "steering_attribution",
     "strength_grid",

@@ -54,7 +54,7 @@ import json
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
@@ -1003,6 +1003,37 @@ def check_metric(model: Model, metric: Metric, dicts: Dictionaries, *, layer: in
     if metric.site.order <= (layer, _STAGE["transcoder"]):
         raise ValueError(f"the metric's feature at {metric.site} is not after the injection (layer {layer})")
     return metric
+
+
+def merge_attributions(parts: Sequence[SteeringAttribution]) -> SteeringAttribution:
+    """One :class:`SteeringAttribution` from parts over disjoint concepts (e.g. shards run on several
+    workers),
+    concepts in the parts' order. Every other setting (strengths, metric, dictionaries, prompt...) must
+    agree: rows of different settings are not comparable, and merging them raises."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("nothing to merge: no attribution parts")
+    first = parts[0].settings
+    for part in parts[1:]:
+        mine, theirs = asdict(first), asdict(part.settings)
+        differ = sorted(k for k in mine if k != "concepts" and mine[k] != theirs[k])
+        if differ:
+            raise ValueError(f"attribution parts differ in {differ}; only parts over other concepts merge")
+    concepts = [c for part in parts for c in part.settings.concepts]
+    repeated = sorted({c for c in concepts if concepts.count(c) > 1})
+    if repeated:
+        raise ValueError(f"concepts in more than one part: {repeated}")
+
+    def cat(name: str) -> pd.DataFrame:
+        return pd.concat([getattr(part, name) for part in parts], ignore_index=True)
+
+    return SteeringAttribution(
+        features=cat("features"),
+        remainders=cat("remainders"),
+        metric=cat("metric"),
+        settings=replace(first, concepts=tuple(concepts)),
+        vectors=torch.cat([part.vectors for part in parts]),
+    )
 
 
 def steering_attribution(

@@ -36,7 +36,9 @@ alive between calls (a notebook pays a model load once); :func:`release_ray_work
 
 **Other work on the same actors.** :func:`map_on_model` runs any module-level function ``fn(model, item)``
 over items on the executor's workers; :func:`sharded_feature_grid` uses it to split a feature grid over
-concepts (and layers) and merges the parts exactly (:func:`mechintro.features.merge_grids`).
+concepts (and layers) and merges the parts exactly (:func:`mechintro.features.merge_grids`);
+:func:`sharded_steering_attribution` splits an attribution over concepts
+(:func:`mechintro.attribution.merge_attributions`).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ from mechintro.trials import (
 )
 
 if TYPE_CHECKING:
+    from mechintro.attribution import SteeringAttribution
     from mechintro.features import FeatureGrid
 
 __all__ = [
@@ -91,6 +94,7 @@ __all__ = [
     "release_ray_workers",
     "resolve_executor",
     "sharded_feature_grid",
+    "sharded_steering_attribution",
 ]
 
 ExecutorName: TypeAlias = Literal["local", "ray"]
@@ -868,6 +872,75 @@ def sharded_feature_grid(
             }
             parts.append(part)
     return merge_grids(map_on_model(_grid_part, parts, model=model, executor=executor))
+
+
+def _attribution_part(model: Model, part: dict[str, Any]) -> SteeringAttribution:
+    """One shard of :func:`sharded_steering_attribution` (run where the model is)."""
+    from mechintro.attribution import steering_attribution
+    from mechintro.transcoders import load_transcoders
+
+    part = dict(part)
+    transcoders = part.pop("transcoders")
+    if not isinstance(transcoders, Mapping):  # one layer in memory at a time on the worker
+        transcoders = load_transcoders(model, source=transcoders, lazy=True)
+    return steering_attribution(model, transcoders, part.pop("concepts"), progress=False, **part)
+
+
+def sharded_steering_attribution(
+    model: Model,
+    transcoders: Mapping[int, Any] | str | Path | None,
+    concepts: Sequence[str],
+    *,
+    shards: int,
+    executor: str | Executor = "local",
+    vectors: Tensor | None = None,
+    layer: int | None = None,
+    **attribution_kw: Any,
+) -> SteeringAttribution:
+    """:func:`~mechintro.attribution.steering_attribution` split into ``shards`` concept chunks, run on
+    ``executor`` and merged (:func:`~mechintro.attribution.merge_attributions`).
+
+    Each concept's rows depend only on that concept (its vector, the strength grid, the prompt), so the
+    merged result equals one call up to float rounding of different batch shapes. Concept vectors are
+    computed once here and sliced, so every shard injects exactly the unsharded vectors.
+
+    Args:
+        transcoders: a ``{layer: transcoder}`` mapping (local executor only), or where the workers load them
+            from (a sae-lens release or folder, or None for the model's own), lazily, one layer at a time.
+        shards: how many concept chunks (at least one concept each).
+        Other arguments: those of :func:`~mechintro.attribution.steering_attribution` (``saes`` must be
+        picklable to travel to Ray actors).
+    """
+    from mechintro.attribution import merge_attributions
+    from mechintro.concepts import check_concepts, concept_vectors
+    from mechintro.hooks import check_layer
+
+    executor = resolve_executor(executor)
+    concepts = check_concepts([concepts] if isinstance(concepts, str) else concepts)
+    if not _is_int(shards, minimum=1):
+        raise ValueError(f"shards must be an int >= 1, got {shards!r}")
+    if isinstance(transcoders, Mapping) and isinstance(executor, RayExecutor):
+        raise TypeError(
+            "transcoder objects cannot travel to Ray actors: pass where to load them from (a sae-lens "
+            "release, a folder, or None for the model's own)"
+        )
+    layer = spec_for(model).injection_layer if layer is None else check_layer(model, layer)
+    if vectors is None:
+        vectors = concept_vectors(model, concepts, layer=layer)
+    vectors = torch.as_tensor(vectors).float().cpu()
+    if vectors.shape[0] != len(concepts):
+        raise ValueError(f"vectors has {vectors.shape[0]} rows for {len(concepts)} concepts")
+    parts = [
+        {
+            "transcoders": transcoders,
+            "concepts": [concepts[i] for i in chunk],
+            "vectors": vectors[chunk],
+            "layer": layer,
+            **attribution_kw,
+        }
+        for chunk in _split(range(len(concepts)), shards)
+    ]
+    return merge_attributions(map_on_model(_attribution_part, parts, model=model, executor=executor))
 
 
 def _split(items: Sequence[Any], n: int) -> list[list[Any]]:

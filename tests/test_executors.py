@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pandas as pd
 import pytest
 import torch
 
@@ -16,6 +17,7 @@ from mechintro.executors import (
     plan_batches,
     resolve_executor,
     sharded_feature_grid,
+    sharded_steering_attribution,
 )
 from mechintro.features import feature_grid, merge_grids
 from mechintro.judges import RuleJudge
@@ -263,3 +265,41 @@ def test_fingerprint_tells_an_edited_model_from_a_fresh_load(tiny, tiny_dir):
     assert model_fingerprint(fresh) != model_fingerprint(tiny)
     half = load_model(tiny_dir, device="cpu", dtype=torch.bfloat16)
     assert model_fingerprint(half) != model_fingerprint(tiny)
+
+
+def assert_same_attribution(got, whole):
+    """The same rows (in any order); values within float rounding of other batch shapes."""
+    assert got.settings == whole.settings
+    for name in ("features", "remainders", "metric"):
+        a, b = (_canonical(getattr(r, name)) for r in (got, whole))  # row order follows the chunks
+        assert len(a) == len(b) > 0 and list(a.columns) == list(b.columns), name
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-4, atol=1e-6)
+    assert torch.equal(got.vectors, whole.vectors)
+
+
+def test_sharded_steering_attribution_equals_one_call(tiny, tcs):
+    from mechintro.attribution import steering_attribution
+
+    concepts = ["Bread", "Oceans", "Dust", "Trees", "Satellites"]
+    kw = {"strengths": [0.0, 1.0, 2.0, 4.0], "layer": 1, "batch_size": 6}
+    whole = steering_attribution(tiny, tcs, concepts, progress=False, **kw)
+    assert_same_attribution(sharded_steering_attribution(tiny, tcs, concepts, shards=3, **kw), whole)
+
+
+def test_merge_attributions_refuses_overlapping_or_unlike_parts(tiny, tcs):
+    from mechintro.attribution import merge_attributions, steering_attribution
+
+    kw = {"strengths": [0.0, 2.0], "layer": 1, "progress": False}
+    a = steering_attribution(tiny, tcs, ["Bread"], **kw)
+    b = steering_attribution(tiny, tcs, ["Dust"], **kw)
+    assert merge_attributions([a, b]).settings.concepts == ("Bread", "Dust")
+    with pytest.raises(ValueError, match=r"more than one part: \['Dust'\]"):
+        merge_attributions([a, b, b])
+    other = steering_attribution(tiny, tcs, ["Oceans"], **(kw | {"strengths": [0.0, 4.0]}))
+    with pytest.raises(ValueError, match=r"differ in \['strengths'\]"):
+        merge_attributions([a, other])
+
+
+def _canonical(frame):
+    keys = [c for c in ("concept", "strength", "dictionary", "layer", "position", "feature") if c in frame]
+    return frame.sort_values(keys, kind="stable").reset_index(drop=True)

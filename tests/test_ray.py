@@ -257,6 +257,24 @@ def test_sharded_feature_grid_on_ray_equals_one_call(tiny, tmp_path_factory):
         torch.testing.assert_close(got.dense(layer), whole.dense(layer), atol=1e-5, rtol=0)
 
 
+def test_sharded_steering_attribution_on_ray_equals_one_call(tiny, tmp_path_factory):
+    from mechintro.attribution import steering_attribution
+    from mechintro.executors import sharded_steering_attribution
+    from mechintro.testing import save_random_transcoders
+    from mechintro.transcoders import load_transcoders
+
+    source = save_random_transcoders(tmp_path_factory.mktemp("ray_att"), seed=3)
+    concepts = ["Bread", "Oceans", "Dust"]
+    kw = {"strengths": [0.0, 2.0, 4.0], "layer": 1}
+    whole = steering_attribution(tiny, load_transcoders(tiny, source=source), concepts, progress=False, **kw)
+    got = sharded_steering_attribution(tiny, source, concepts, shards=2, executor="ray", **kw)
+    assert got.settings == whole.settings
+    for name in ("features", "remainders", "metric"):
+        a, b = (_canonical(getattr(r, name)) for r in (got, whole))  # row order follows the chunks
+        assert len(a) == len(b) > 0, name
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-4, atol=1e-6)
+
+
 def test_cli_sweep_with_ray_writes_the_local_rows(tiny, tiny_dir, local_rows, monkeypatch, tmp_path):
     """``mechintro sweep --ray --ray-actors 1`` fills the store with the rows of the local sweep."""
     import mechintro.trials as trials
@@ -280,3 +298,8 @@ def test_cli_sweep_with_ray_writes_the_local_rows(tiny, tiny_dir, local_rows, mo
     assert_same_rows(sweep(tiny, CONCEPTS, judge=RuleJudge(), store=store, **PLAN), local_rows)
     with pytest.raises(SystemExit):
         main([*argv, "--quiet", "--ray-actors", "1"])
+
+
+def _canonical(frame):
+    keys = [c for c in ("concept", "strength", "dictionary", "layer", "position", "feature") if c in frame]
+    return frame.sort_values(keys, kind="stable").reset_index(drop=True)
