@@ -32,7 +32,6 @@ from mechintro.models import with_spec
 from mechintro.plots import save_figure
 from mechintro.plots_elicitation import direction_ablation_figure
 from mechintro.readout import yes_no_direction
-from mechintro.transcoders import load_transcoders
 from mechintro.trials import sweep
 
 
@@ -64,12 +63,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _transcoders(model, name: str):
-    if name == runs.TINY:
-        return load_transcoders(model, source=runs.tiny_transcoders_folder())
-    return load_transcoders(model)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
     t0 = time.time()
@@ -77,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.strength is not None:
         spec = with_spec(model, strength=spec.resolve_strength(args.strength))
     layer, strength = spec.injection_layer, spec.strength
-    tcs = _transcoders(model, args.model)
+    tcs = runs.named_transcoders(model, args.model)
     grid_concepts = runs.parse_concepts(args.grid_concepts)
     grid = feature_grid(model, tcs, grid_concepts, strengths=(0.0, strength), batch_size=args.batch_size)
     gates = find_gates(model, tcs, grid, k=max(args.k, 10))

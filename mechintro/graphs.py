@@ -291,12 +291,7 @@ def backward_hop(ctx: _Context, parents: list[Mapping[str, Any]]) -> pd.DataFram
     parts = []
     for chunk, got in _hop_passes(ctx, specs, forward=False, sites=upstream):
         first = got.positions[0]
-        rows = []
-        for r, (p, strength, _, _) in enumerate(chunk):
-            parent = parents[p]
-            own = _active(ctx, parent)
-            c_parent = float(own.loc[own["strength"] == strength, "ga"].iloc[0])  # GA_L(parent) here
-            rows.append((r, p, strength, Site(parent["dictionary"], int(parent["layer"])), c_parent))
+        rows = _parent_rows(ctx, chunk, parents, "ga")  # GA_L(parent) at each row's strength
         for site in upstream:  # one dictionary at a time
             d = ctx.dicts[site]
             for r, p, strength, site_p, c_parent in rows:
@@ -316,6 +311,20 @@ def backward_hop(ctx: _Context, parents: list[Mapping[str, Any]]) -> pd.DataFram
                 parts.append(_child_frame(site, arrays, keep, p, weight))
             del d
     return _candidates(parts)
+
+
+def _parent_rows(
+    ctx: _Context, chunk: Sequence[_Spec], parents: list[Mapping[str, Any]], column: str
+) -> list[tuple[int, int, float, Site, float]]:
+    """Per row of a hop pass: (row, parent index, strength, the parent's site, the parent's ``column``
+    -- ``"ga"`` or ``"sg"`` -- at that strength)."""
+    rows = []
+    for r, (p, strength, _, _) in enumerate(chunk):
+        parent = parents[p]
+        own = _active(ctx, parent)
+        value = float(own.loc[own["strength"] == strength, column].iloc[0])
+        rows.append((r, p, strength, Site(parent["dictionary"], int(parent["layer"])), value))
+    return rows
 
 
 def forward_hop(ctx: _Context, parents: list[Mapping[str, Any]]) -> pd.DataFrame:
@@ -338,12 +347,7 @@ def forward_hop(ctx: _Context, parents: list[Mapping[str, Any]]) -> pd.DataFrame
     parts = []
     for chunk, got in _hop_passes(ctx, specs, forward=True, sites=downstream):
         first = got.positions[0]
-        rows = []
-        for r, (p, strength, _, _) in enumerate(chunk):
-            parent = parents[p]
-            own = _active(ctx, parent)
-            sg_parent = float(own.loc[own["strength"] == strength, "sg"].iloc[0])  # SG(parent) here
-            rows.append((r, p, strength, Site(parent["dictionary"], int(parent["layer"])), sg_parent))
+        rows = _parent_rows(ctx, chunk, parents, "sg")  # SG(parent) at each row's strength
         for site in downstream:  # one dictionary at a time
             d = ctx.dicts[site]
             x, x_dot = (

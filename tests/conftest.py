@@ -187,3 +187,32 @@ def _kill_a_stalled_sweep(
         proc.kill()
         proc.wait(timeout=30)
     return proc.pid
+
+
+@pytest.fixture
+def one_layer_at_a_time():
+    """``make(transcoders) -> (lazy, seen)``: a LazyTranscoders keeping one layer whose loader hands out
+    copies
+    and records, per load, how many earlier copies are still alive (referenced by anyone). ``max(seen) <= 1``
+    means peak memory held one dictionary."""
+    import copy
+    import gc
+    import weakref
+
+    from mechintro.transcoders import LazyTranscoders
+
+    def make(transcoders):
+        alive: weakref.WeakSet = weakref.WeakSet()
+        seen: list[int] = []
+
+        def load(layer):
+            if len(alive) > 1:  # collect only to confirm (a full collection takes ~0.5 s)
+                gc.collect()
+            seen.append(len(alive))
+            tc = copy.deepcopy(transcoders[layer])
+            alive.add(tc)
+            return tc
+
+        return LazyTranscoders(list(transcoders), load, keep=1), seen
+
+    return make

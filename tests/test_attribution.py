@@ -13,10 +13,6 @@ formulas, restored afterwards). Then finite differences (fourth-order stencil, s
 
 from __future__ import annotations
 
-import copy
-import gc
-import weakref
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -37,7 +33,7 @@ from mechintro.prompts import trial_prompt
 from mechintro.readout import yes_no_gap
 from mechintro.steering import inject
 from mechintro.testing import save_random_transcoders
-from mechintro.transcoders import LazyTranscoders, load_transcoders, replace_mlps
+from mechintro.transcoders import load_transcoders, replace_mlps
 
 LAYER = 1
 CONCEPTS = ["Bread", "Oceans"]
@@ -368,21 +364,10 @@ def test_batched_rows_equal_one_run_per_concept_and_strength(m64, tc64, vecs, at
             np.testing.assert_allclose(merged[c], merged[f"{c}_one"], rtol=1e-9, atol=1e-13)
 
 
-def test_lazy_transcoders_are_used_one_layer_at_a_time(m64, tc64, vecs, att):
+def test_lazy_transcoders_are_used_one_layer_at_a_time(m64, tc64, vecs, att, one_layer_at_a_time):
     """With a lazy mapping that keeps one layer, no other layer's dictionary is still alive (referenced by
     anyone) when the next one loads: peak memory holds one dictionary."""
-    alive: weakref.WeakSet = weakref.WeakSet()
-    seen = []
-
-    def load(layer):
-        if len(alive) > 1:  # collect only to confirm (a full collection takes ~0.5 s)
-            gc.collect()
-        seen.append(len(alive))
-        tc = copy.deepcopy(tc64[layer])
-        alive.add(tc)
-        return tc
-
-    lazy = LazyTranscoders(list(tc64), load, keep=1)
+    lazy, seen = one_layer_at_a_time(tc64)
     res = steering_attribution(m64, lazy, CONCEPTS, strengths=GRID, vectors=vecs, batch_size=4)
     assert len(seen) == 2 * 2, "each of 2 chunks reads layers 2 and 3"
     assert max(seen) <= 1

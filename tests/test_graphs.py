@@ -4,12 +4,9 @@ round trips and the figure. Float64 end to end (the ``true_float64`` fixture, se
 
 from __future__ import annotations
 
-import copy
-import gc
 import json
 import math
 import re
-import weakref
 
 import numpy as np
 import pandas as pd
@@ -34,7 +31,7 @@ from mechintro.models import HookNames, load_model, spec_for, with_spec
 from mechintro.prompts import trial_prompt
 from mechintro.readout import unembedding, yes_no_direction
 from mechintro.testing import save_random_transcoders
-from mechintro.transcoders import LazyTranscoders, load_transcoders, replace_mlps
+from mechintro.transcoders import load_transcoders, replace_mlps
 
 GRID = [0.0, 1.0, 2.0, 3.0]
 
@@ -573,21 +570,10 @@ def test_json_round_trip_keeps_dtypes_of_empty_frames():
         pd.testing.assert_frame_equal(getattr(back, name), getattr(g, name))
 
 
-def test_a_lazy_mapping_gives_the_same_graph_holding_one_layer_at_a_time(m64, tc64, vec):
+def test_a_lazy_mapping_gives_the_same_graph_holding_one_layer_at_a_time(m64, tc64, vec, one_layer_at_a_time):
     """Hops, metrics and the logit lens read dictionaries one site at a time: with a lazy mapping that keeps
     one layer, no other layer's dictionary is alive when the next loads, and the graph is unchanged."""
-    alive: weakref.WeakSet = weakref.WeakSet()
-    seen = []
-
-    def load(layer):
-        if len(alive) > 1:  # collect only to confirm (a full collection takes ~0.5 s)
-            gc.collect()
-        seen.append(len(alive))
-        tc = copy.deepcopy(tc64[layer])
-        alive.add(tc)
-        return tc
-
-    lazy = LazyTranscoders(list(tc64), load, keep=1)
+    lazy, seen = one_layer_at_a_time(tc64)
     kw = dict(strengths=GRID, vector=vec[0], depth=1, batch_size=64)
     again = attribution_graph(m64, lazy, "Bread", **kw)
     assert max(seen) <= 1 and len(seen) > 6

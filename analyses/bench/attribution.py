@@ -46,11 +46,10 @@ from mechintro.attribution import (  # noqa: E402
 )
 from mechintro.concepts import concept_vectors, heldout_concepts  # noqa: E402
 from mechintro.hooks import capture, hooks_context  # noqa: E402
-from mechintro.models import spec_for, with_spec  # noqa: E402
+from mechintro.models import spec_for  # noqa: E402
 from mechintro.prompts import trial_prompt  # noqa: E402
 from mechintro.readout import yes_no_gap  # noqa: E402
 from mechintro.steering import inject  # noqa: E402
-from mechintro.transcoders import load_transcoders  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -63,12 +62,7 @@ def _sync() -> None:
 def setup(args: argparse.Namespace) -> dict[str, Any]:
     """Model, transcoders, concepts, vectors, strength grid."""
     torch.set_num_threads(args.threads)
-    model = runs.load_named_model(args.model, device=args.device)
-    if args.model == runs.TINY:
-        with_spec(model, injection_layer=runs.TINY_INJECTION_LAYER)
-        transcoders = load_transcoders(model, source=runs.tiny_transcoders_folder())
-    else:
-        transcoders = load_transcoders(model)
+    model, transcoders = runs.named_model_and_transcoders(args.model, device=args.device)
     spec = spec_for(model)
     try:
         concepts = heldout_concepts()[: args.concepts]

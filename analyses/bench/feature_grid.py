@@ -27,10 +27,10 @@ import torch
 from mechintro import runs  # noqa: E402
 from mechintro.concepts import all_concepts, concept_vectors  # noqa: E402
 from mechintro.features import default_strengths, feature_grid  # noqa: E402
-from mechintro.models import spec_for, with_spec  # noqa: E402
+from mechintro.models import spec_for  # noqa: E402
 from mechintro.prompts import trial_prompt  # noqa: E402
 from mechintro.steering import inject  # noqa: E402
-from mechintro.transcoders import encode_at, load_transcoders  # noqa: E402
+from mechintro.transcoders import encode_at  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -61,12 +61,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = runs.load_named_model(args.model, device=args.device)
-    if args.model == runs.TINY:
-        with_spec(model, injection_layer=runs.TINY_INJECTION_LAYER)
-        transcoders = load_transcoders(model, source=runs.tiny_transcoders_folder())
-    else:
-        transcoders = load_transcoders(model)
+    model, transcoders = runs.named_model_and_transcoders(args.model, device=args.device)
     spec = spec_for(model)
     concepts = all_concepts()[: args.concepts]
     vectors = concept_vectors(model, concepts, layer=spec.injection_layer)

@@ -371,6 +371,25 @@ def tiny_model_folder() -> Path:
     return _fixed_folder("mechintro-tiny-gemma3", save_tiny_gemma3)
 
 
+def named_transcoders(model: Any, name: str) -> Any:
+    """The transcoders of the model named ``name`` on the command line: the shared random ones for
+    ``--model tiny``, else the model's own (:func:`mechintro.transcoders.load_transcoders`)."""
+    from mechintro.transcoders import load_transcoders
+
+    return load_transcoders(model, source=tiny_transcoders_folder() if name == TINY else None)
+
+
+def named_model_and_transcoders(name: str, *, device: str | None = None) -> tuple[Any, Any]:
+    """``(model, transcoders)`` for a ``--model`` name; the tiny model gets the tiny injection layer, as the
+    scripts' setup gives it."""
+    from mechintro.models import with_spec
+
+    model = load_named_model(name, device=device)
+    if name == TINY:
+        with_spec(model, injection_layer=TINY_INJECTION_LAYER)
+    return model, named_transcoders(model, name)
+
+
 def tiny_transcoders_folder() -> Path:
     """A fixed folder of random transcoders for the tiny model (seed 0), created on first use."""
     from mechintro.testing import save_random_transcoders
@@ -445,7 +464,6 @@ def load_setup(args: argparse.Namespace, *, model_name: str | None = None) -> Se
     """Model (``--model`` or ``model_name``), its transcoders, the concepts and their vectors."""
     from mechintro.concepts import concept_vectors
     from mechintro.models import spec_for, with_spec
-    from mechintro.transcoders import load_transcoders
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -458,8 +476,7 @@ def load_setup(args: argparse.Namespace, *, model_name: str | None = None) -> Se
     changes = {k: v for k, v in (("injection_layer", layer), ("strength", strength)) if v is not None}
     if changes:
         with_spec(model, **changes)
-    source = tiny_transcoders_folder() if name == TINY else None
-    transcoders = load_transcoders(model, source=source)
+    transcoders = named_transcoders(model, name)
     spec = spec_for(model)
     vectors = concept_vectors(model, concepts, layer=spec.injection_layer)
     return Setup(args, model, spec, transcoders, concepts, vectors)
