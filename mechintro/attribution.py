@@ -65,6 +65,7 @@ import torch.autograd.forward_ad as fwAD
 from jaxtyping import Float
 from torch import Tensor
 
+from mechintro import kvcache
 from mechintro._html import card
 from mechintro._progress import progress_bar
 from mechintro.concepts import check_concepts, concept_vectors
@@ -620,11 +621,9 @@ def run_pass(
     kw: dict[str, Any] = {}
     if split > 0:
         with torch.no_grad():
-            _, cache = model(
-                prompt.tokens[None, :split].to(device), use_cache=True, return_type="logits_and_cache"
-            )
-        cache.batch_repeat_interleave(n)
-        kw = {"past_key_values": cache, "use_cache": True}
+            cache = kvcache.prefill(model, prompt.tokens[None, :split].to(device))
+            cache.batch_repeat_interleave(n)
+            kw = kvcache.cache_kwargs(model, cache)
     tokens = prompt.tokens[None, split:].expand(n, -1).to(device)
     keep = read_from - split
     resid_inj = HookNames.resid_post(layer)

@@ -51,6 +51,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from mechintro import kvcache
 from mechintro.hooks import active_hooks, tracker
 from mechintro.models import Model
 
@@ -288,9 +289,7 @@ def _why_not(model: Model) -> str | None:
 def new_cache() -> Any:
     """An empty KV cache that keeps every column of every layer (no sliding-window cropping: the masks from
     :func:`attention_masks` apply the window by position)."""
-    from transformers import DynamicCache
-
-    return DynamicCache()
+    return kvcache.new_cache()
 
 
 def attention_masks(
@@ -352,7 +351,7 @@ class Runner:
         keep = 1 if last else 0
         kw = {"attention_mask": masks, "position_ids": positions, "logits_to_keep": keep}
         if cache is not None:
-            kw |= {"past_key_values": cache, "use_cache": True}
+            kw |= kvcache.cache_kwargs(self.model, cache)
         else:
             kw |= {"use_cache": False}
         if self.path == "hf":

@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechintro import kvcache
 from mechintro._html import card
 from mechintro._progress import progress_bar
 from mechintro._stats import pearson_columns, spearman_columns
@@ -354,11 +355,9 @@ def _grid_chunk(
     split = min(prompt.injection_start, pos) if prefix_cache else 0
     kw: dict[str, Any] = {}
     if split > 0:
-        _, cache = model(
-            prompt.tokens[None, :split].to(device), use_cache=True, return_type="logits_and_cache"
-        )
+        cache = kvcache.prefill(model, prompt.tokens[None, :split].to(device))
         cache.batch_repeat_interleave(n)
-        kw = {"past_key_values": cache, "use_cache": True}
+        kw = kvcache.cache_kwargs(model, cache)
     tokens = prompt.tokens[None, split:].expand(n, -1).to(device)
     names = {HookNames.transcoder_in(layer): layer for layer in layers}
     with (

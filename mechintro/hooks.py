@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from mechintro.kvcache import cache_in_call, cache_length, install_bridge_shim
 from mechintro.models import Model
 
 __all__ = [
@@ -200,8 +201,7 @@ class PositionTracker:
 
     def _pre_hook(self, module: Any, args: tuple, kwargs: dict) -> None:
         tokens = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        cache = kwargs.get("past_key_values")
-        self.offset = 0 if cache is None else int(cache.get_seq_length())
+        self.offset = cache_length(cache_in_call(module, kwargs))
         self.seq = int(tokens.shape[1]) if tokens is not None and tokens.ndim >= 2 else 0
         self.calls += 1
 
@@ -211,6 +211,7 @@ _TRACKERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def tracker(model: Model) -> PositionTracker:
     """The model's :class:`PositionTracker` (installed on its Hugging Face module on first use)."""
+    install_bridge_shim()
     hf = getattr(model, "original_model", model)
     found = _TRACKERS.get(hf)
     if found is None:

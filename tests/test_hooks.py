@@ -9,6 +9,7 @@ import torch
 
 from mechintro.concepts import concept_vectors
 from mechintro.hooks import capture, check_layer, check_positions, position_mask, tracker
+from mechintro.kvcache import cache_kwargs, prefill
 from mechintro.models import HookNames
 from mechintro.prompts import trial_prompt
 from mechintro.steering import inject
@@ -29,9 +30,9 @@ def test_tracker_reads_the_cache_position_not_the_call_shape(tiny, setup):
     with torch.no_grad():
         tiny(p.tokens[None])
         assert (track.offset, track.seq) == (0, len(p.tokens))
-        _, cache = tiny(p.tokens[None, :50], use_cache=True, return_type="logits_and_cache")
+        cache = prefill(tiny, p.tokens[None, :50])
         assert (track.offset, track.seq) == (0, 50)
-        tiny(p.tokens[None, 50:], past_key_values=cache, use_cache=True)  # a suffix of many positions
+        tiny(p.tokens[None, 50:], **cache_kwargs(tiny, cache))  # a suffix of many positions
         assert (track.offset, track.seq) == (50, len(p.tokens) - 50)
 
 
@@ -43,16 +44,16 @@ def test_injection_after_a_shared_prefix_cache_equals_the_full_run(tiny, setup):
     with torch.no_grad():
         with inject(tiny, vecs, **kw):
             full = tiny(p.tokens[None].expand(2, -1))
-        _, cache = tiny(p.tokens[None, :split], use_cache=True, return_type="logits_and_cache")
+        cache = prefill(tiny, p.tokens[None, :split])
         cache.batch_repeat_interleave(2)
         with inject(tiny, vecs, **kw):
-            suffix = tiny(p.tokens[None, split:].expand(2, -1), past_key_values=cache, use_cache=True)
+            suffix = tiny(p.tokens[None, split:].expand(2, -1), **cache_kwargs(tiny, cache))
     torch.testing.assert_close(suffix, full[:, split:], rtol=1e-4, atol=1e-4)
     with torch.no_grad():
-        _, cache = tiny(p.tokens[None, :split], use_cache=True, return_type="logits_and_cache")
+        cache = prefill(tiny, p.tokens[None, :split])
         cache.batch_repeat_interleave(2)
         with inject(tiny, vecs, **kw | {"start": p.injection_start - split}):
-            wrong = tiny(p.tokens[None, split:].expand(2, -1), past_key_values=cache, use_cache=True)
+            wrong = tiny(p.tokens[None, split:].expand(2, -1), **cache_kwargs(tiny, cache))
     assert not torch.allclose(wrong, full[:, split:], atol=1e-3), "a start relative to the call is wrong"
 
 
@@ -68,8 +69,8 @@ def test_capture_positions_and_calls(tiny, setup):
             tiny(p.tokens[None])
         torch.testing.assert_close(acts[SITE], full[:, expected])
     with torch.no_grad(), capture(tiny, SITE, positions="last", append=True) as acts:
-        _, cache = tiny(p.tokens[None, :-1], use_cache=True, return_type="logits_and_cache")
-        tiny(p.tokens[None, -1:], past_key_values=cache, use_cache=True)
+        cache = prefill(tiny, p.tokens[None, :-1])
+        tiny(p.tokens[None, -1:], **cache_kwargs(tiny, cache))
     assert len(acts.calls[SITE]) == 2
     torch.testing.assert_close(acts.calls[SITE][0], full[:, [seq - 2]], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(acts.calls[SITE][1], full[:, [seq - 1]], rtol=1e-5, atol=1e-5)

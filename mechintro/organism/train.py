@@ -37,6 +37,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechintro import kvcache
 from mechintro.concepts import baseline_mean, last_token_resid
 from mechintro.models import SPEC_FILENAME, Model, load_model
 from mechintro.organism import corpus
@@ -278,7 +279,7 @@ def trial_batch(
 def prefix_cache(model: Model, batch: TrialBatch) -> Any:
     """The preamble's KV cache, run once and expanded (without copies) to every row of the batch."""
     rows = batch.suffix.tokens.shape[0]
-    _, cache = model(batch.prefix[None], use_cache=True, return_type="logits_and_cache")
+    cache = kvcache.prefill(model, batch.prefix[None])
     for layer in cache.layers:
         layer.keys = layer.keys.expand(rows, -1, -1, -1)
         layer.values = layer.values.expand(rows, -1, -1, -1)
@@ -287,7 +288,7 @@ def prefix_cache(model: Model, batch: TrialBatch) -> Any:
 
 def suffix_logits(model: Model, batch: TrialBatch, cache: Any) -> Float[Tensor, "batch seq vocab"]:
     """Logits of the suffixes after the shared preamble (the suffix starts at the injection start)."""
-    return model(batch.suffix.tokens, past_key_values=cache, use_cache=True)
+    return model(batch.suffix.tokens, **kvcache.cache_kwargs(model, cache))
 
 
 # ----------------------------------------------------------------------------------------------- schedule
