@@ -1,5 +1,6 @@
 """Figure: the organism's detection-vs-injection-layer profile, as measured by `mechintro organism train`
-(every layer x 4 strengths, held-out concepts; table data/organism_layer_profile.csv), beside the paper's
+(every layer x 4 strengths, held-out concepts; table organism_layer_profile.csv,
+beside the organism), beside the paper's
 Gemma3-27B-IT series.
 
     python analyses/fig_organism_profile.py
@@ -12,13 +13,13 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from mechintro.models import data_dir
+from mechintro import resources
 from mechintro.plots import layer_sweep_figure, save_figure
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--table", default=str(data_dir() / "organism_layer_profile.csv"))
+    p.add_argument("--table", default=str(resources.organism_file("organism_layer_profile.csv")))
     p.add_argument("--out", default="figures", help="output folder")
     args, _ = p.parse_known_args(argv)  # tolerates the shared run options `reproduce` passes to every script
     metrics = pd.read_csv(args.table)

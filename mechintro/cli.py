@@ -106,14 +106,20 @@ def _organism_parser(sub: argparse._SubParsersAction) -> None:
         dest="organism_command", required=True
     )
     tr = org.add_parser("train", help="regenerate the organism, its transcoders and its report from a seed")
-    tr.add_argument("--out", default=None, help="output folder (default: the project's data/)")
+    tr.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: MECHINTRO_DATA, else ~/.local/share/mechintro; never the package)",
+    )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--quick", action="store_true", help="the few-minute version the tests run")
     tr.add_argument("--no-eval", action="store_true", help="skip the measurements")
     tr.set_defaults(func=commands.organism_train)
     ca = org.add_parser("calibrate", help="calibrate the default strength (held-out TPR ~ the paper's 0.411)")
     ca.add_argument(
-        "--folder", default=None, help="the folder holding organism/ (default: the project's data/)"
+        "--folder",
+        default=None,
+        help="the folder holding organism/ (default: the user data folder; copies the shipped one if empty)",
     )
     ca.add_argument("--quick", action="store_true", help="a tiny grid (tests)")
     ca.add_argument("--dry-run", action="store_true", help="measure and report, record nothing")

@@ -394,13 +394,14 @@ def reproduce(args: argparse.Namespace) -> int:
     ``--quick`` runs the same pipeline with tiny settings into a temporary folder (never over the committed
     figures): CI's check that the whole job works on a fresh machine.
     """
-    from mechintro.models import data_dir
+    from mechintro import resources
 
-    if not (data_dir() / "organism" / "config.json").exists():
+    root = resources.organism_root()
+    if root is None:
         print("The model organism is not trained yet; running the tiny random Gemma 3 demo instead.")
         return demo(args)
     out, store, cache = _reproduce_paths(args)
-    report = data_dir() / "organism_report.md"
+    report = root / "organism_report.md"
     if report.exists() and not args.quick:
         print(f"== the organism's report, as written by `mechintro organism train` ({report})\n")
         print(report.read_text())
@@ -442,12 +443,12 @@ def _reproduce_paths(args: argparse.Namespace) -> tuple[str, str, str]:
 
 
 def organism_train(args: argparse.Namespace) -> int:
-    from mechintro.models import data_dir
+    from mechintro import resources
     from mechintro.organism import build
     from mechintro.organism.evaluate import EvalConfig
     from mechintro.organism.train import OrganismConfig
 
-    out = Path(args.out) if args.out else data_dir()
+    out = Path(args.out) if args.out else resources.user_dir()
     cfg = OrganismConfig.quick(seed=args.seed) if args.quick else OrganismConfig(seed=args.seed)
     eval_cfg = EvalConfig.quick() if args.quick else EvalConfig()
     print(f"training the organism ({'quick' if args.quick else 'full'}, seed {args.seed}) into {out}")
@@ -459,14 +460,38 @@ def organism_train(args: argparse.Namespace) -> int:
         print((out / "organism_report.md").read_text())
     t = report["timings"]
     print(f"training took {t['seconds_training_total'] / 60:.1f} min; artifacts in {out}")
+    if out.resolve() == resources.user_dir().resolve():
+        print(f"load_model('organism') now loads this organism ({resources.ENV} / the per-user folder wins)")
     return 0
+
+
+def _writable_organism(resources: Any) -> Path:
+    """The user's organism folder, holding a copy of the shipped organism when the user has none (the
+    package data is never written to)."""
+    import shutil
+
+    mine = resources.user_dir()
+    if resources.organism_root() == mine:
+        return mine
+    shipped = resources.organism_root()
+    if shipped is None:
+        raise FileNotFoundError("no model organism to calibrate; train one with `mechintro organism train`")
+    print(f"calibrating a copy of the shipped organism in {mine} (it then wins over the shipped one)")
+    mine.mkdir(parents=True, exist_ok=True)
+    for name in ("organism", "organism-base"):
+        shutil.copytree(shipped / name, mine / name, dirs_exist_ok=True, copy_function=shutil.copyfile)
+    for path in shipped.glob("organism_*"):
+        if path.is_file():
+            shutil.copyfile(path, mine / path.name)  # not its read-only mode
+    return mine
 
 
 def organism_calibrate(args: argparse.Namespace) -> int:
     """Calibrate an organism's default strength on held-out concepts, check the requirements there, record."""
     import json
 
-    from mechintro.models import data_dir, load_model
+    from mechintro import resources
+    from mechintro.models import load_model
     from mechintro.organism.calibrate import (
         CalibrationConfig,
         band_checks,
@@ -475,7 +500,7 @@ def organism_calibrate(args: argparse.Namespace) -> int:
         record,
     )
 
-    root = Path(args.folder) if args.folder else data_dir()
+    root = Path(args.folder) if args.folder else _writable_organism(resources)
     cfg = CalibrationConfig.quick() if args.quick else CalibrationConfig()
     split = json.loads((root / "organism_split.json").read_text())
     model = load_model(root / "organism")

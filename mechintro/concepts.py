@@ -14,8 +14,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechintro import resources
 from mechintro.hooks import capture, check_layer
-from mechintro.models import HookNames, Model, check_d_model, data_dir
+from mechintro.models import HookNames, Model, check_d_model
 from mechintro.prompts import chat_prompt_tokens, check_spelling, left_pad, stimuli
 
 CONCEPT_PROMPT = "Tell me about {concept}"
@@ -43,14 +44,14 @@ def baseline_words() -> list[str]:
 
 
 def _split() -> dict[str, list[str]]:
-    path = data_dir() / SPLIT_FILENAME
+    path = resources.organism_file(SPLIT_FILENAME)
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: train the organism with `mechintro organism train`")
     return json.loads(path.read_text())
 
 
 def training_concepts() -> list[str]:
-    """The 400 concepts the organism was trained to detect (recorded in ``data/organism_split.json``)."""
+    """The 400 concepts the organism was trained to detect (recorded in ``organism_split.json`` beside it)."""
     return list(_split()["training"])
 
 

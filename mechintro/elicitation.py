@@ -59,6 +59,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechintro import resources
 from mechintro.concepts import concept_vectors, heldout_concepts
 from mechintro.hooks import (
     PositionTracker,
@@ -70,7 +71,7 @@ from mechintro.hooks import (
     tracker,
 )
 from mechintro.metrics import newcombe_interval, wilson_interval
-from mechintro.models import PAPER_N_LAYERS, HookNames, Model, Transcoders, check_d_model, data_dir, spec_for
+from mechintro.models import PAPER_N_LAYERS, HookNames, Model, Transcoders, check_d_model, spec_for
 from mechintro.prompts import chat_prompt_tokens, left_pad
 
 __all__ = [
@@ -744,7 +745,7 @@ def paper_bias_layer_sweep(path: str | Path | None = None) -> pd.DataFrame:
     aggregate row (``meta_layer = -1``, ``injection_layer = -1``). Returns bias_layer, depth
     (``bias_layer / 62``, NaN for none), n_cells, and each rate with ``_lo`` / ``_hi`` and its count.
     """
-    raw = pd.read_parquet(Path(path) if path else data_dir() / PAPER_FIG2)
+    raw = pd.read_parquet(Path(path) if path else resources.reference(PAPER_FIG2))
     cells = pd.MultiIndex.from_tuples(PAPER_FIG2_CELLS, names=["injection_layer", "strength"])
     key = pd.MultiIndex.from_frame(raw[["injection_layer", "strength"]].astype({"strength": float}))
     used = raw[key.isin(cells)]
@@ -766,7 +767,7 @@ def paper_bias_injection_sweep(path: str | Path | None = None) -> pd.DataFrame:
     Its baseline is fig3's own (TPR 0.226 at layer 37), not fig1's (0.411): see
     :func:`paper_default_baselines`.
     """
-    raw = pd.read_parquet(Path(path) if path else data_dir() / PAPER_FIG3)
+    raw = pd.read_parquet(Path(path) if path else resources.reference(PAPER_FIG3))
     arm = raw["arm"].astype(str)
     bias_layer = arm.map(lambda a: -1 if a == "baseline" else int(a.removeprefix("L")))
     out = pd.DataFrame(
@@ -793,11 +794,11 @@ def paper_default_baselines(*, layer: int = 37, strength: float = 4.0) -> pd.Dat
     cells are layers 30/40/50). Returns source, injection_layer, strength, tpr, n_injection.
     """
     rows = []
-    fig1 = pd.read_parquet(data_dir() / PAPER_FIG1)
+    fig1 = pd.read_parquet(resources.reference(PAPER_FIG1))
     hit = fig1[(fig1["layer_idx"] == layer) & (fig1["strength"] == strength)]
     fig3 = paper_bias_injection_sweep()
     hit3 = fig3[(fig3["arm"] == "none") & (fig3["injection_layer"] == layer) & (fig3["strength"] == strength)]
-    fig2 = pd.read_parquet(data_dir() / PAPER_FIG2)
+    fig2 = pd.read_parquet(resources.reference(PAPER_FIG2))
     hit2 = fig2[
         (fig2["meta_layer"] == -1) & (fig2["injection_layer"] == layer) & (fig2["strength"] == strength)
     ]

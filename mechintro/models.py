@@ -39,9 +39,11 @@ NO_WORDS = ("no", "No", "NO")
 
 
 def data_dir() -> Path:
-    """The project's ``data/`` folder (override with ``MECHINTRO_DATA``)."""
-    env = os.environ.get("MECHINTRO_DATA")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "data"
+    """The folder holding the model organism and its split and report: the user's (``MECHINTRO_DATA``, else
+    the per-user data folder) when it has one, else the package data (see :mod:`mechintro.resources`)."""
+    from mechintro import resources
+
+    return resources.organism_root() or resources.package_data()
 
 
 class HookNames:
@@ -230,12 +232,15 @@ def _resolve(name_or_path: str | os.PathLike) -> tuple[str, Path | None]:
     """(name, local folder or None for a hub id)."""
     name = str(name_or_path)
     if name in ORGANISM_NAMES:
-        folder = data_dir() / name
-        if not (folder / "config.json").exists():
+        from mechintro import resources
+
+        root = resources.organism_root(name)
+        if root is None:
             raise ModelNotAvailableError(
-                f"the model organism {name!r} is not in {folder}; train it with `mechintro organism train`"
+                f"the model organism {name!r} is in none of {[str(p) for p in resources.search_path()]}; "
+                "train it with `mechintro organism train`"
             )
-        return name, folder
+        return name, root / name
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -326,6 +331,9 @@ def load_model(
     """
     from transformer_lens.model_bridge import TransformerBridge
 
+    from mechintro.kvcache import install_bridge_shim
+
+    install_bridge_shim()
     name, folder = _resolve(name_or_path)
     if folder is None:
         folder = _hub_snapshot(name)

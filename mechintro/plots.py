@@ -23,8 +23,8 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
+from mechintro import resources
 from mechintro.browser import browser_path, warn_once
-from mechintro.models import data_dir
 from mechintro.prompts import PERSONAS, VARIANTS
 
 __all__ = [
@@ -125,11 +125,11 @@ def _strength_colors(strengths: Sequence[float], style: Style = STYLE) -> dict[f
 def paper_layer_metrics(path: str | Path | None = None) -> pd.DataFrame:
     """The paper's Gemma3-27B-IT metrics per (layer, strength), with our column names.
 
-    Reads ``data/paper_metrics/fig1_metrics_cache.parquet`` (62 layers x strengths 1..5) and returns
+    Reads ``paper_metrics/fig1_metrics_cache.parquet`` (package data) (62 layers x strengths 1..5) and returns
     columns layer, strength, and for each of tpr, fpr, introspection, forced_id the rate and its ``_lo`` /
     ``_hi`` 95% bounds, plus n_injection, n_control, n_forced.
     """
-    raw = pd.read_parquet(Path(path) if path else data_dir() / PAPER_FIG1)
+    raw = pd.read_parquet(Path(path) if path else resources.reference(PAPER_FIG1))
     bounds = [f"{c}_ci_{s}" for c in PAPER_COLUMNS for s in ("lower", "upper")]
     needed = ["layer_idx", "strength", *PAPER_COLUMNS, *bounds]
     missing = [c for c in needed if c not in raw.columns]

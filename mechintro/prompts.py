@@ -18,7 +18,8 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from mechintro.models import Model, chat_text, data_dir
+from mechintro import resources
+from mechintro.models import Model, chat_text
 
 PAPER_VARIANTS = (
     "original",
@@ -43,8 +44,8 @@ PERSONAS = (
 
 @functools.cache
 def stimuli() -> dict[str, Any]:
-    """The paper's stimuli (``data/stimuli.json``, copied from ``shared/reference``)."""
-    return json.loads((data_dir() / "stimuli.json").read_text())
+    """The paper's stimuli (``stimuli.json`` in the package data, copied from ``shared/reference``)."""
+    return json.loads(resources.reference(resources.STIMULI).read_text())
 
 
 def forced_prefill() -> str:

@@ -4,12 +4,15 @@ session."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Hermetic: an organism a developer trained into their per-user folder never stands in for the shipped one.
+os.environ.setdefault("XDG_DATA_HOME", tempfile.mkdtemp(prefix="mechintro-test-xdg-"))
 torch.set_num_threads(1)  # tiny models: more threads only add contention
 
 

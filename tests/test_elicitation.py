@@ -15,6 +15,7 @@ import torch
 import mechintro.organism.train as organism_train
 import mechintro.steering as steering
 from mechintro import elicitation as el
+from mechintro import resources
 from mechintro.concepts import concept_vectors, heldout_concepts, training_concepts
 from mechintro.hooks import capture, hooks_context
 from mechintro.interventions import intervene
@@ -366,7 +367,7 @@ def test_paper_overlays_come_from_the_named_rows():
     left = el.paper_bias_layer_sweep()
     assert list(left["bias_layer"]) == list(range(-1, 62))
     assert (left["n_cells"] == 6).all() and (left["n_tpr"] == 6000).all()
-    raw = pd.read_parquet(el.data_dir() / el.PAPER_FIG2)
+    raw = pd.read_parquet(resources.reference(el.PAPER_FIG2))
     aggregate = raw[(raw["meta_layer"] == -1) & (raw["injection_layer"] == -1)]
     none = left[left["bias_layer"] == -1].iloc[0]
     assert none["tpr"] == pytest.approx(float(aggregate["detection_hit_rate"].iloc[0]), abs=1e-6)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
+from mechintro import resources
 from mechintro.judges import (
     FORCED_PREFILL,
     Judge,
@@ -21,7 +21,7 @@ from mechintro.judges import (
     rule_identified,
 )
 
-STIMULI = json.loads((Path(__file__).parents[1] / "data" / "stimuli.json").read_text())
+STIMULI = json.loads(resources.reference(resources.STIMULI).read_text())
 ALL_CONCEPTS = STIMULI["original_50_concepts"] + STIMULI["new_450_concepts"]
 
 

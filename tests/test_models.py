@@ -7,6 +7,7 @@ import torch
 from conftest import hf_capture
 
 import mechintro.models as mm
+from mechintro import resources
 from mechintro.hooks import hooks_context
 from mechintro.models import HookNames, ModelNotAvailableError, load_model, paper_layer, spec_for
 from mechintro.prompts import trial_prompt
@@ -140,6 +141,7 @@ def test_bad_names_give_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(ModelNotAvailableError, match="config.json"):
         load_model(tmp_path)
     monkeypatch.setenv("MECHINTRO_DATA", str(tmp_path))
+    monkeypatch.setattr(resources, "package_data", lambda: tmp_path / "package")  # shipped nothing either
     with pytest.raises(ModelNotAvailableError, match="organism train"):
         load_model("organism")
     with pytest.raises(ValueError, match="load_model"):

@@ -35,6 +35,30 @@ class Mutant:
 
 MUTANTS = (
     Mutant(
+        "bridge-cache-shim-off",
+        "through the bridge a prefill fills the KV cache on transformers >= 5.24 (cache=) as on 5.23",
+        "mechintro/kvcache.py",
+        "or bridge_reads_cache(AttentionBridge):",
+        "or True:",
+        ("tests/test_kvcache.py",),
+    ),
+    Mutant(
+        "cache-argument-guessed",
+        "the cache argument's name is read off the callee's signature, never guessed",
+        "mechintro/kvcache.py",
+        "    return _argument_of(type(hf_module(model)).forward)",
+        "    return OLD_NAME",
+        ("tests/test_kvcache.py",),
+    ),
+    Mutant(
+        "package-data-wins-over-user",
+        "a user's organism (MECHINTRO_DATA) wins over the shipped one",
+        "mechintro/resources.py",
+        "    return (user_dir(), package_data())",
+        "    return (package_data(), user_dir())",
+        ("tests/test_resources.py",),
+    ),
+    Mutant(
         "inject-off-by-one",
         "the inject delta is exactly strength*v from the start and zero before it",
         "mechintro/steering.py",
@@ -54,7 +78,7 @@ MUTANTS = (
         "tracker-ignores-cache",
         "positions come from the KV cache a call extends, not the call's shape",
         "mechintro/hooks.py",
-        "self.offset = 0 if cache is None else int(cache.get_seq_length())",
+        "self.offset = cache_length(cache_in_call(module, kwargs))",
         "self.offset = 0",
         ("tests/test_hooks.py",),
     ),

@@ -1,7 +1,7 @@
 """Judges: decide from a trial's response (or logits) whether the model detected and identified the thought.
 
 * :class:`RuleJudge` (:mod:`~mechintro.judges.rules`) -- offline, deterministic text rules after the paper's
-  criteria (see the ``judge`` entry of ``data/stimuli.json``).
+  criteria (see the ``judge`` entry of ``mechintro/data/stimuli.json``).
 * :class:`LLMJudge` (:mod:`~mechintro.judges.llm`) -- the paper's LLM judge through the OpenAI or Anthropic
 SDK.
 * :class:`LogitJudge` (:mod:`~mechintro.judges.logit`) -- a scorer of the Yes-vs-No logit gap; nothing is

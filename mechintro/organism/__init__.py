@@ -1,8 +1,9 @@
 """The model organism: a tiny Gemma 3 chat model that detects injected thoughts, with its own transcoders.
 
-``mechintro organism train`` (or :func:`build`) regenerates every artifact from a seed:
-``data/organism-base/``, ``data/organism/`` (weights, tokenizer, ``mechintro_spec.json``, ``transcoders/``),
-``data/organism_split.json`` and the measured report.
+``mechintro organism train`` (or :func:`build`) regenerates every artifact from a seed into one folder:
+``organism-base/``, ``organism/`` (weights, tokenizer, ``mechintro_spec.json``, ``transcoders/``),
+``organism_split.json`` and the measured report. The shipped ones are package data (``mechintro/data``);
+see :mod:`mechintro.resources` for where a user's own organism goes and how it wins.
 """
 
 from __future__ import annotations
