@@ -1,19 +1,39 @@
-# Every target creates .venv itself, so `make test` and `make reproduce` work on a fresh machine.
+# Every target creates its environment itself, so `make test` and `make reproduce` work on a fresh machine.
+# The development environment (.venv) installs exactly requirements/lock.txt (versions and hashes, resolved by
+# `make lock`); test-newest and test-oldest resolve the two ends of pyproject.toml's ranges afresh.
+PYTHON  ?= python3
 PY      := .venv/bin/python
-PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
+UV      := .uv/bin/uv
+LOCK    := requirements/lock.txt
+TORCH   := requirements/torch.txt
+# Where the CPU build of torch named in requirements/torch.txt lies (on this workplace's machines: /opt/wheels).
+FIND_LINKS ?= /opt/wheels
 QUICK_OUT ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# One resolution, for Python 3.11 on x86-64 Linux (the machines CI and the lock are for).
+COMPILE := $(UV) pip compile pyproject.toml --extra dev --python-version 3.11 \
+	--python-platform x86_64-unknown-linux-gnu --find-links $(FIND_LINKS) --quiet
 
-.PHONY: setup browser test test-slow lint format reproduce reproduce-quick figures bench mutants clean
+.PHONY: setup browser test test-newest test-oldest lock wheel wheel-smoke test-slow lint format reproduce \
+	reproduce-quick figures bench mutants clean
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv .venv
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
+$(UV): requirements/uv.txt
+	rm -rf .uv && $(PYTHON) -m venv .uv
+	.uv/bin/pip install -q --require-hashes -r requirements/uv.txt
+	touch $(UV)
+
+# env DIR REQUIREMENTS [FLAGS]: a fresh venv at DIR holding exactly REQUIREMENTS, plus mechintro (editable).
+define env
+	rm -rf $(1) && $(PYTHON) -m venv $(1)
+	$(UV) pip sync -q --python $(1)/bin/python --find-links $(FIND_LINKS) $(3) $(2)
+	$(UV) pip install -q --python $(1)/bin/python --no-deps -e .
+endef
+
+$(STAMP): $(LOCK) pyproject.toml | $(UV)
+	$(call env,.venv,$(LOCK),--require-hashes)
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -34,6 +54,34 @@ format: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q
+
+# Refresh the lock: today's newest versions the ranges allow, torch held at its CPU build.
+lock: | $(UV)
+	$(COMPILE) --upgrade --generate-hashes --override $(TORCH) -o $(LOCK)
+
+# The suite on the newest versions pyproject.toml allows (resolved now, not from the lock), torch held at the
+# lock's CPU build: torch's upper end is tested only there.
+test-newest: | $(UV)
+	mkdir -p .venv-newest.d
+	$(COMPILE) --upgrade --override $(TORCH) -o .venv-newest.d/requirements.txt
+	$(call env,.venv-newest,.venv-newest.d/requirements.txt,)
+	.venv-newest/bin/python -m pytest -q
+
+# The suite on the lowest versions of the direct dependencies (torch included: its floor's PyPI build).
+test-oldest: | $(UV)
+	mkdir -p .venv-oldest.d
+	$(COMPILE) --upgrade --resolution lowest-direct -o .venv-oldest.d/requirements.txt
+	$(call env,.venv-oldest,.venv-oldest.d/requirements.txt,)
+	.venv-oldest/bin/python -m pytest -q
+
+# The sdist, and the wheel built from it, into dist/.
+wheel: | $(UV)
+	rm -rf dist && $(UV) build -q --out-dir dist
+
+# Install the wheel into a fresh venv outside the checkout (newest dependencies), make the installed package
+# read-only, and use it from another folder.
+wheel-smoke: wheel
+	bash tools/wheel_smoke.sh dist $(UV) $(FIND_LINKS) $(TORCH)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
@@ -56,4 +104,4 @@ mutants: $(STAMP)
 	$(PY) tools/mutants.py
 
 clean:
-	rm -rf .venv
+	rm -rf .venv .venv-newest .venv-newest.d .venv-oldest .venv-oldest.d .uv dist

@@ -787,8 +787,8 @@ def _plain(v: Any) -> Any:
 def _frame_from_dict(data: Mapping[str, Any]) -> pd.DataFrame:
     df = pd.DataFrame({c: data["data"][c] for c in data["columns"]}, columns=data["columns"])
     for column, dtype in zip(data["columns"], data["dtypes"], strict=True):
-        if dtype != "object":
-            df[column] = df[column].astype(dtype)
+        # object included: pandas < 2.3 makes an empty list's column float64
+        df[column] = df[column].astype(dtype)
     return df
 
 

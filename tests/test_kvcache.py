@@ -37,13 +37,22 @@ class Call:
     """Positions in the call's cache when it started (-1: no cache given)."""
     after: int = -1
     """Positions in it when the call returned."""
+    name: str | None = None
+    """The argument that carried the cache."""
+    takes: str | None = None
+    """The cache argument the called forward's signature takes."""
 
 
 def _given_cache(kwargs: dict):
     for name in ("cache", "past_key_values"):
         if kwargs.get(name) is not None:
-            return kwargs[name]
-    return None
+            return name, kwargs[name]
+    return None, None
+
+
+def _takes(module) -> str:
+    params = inspect.signature(type(module).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 @contextlib.contextmanager
@@ -54,8 +63,10 @@ def watching(*modules):
 
     def pre(module, args, kwargs):
         ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        cache = _given_cache(kwargs)
-        call = Call(int(ids.shape[1]), -1 if cache is None else int(cache.get_seq_length()))
+        name, cache = _given_cache(kwargs)
+        call = Call(
+            int(ids.shape[1]), -1 if cache is None else int(cache.get_seq_length()), -1, name, _takes(module)
+        )
         calls.append(call)
         pending.append((call, cache))
 
@@ -80,6 +91,7 @@ def assert_extends(calls: list[Call], *, prefilled: int):
     assert cached, f"no call was given a cache: {calls}"
     for c in cached:
         assert c.after == c.before + c.positions, f"a call left the cache short of its positions: {c}"
+        assert c.name == c.takes, f"a cache passed under a name the forward does not take (an alias?): {c}"
     assert any(c.before == prefilled for c in cached), (
         f"no call found the {prefilled}-position prefill: {calls}"
     )
