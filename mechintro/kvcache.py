@@ -58,21 +58,24 @@ def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
 
 
 def cache_in_call(module: torch.nn.Module, kwargs: dict[str, Any]) -> Any:
-    """The KV cache a forward call of the HF ``module`` was given (None without one).
+    """The KV cache a forward call of the HF ``module`` was given (None without one, or when its forward
+    takes no cache).
 
     Reads the name the forward's signature takes. Where that is ``"cache"``, a ``past_key_values`` argument
     (the deprecated alias, which transformers still maps) is read too. Where the forward takes only
     ``past_key_values``, a ``cache=`` argument would be silently ignored by transformers, so it raises.
     """
-    name = _argument_of(type(module).forward)
+    try:
+        name = _argument_of(type(module).forward)
+    except TypeError:  # a forward that takes no cache at all
+        return None
     if name == NEW_NAME:
         found = kwargs.get(NEW_NAME)
         return kwargs.get(OLD_NAME) if found is None else found
     if kwargs.get(NEW_NAME) is not None:
         raise TypeError(
             f"{type(module).__name__}.forward takes its KV cache as {OLD_NAME!r} in this transformers "
-            "version; "
-            f"a {NEW_NAME!r} argument would be ignored (use mechintro.kvcache.cache_kwargs)"
+            f"version; a {NEW_NAME!r} argument would be ignored (use mechintro.kvcache.cache_kwargs)"
         )
     return kwargs.get(OLD_NAME)
 

@@ -64,6 +64,8 @@ class StoreError(ValueError):
 
 _TIMEOUT_S = 30.0
 """How long a statement waits for another process's write lock before failing."""
+_BUSY = ("SQLITE_BUSY", "SQLITE_LOCKED")
+"""sqlite error names that mean another connection holds the lock for now."""
 
 _LEASE_COLUMNS = {"owner": "TEXT", "expires": "REAL", "claimed_at": "REAL"}
 """The ``leases`` table: the key columns, then these."""
@@ -178,27 +180,35 @@ class TrialStore:
         if existed and self.shared and not os.access(self.path, os.W_OK):
             self.readonly, self._why_readonly = True, "this process may not write the file"
             return self._open_readonly()
-        conn = None
-        try:
-            conn = self._connect(self.path)
-            if _has_trials(conn):  # a foreign file is refused before anything in it changes
-                self._check_schema(conn)
-            conn.execute("PRAGMA journal_mode=WAL").fetchall()
-            conn.execute("PRAGMA synchronous=NORMAL")  # in WAL mode, commits survive a killed process
-            with _transaction(conn):
-                conn.execute(_TRIALS_SCHEMA)
-                conn.execute(_LEASES_SCHEMA)
-            return conn
-        except StoreError:
-            conn.close()
-            raise
-        except sqlite3.DatabaseError as e:
-            if conn is not None:
+        deadline = time.monotonic() + _TIMEOUT_S
+        while True:
+            conn = None
+            try:
+                conn = self._connect(self.path)
+                if _has_trials(conn):  # a foreign file is refused before anything in it changes
+                    self._check_schema(conn)
+                conn.execute("PRAGMA journal_mode=WAL").fetchall()
+                conn.execute("PRAGMA synchronous=NORMAL")  # in WAL mode, commits survive a killed process
+                with _transaction(conn):
+                    conn.execute(_TRIALS_SCHEMA)
+                    conn.execute(_LEASES_SCHEMA)
+                return conn
+            except StoreError:
                 conn.close()
-            if existed and _errorname(e).startswith(tuple(_CANNOT_WRITE)):
-                self.readonly, self._why_readonly = True, f"this process cannot write here: {e}"
-                return self._open_readonly()
-            raise self._open_error(e, existed=existed) from None
+                raise
+            except sqlite3.DatabaseError as e:
+                if conn is not None:
+                    conn.close()
+                # Two processes creating one store at once: switching to WAL can answer SQLITE_BUSY at once,
+                # without SQLite's busy handler, so the open is tried again until the store's timeout.
+                if _errorname(e).startswith(_BUSY) and time.monotonic() < deadline:
+                    time.sleep(0.02 + 0.05 * secrets.randbelow(100) / 100)
+                    existed = self.path.exists()
+                    continue
+                if existed and _errorname(e).startswith(tuple(_CANNOT_WRITE)):
+                    self.readonly, self._why_readonly = True, f"this process cannot write here: {e}"
+                    return self._open_readonly()
+                raise self._open_error(e, existed=existed) from None
 
     def _open_readonly(self) -> sqlite3.Connection:
         """A read-only connection; ``immutable`` where SQLite cannot make its shared-memory file here."""

@@ -142,6 +142,13 @@ def test_a_cache_under_the_wrong_name_is_refused_not_ignored(tiny):
             kvcache.cache_in_call(tiny.original_model, {"cache": object()})
 
 
+def test_a_forward_without_a_cache_argument():
+    linear = torch.nn.Linear(2, 2)
+    assert kvcache.cache_in_call(linear, {"cache": "ignored"}) is None
+    with pytest.raises(TypeError, match="takes neither 'cache' nor 'past_key_values'"):
+        kvcache.cache_argument(linear)
+
+
 def test_features_prefix_cache_is_filled(tiny, tmp_path):
     tcs = load_transcoders(tiny, source=save_random_transcoders(tmp_path / "tcs"))
     vecs = concept_vectors(tiny, ["Bread", "Oceans"], layer=spec_for(tiny).injection_layer)

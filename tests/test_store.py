@@ -868,3 +868,26 @@ def test_leases_of_a_dead_process_on_this_host_do_not_wait_for_their_expiry(tmp_
         assert store.claim(batch_keys(2), ttl_s=600, owner=f"elsewhere:{dead_pid}:remote")
         claim = store.claim(batch_keys(0) + batch_keys(1) + batch_keys(2), ttl_s=600)
         assert claim.keys == tuple(batch_keys(0)) and claim.busy == tuple(batch_keys(1) + batch_keys(2))
+
+
+def test_an_open_that_meets_a_busy_lock_is_tried_again(tmp_path, monkeypatch):
+    """Two processes creating one store at once: switching to WAL may answer SQLITE_BUSY at once (SQLite's
+    busy handler does not run there); the open tries again instead of failing."""
+    busy = {"left": 2}
+
+    class Busy(sqlite3.Connection):
+        def execute(self, sql, *args):
+            if sql.startswith("PRAGMA journal_mode") and busy["left"]:
+                busy["left"] -= 1
+                error = sqlite3.OperationalError("database is locked")
+                error.sqlite_errorname = "SQLITE_BUSY"
+                raise error
+            return super().execute(sql, *args)
+
+    real = TrialStore._connect
+    monkeypatch.setattr(
+        TrialStore, "_connect", lambda self, target, **kw: real(self, target, factory=Busy, **kw)
+    )
+    with TrialStore(tmp_path / "s.sqlite") as store:
+        assert store.load().empty and not store.readonly
+    assert busy["left"] == 0, "both busy answers were met and tried again"

@@ -51,6 +51,14 @@ MUTANTS = (
         ("tests/test_kvcache.py",),
     ),
     Mutant(
+        "store-open-not-retried",
+        "two processes creating one store at once both open it (a busy WAL switch is tried again)",
+        "mechintro/store.py",
+        "if _errorname(e).startswith(_BUSY) and time.monotonic() < deadline:",
+        "if False:",
+        ("tests/test_store.py",),
+    ),
+    Mutant(
         "package-data-wins-over-user",
         "a user's organism (MECHINTRO_DATA) wins over the shipped one",
         "mechintro/resources.py",
