@@ -465,15 +465,16 @@ def organism_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _writable_organism(resources: Any) -> Path:
+def _writable_organism() -> Path:
     """The user's organism folder, holding a copy of the shipped organism when the user has none (the
     package data is never written to)."""
     import shutil
 
-    mine = resources.user_dir()
-    if resources.organism_root() == mine:
+    from mechintro import resources
+
+    mine, shipped = resources.user_dir(), resources.organism_root()
+    if shipped == mine:
         return mine
-    shipped = resources.organism_root()
     if shipped is None:
         raise FileNotFoundError("no model organism to calibrate; train one with `mechintro organism train`")
     print(f"calibrating a copy of the shipped organism in {mine} (it then wins over the shipped one)")
@@ -490,7 +491,6 @@ def organism_calibrate(args: argparse.Namespace) -> int:
     """Calibrate an organism's default strength on held-out concepts, check the requirements there, record."""
     import json
 
-    from mechintro import resources
     from mechintro.models import load_model
     from mechintro.organism.calibrate import (
         CalibrationConfig,
@@ -500,7 +500,7 @@ def organism_calibrate(args: argparse.Namespace) -> int:
         record,
     )
 
-    root = Path(args.folder) if args.folder else _writable_organism(resources)
+    root = Path(args.folder) if args.folder else _writable_organism()
     cfg = CalibrationConfig.quick() if args.quick else CalibrationConfig()
     split = json.loads((root / "organism_split.json").read_text())
     model = load_model(root / "organism")

@@ -53,6 +53,7 @@ from torch import Tensor
 
 from mechintro import kvcache
 from mechintro.hooks import active_hooks, tracker
+from mechintro.kvcache import new_cache  # called without a model: no cropping, the masks apply the window
 from mechintro.models import Model
 
 __all__ = [
@@ -284,12 +285,6 @@ def _why_not(model: Model) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------- running
-
-
-def new_cache() -> Any:
-    """An empty KV cache that keeps every column of every layer (no sliding-window cropping: the masks from
-    :func:`attention_masks` apply the window by position)."""
-    return kvcache.new_cache()
 
 
 def attention_masks(

@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from mechintro.kvcache import cache_in_call, cache_length, install_bridge_shim
+from mechintro.kvcache import cache_in_call, cache_length, hf_module, install_bridge_shim
 from mechintro.models import Model
 
 __all__ = [
@@ -212,7 +212,7 @@ _TRACKERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def tracker(model: Model) -> PositionTracker:
     """The model's :class:`PositionTracker` (installed on its Hugging Face module on first use)."""
     install_bridge_shim()
-    hf = getattr(model, "original_model", model)
+    hf = hf_module(model)
     found = _TRACKERS.get(hf)
     if found is None:
         found = PositionTracker()

@@ -117,8 +117,6 @@ def prefill(model: Any, tokens: Int[Tensor, "batch seq"], **kwargs: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------ bridge shim
 
-_SHIMMED = "_mechintro_reads_cache"
-
 
 class _Probe:
     """A stand-in cache that records whether ``update`` was called."""
@@ -158,7 +156,7 @@ def install_bridge_shim() -> bool:
         from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
     except ImportError:  # no bridge installed: nothing to shim
         return False
-    if getattr(AttentionBridge._update_kv_cache, _SHIMMED, False) or bridge_reads_cache(AttentionBridge):
+    if bridge_reads_cache(AttentionBridge):  # transformer-lens reads it, or the shim is already in
         return False
     original = AttentionBridge._update_kv_cache
 
@@ -168,6 +166,5 @@ def install_bridge_shim() -> bool:
             kwargs[OLD_NAME] = kwargs[NEW_NAME]
         return original(self, k, v, **kwargs)
 
-    setattr(_update_kv_cache, _SHIMMED, True)
     AttentionBridge._update_kv_cache = _update_kv_cache
     return True

@@ -182,23 +182,9 @@ class TrialStore:
             return self._open_readonly()
         deadline = time.monotonic() + _TIMEOUT_S
         while True:
-            conn = None
             try:
-                conn = self._connect(self.path)
-                if _has_trials(conn):  # a foreign file is refused before anything in it changes
-                    self._check_schema(conn)
-                conn.execute("PRAGMA journal_mode=WAL").fetchall()
-                conn.execute("PRAGMA synchronous=NORMAL")  # in WAL mode, commits survive a killed process
-                with _transaction(conn):
-                    conn.execute(_TRIALS_SCHEMA)
-                    conn.execute(_LEASES_SCHEMA)
-                return conn
-            except StoreError:
-                conn.close()
-                raise
+                return self._open_writable()
             except sqlite3.DatabaseError as e:
-                if conn is not None:
-                    conn.close()
                 # Two processes creating one store at once: switching to WAL can answer SQLITE_BUSY at once,
                 # without SQLite's busy handler, so the open is tried again until the store's timeout.
                 if _errorname(e).startswith(_BUSY) and time.monotonic() < deadline:
@@ -209,6 +195,22 @@ class TrialStore:
                     self.readonly, self._why_readonly = True, f"this process cannot write here: {e}"
                     return self._open_readonly()
                 raise self._open_error(e, existed=existed) from None
+
+    def _open_writable(self) -> sqlite3.Connection:
+        """One try at a read-write connection in WAL mode with both tables (closed again on any error)."""
+        conn = self._connect(self.path)
+        try:
+            if _has_trials(conn):  # a foreign file is refused before anything in it changes
+                self._check_schema(conn)
+            conn.execute("PRAGMA journal_mode=WAL").fetchall()
+            conn.execute("PRAGMA synchronous=NORMAL")  # in WAL mode, commits survive a killed process
+            with _transaction(conn):
+                conn.execute(_TRIALS_SCHEMA)
+                conn.execute(_LEASES_SCHEMA)
+            return conn
+        except BaseException:
+            conn.close()
+            raise
 
     def _open_readonly(self) -> sqlite3.Connection:
         """A read-only connection; ``immutable`` where SQLite cannot make its shared-memory file here."""

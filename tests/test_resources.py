@@ -113,11 +113,11 @@ def test_calibrating_the_shipped_organism_works_on_a_writable_copy(tmp_path, mon
             path.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
     monkeypatch.setattr(resources, "package_data", lambda: shipped)
     monkeypatch.setenv("MECHINTRO_DATA", str(tmp_path / "mine"))
-    root = commands._writable_organism(resources)
+    root = commands._writable_organism()
     assert root == tmp_path / "mine" and resources.organism_root() == root
     for name in ("organism", "organism-base"):
         spec = root / name / "mechintro_spec.json"
         assert spec.read_text() == (shipped / name / "mechintro_spec.json").read_text()
         spec.write_text(spec.read_text())  # writable
     assert (root / "organism_split.json").is_file()
-    assert commands._writable_organism(resources) == root, "a second call reuses the user's copy"
+    assert commands._writable_organism() == root, "a second call reuses the user's copy"

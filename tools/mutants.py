@@ -38,8 +38,8 @@ MUTANTS = (
         "bridge-cache-shim-off",
         "through the bridge a prefill fills the KV cache on transformers >= 5.24 (cache=) as on 5.23",
         "mechintro/kvcache.py",
-        "or bridge_reads_cache(AttentionBridge):",
-        "or True:",
+        "    if bridge_reads_cache(AttentionBridge):",
+        "    if True:",
         ("tests/test_kvcache.py",),
     ),
     Mutant(
