@@ -59,6 +59,14 @@ MUTANTS = (
         ("tests/test_store.py",),
     ),
     Mutant(
+        "calibrate-copy-read-only",
+        "calibrating the shipped organism works on a writable copy (not the package's read-only files)",
+        "mechintro/commands.py",
+        "copy_function=shutil.copyfile)",
+        "copy_function=shutil.copy2)",
+        ("tests/test_resources.py",),
+    ),
+    Mutant(
         "package-data-wins-over-user",
         "a user's organism (MECHINTRO_DATA) wins over the shipped one",
         "mechintro/resources.py",
