@@ -42,7 +42,7 @@ setup: $(STAMP)
 # says what to do. It never fails: without a browser the figures are written as HTML (MECHINTRO_BROWSER=none
 # hides a browser on purpose).
 browser: $(STAMP)
-	$(PY) -m mechintro.browser --install
+	$(PY) -m mechintro.plots.browser --install
 
 lint: $(STAMP)
 	.venv/bin/ruff check mechintro tests analyses tools

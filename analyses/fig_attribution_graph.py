@@ -1,4 +1,4 @@
-"""Figure (logic in mechintro.runs.attribution): steering-attribution graphs (injection -> features -> Yes/No)
+"""Figure (logic in mechintro.cli.attribution): steering-attribution graphs (injection -> features -> Yes/No)
 of a few held-out concepts, with
 every number the README reports about them.
 
@@ -19,7 +19,7 @@ Neuronpedia / circuit-tracer JSON, and the parquet frames of the attribution. Th
         --n-trials 1
 """
 
-from mechintro.runs.attribution import main
+from mechintro.cli.attribution import main
 
 if __name__ == "__main__":
     main(doc=__doc__)

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from mechintro import runs
-from mechintro.concepts import concept_vectors
-from mechintro.curves import gate_response, success_failure
-from mechintro.models import spec_for, with_spec
-from mechintro.plots_mechanism import base_vs_instruct_figure
+from mechintro.cli import setup as runs
+from mechintro.core.concepts import concept_vectors
+from mechintro.core.models import spec_for, with_spec
+from mechintro.mechanism.curves import gate_response, success_failure
+from mechintro.plots.mechanism import base_vs_instruct_figure
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Figure 16 on the organism (logic in mechintro.runs.elicitation): a trained bias vector at one MLP output,
+"""Figure 16 on the organism (logic in mechintro.cli.elicitation): a trained bias vector at one MLP output,
 against the paper's released sweeps.
 
 Trains bias vectors on the training concepts (every model weight frozen) and measures them on held-out
@@ -21,7 +21,7 @@ printed at the end.
         --concepts Bread,Oceans --train-eval Dust,Trees --n-trials 1 --epoch-size 16 --max-new-tokens 6
 """
 
-from mechintro.runs.elicitation import main
+from mechintro.cli.elicitation import main
 
 if __name__ == "__main__":
     main(doc=__doc__)

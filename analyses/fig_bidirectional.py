@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mechintro import geometry as geo
-from mechintro.plots_geometry import bidirectional_figure
-from mechintro.prompts import category_of
-from mechintro.runs import geometry as g
+from mechintro.cli import geometry as g
+from mechintro.core.prompts import category_of
+from mechintro.plots.geometry import bidirectional_figure
+from mechintro.studies import geometry as geo
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mechintro import runs
-from mechintro.curves import carrier_curves, success_failure
-from mechintro.plots_mechanism import carrier_ablation_figure
+from mechintro.cli import setup as runs
+from mechintro.mechanism.curves import carrier_curves, success_failure
+from mechintro.plots.mechanism import carrier_ablation_figure
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from scipy import stats
 
-from mechintro import geometry as geo
-from mechintro.plots_geometry import concept_pca_figure, direction_sweep_figure, verbalizability_figure
-from mechintro.runs import geometry as g
+from mechintro.cli import geometry as g
+from mechintro.plots.geometry import concept_pca_figure, direction_sweep_figure, verbalizability_figure
+from mechintro.studies import geometry as geo
 
 
 def load_direction(text: str) -> tuple[str, np.ndarray]:

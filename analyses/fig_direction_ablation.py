@@ -23,16 +23,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from mechintro import elicitation as el
-from mechintro import runs
-from mechintro.concepts import concept_vectors
-from mechintro.features import feature_grid, find_gates
-from mechintro.metrics import detection_metrics, newcombe_interval
-from mechintro.models import with_spec
-from mechintro.plots import save_figure
-from mechintro.plots_elicitation import direction_ablation_figure
-from mechintro.readout import yes_no_direction
-from mechintro.trials import sweep
+from mechintro.behaviour.metrics import detection_metrics, newcombe_interval
+from mechintro.behaviour.trials import sweep
+from mechintro.cli import setup as runs
+from mechintro.core.concepts import concept_vectors
+from mechintro.core.models import with_spec
+from mechintro.core.readout import yes_no_direction
+from mechintro.mechanism.features import feature_grid, find_gates
+from mechintro.plots.behaviour import save_figure
+from mechintro.plots.elicitation import direction_ablation_figure
+from mechintro.studies import bias as el
 
 
 def parser() -> argparse.ArgumentParser:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mechintro import runs
-from mechintro.curves import gate_curves_sampled, summarize_gate_curves
-from mechintro.plots_mechanism import gate_curves_figure
+from mechintro.cli import setup as runs
+from mechintro.mechanism.curves import gate_curves_sampled, summarize_gate_curves
+from mechintro.plots.mechanism import gate_curves_figure
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mechintro import runs
-from mechintro.plots_mechanism import gates_figure
+from mechintro.cli import setup as runs
+from mechintro.plots.mechanism import gates_figure
 
 
 def main(argv: Sequence[str] | None = None) -> None:

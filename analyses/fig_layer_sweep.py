@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from mechintro import plots, runs
-from mechintro.metrics import detection_metrics
-from mechintro.trials import sweep
+from mechintro.behaviour.metrics import detection_metrics
+from mechintro.behaviour.trials import sweep
+from mechintro.cli import setup as runs
+from mechintro.plots import behaviour as plots
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 from scipy import stats
 
-from mechintro import geometry as geo
-from mechintro.plots_geometry import noise_figure
-from mechintro.runs import geometry as g
+from mechintro.cli import geometry as g
+from mechintro.plots.geometry import noise_figure
+from mechintro.studies import geometry as geo
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from mechintro import resources
-from mechintro.plots import layer_sweep_figure, save_figure
+from mechintro.core import resources
+from mechintro.plots.behaviour import layer_sweep_figure, save_figure
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mechintro import runs
-from mechintro.patching import PatchingConfig, component_patching, summarize_patching
-from mechintro.plots_mechanism import patching_figure
-from mechintro.readout import detection_weights
-from mechintro.store import TrialStore
+from mechintro.behaviour.store import TrialStore
+from mechintro.cli import setup as runs
+from mechintro.core.readout import detection_weights
+from mechintro.mechanism.patching import PatchingConfig, component_patching, summarize_patching
+from mechintro.plots.mechanism import patching_figure
 
 
 def main(argv: Sequence[str] | None = None) -> None:

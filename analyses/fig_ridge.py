@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
-from mechintro import geometry as geo
-from mechintro.plots_geometry import ridge_figure
-from mechintro.runs import geometry as g
+from mechintro.cli import geometry as g
+from mechintro.plots.geometry import ridge_figure
+from mechintro.studies import geometry as geo
 
 
 def main(argv: Sequence[str] | None = None) -> None:

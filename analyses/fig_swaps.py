@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mechintro import geometry as geo
-from mechintro.plots_geometry import swaps_figure
-from mechintro.runs import geometry as g
+from mechintro.cli import geometry as g
+from mechintro.plots.geometry import swaps_figure
+from mechintro.studies import geometry as geo
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from mechintro import plots, runs
-from mechintro.metrics import detection_metrics
-from mechintro.prompts import PAPER_VARIANTS, PERSONAS
-from mechintro.trials import sweep
+from mechintro.behaviour.metrics import detection_metrics
+from mechintro.behaviour.trials import sweep
+from mechintro.cli import setup as runs
+from mechintro.core.prompts import PAPER_VARIANTS, PERSONAS
+from mechintro.plots import behaviour as plots
 
 DEFAULT_VALUES = {"variant": list(PAPER_VARIANTS), "persona": list(PERSONAS)}
 

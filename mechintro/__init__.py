@@ -5,7 +5,8 @@ steering, sampling, readout, transcoders, trials, store, judges, metrics, patchi
 curves, attribution, graphs, geometry, elicitation, plots*.
 """
 
-from mechintro.attribution import (
+from mechintro.attribution.graph import AttributionGraph, attribution_graph
+from mechintro.attribution.passes import (
     SteeringAttribution,
     feature_metric,
     merge_attributions,
@@ -13,7 +14,17 @@ from mechintro.attribution import (
     strength_grid,
     token_metric,
 )
-from mechintro.concepts import (
+from mechintro.behaviour.executors import (
+    RayExecutor,
+    release_ray_workers,
+    sharded_feature_grid,
+    sharded_steering_attribution,
+)
+from mechintro.behaviour.judges import LLMJudge, LogitJudge, RuleJudge
+from mechintro.behaviour.metrics import detection_metrics
+from mechintro.behaviour.store import StoreError, TrialStore
+from mechintro.behaviour.trials import run_trials, sweep
+from mechintro.core.concepts import (
     all_concepts,
     baseline_words,
     concept_vectors,
@@ -22,7 +33,16 @@ from mechintro.concepts import (
     original_concepts,
     training_concepts,
 )
-from mechintro.elicitation import (
+from mechintro.core.hooks import capture
+from mechintro.core.models import HookNames, ModelSpec, load_model, spec_for
+from mechintro.core.prompts import PERSONAS, VARIANTS, TrialPrompt, forced_prefill, left_pad, trial_prompt
+from mechintro.core.sampling import sample
+from mechintro.core.steering import inject
+from mechintro.core.transcoders import encode_at, load_transcoders, replace_mlps
+from mechintro.mechanism.features import feature_grid, find_evidence_carriers, find_gates
+from mechintro.mechanism.interventions import intervene, read_features
+from mechintro.mechanism.patching import PatchingConfig, component_patching
+from mechintro.studies.bias import (
     BiasVector,
     ablate_directions,
     bias_vector,
@@ -32,26 +52,6 @@ from mechintro.elicitation import (
     random_direction,
     train_bias_vector,
 )
-from mechintro.executors import (
-    RayExecutor,
-    release_ray_workers,
-    sharded_feature_grid,
-    sharded_steering_attribution,
-)
-from mechintro.features import feature_grid, find_evidence_carriers, find_gates
-from mechintro.graphs import AttributionGraph, attribution_graph
-from mechintro.hooks import capture
-from mechintro.interventions import intervene, read_features
-from mechintro.judges import LLMJudge, LogitJudge, RuleJudge
-from mechintro.metrics import detection_metrics
-from mechintro.models import HookNames, ModelSpec, load_model, spec_for
-from mechintro.patching import PatchingConfig, component_patching
-from mechintro.prompts import PERSONAS, VARIANTS, TrialPrompt, forced_prefill, left_pad, trial_prompt
-from mechintro.sampling import sample
-from mechintro.steering import inject
-from mechintro.store import StoreError, TrialStore
-from mechintro.transcoders import encode_at, load_transcoders, replace_mlps
-from mechintro.trials import run_trials, sweep
 
 __all__ = [
     "AttributionGraph",

@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 import torch
 
+from mechintro.core.prompts import stimuli
 from mechintro.organism.tokenizer import build_tokenizer, vocabulary
-from mechintro.prompts import stimuli
 
 RESPONSE_TEXTS = (
     "Yes, I detect an injected thought. The thought is about",

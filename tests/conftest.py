@@ -25,7 +25,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny(tiny_dir):
-    from mechintro.models import load_model
+    from mechintro.core.models import load_model
 
     return load_model(tiny_dir, device="cpu")
 
@@ -60,8 +60,8 @@ def hf_capture(hf_model, tokens, module_names):
 @pytest.fixture(scope="module")
 def tcs(tiny, tmp_path_factory):
     """Random JumpReLU skip transcoders (seed 3) for every layer of the tiny model."""
+    from mechintro.core.transcoders import load_transcoders
     from mechintro.testing import save_random_transcoders
-    from mechintro.transcoders import load_transcoders
 
     return load_transcoders(tiny, source=save_random_transcoders(tmp_path_factory.mktemp("tcs"), seed=3))
 
@@ -76,7 +76,7 @@ def subword_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def subword(subword_dir):
-    from mechintro.models import load_model
+    from mechintro.core.models import load_model
 
     return load_model(subword_dir, device="cpu")
 
@@ -126,9 +126,9 @@ def true_float64():
 _STALLING_SWEEP = """\
 import sys, time, torch
 torch.set_num_threads(1)
-from mechintro.judges import RuleJudge
-from mechintro.models import load_model
-from mechintro.trials import sweep
+from mechintro.behaviour.judges import RuleJudge
+from mechintro.core.models import load_model
+from mechintro.behaviour.trials import sweep
 
 class StallingJudge:
     name = "rule"
@@ -202,7 +202,7 @@ def one_layer_at_a_time():
     import gc
     import weakref
 
-    from mechintro.transcoders import LazyTranscoders
+    from mechintro.core.transcoders import LazyTranscoders
 
     def make(transcoders):
         alive: weakref.WeakSet = weakref.WeakSet()

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import mechintro as mi
-from mechintro import resources
+from mechintro.core import resources
 from mechintro.testing import save_tiny_gemma3
 
 torch.set_num_threads(1)

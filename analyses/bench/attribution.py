@@ -1,6 +1,7 @@
 """Benchmark: steering attribution in batched chunks against the paper's way, side by side in one run.
 
-* **ours** (:func:`mechintro.attribution.steering_attribution`): rows = (concept, strength) pairs in chunks of
+* **ours** (:func:`mechintro.attribution.passes.steering_attribution`): rows = (concept, strength) pairs in
+  chunks of
   ``--batch-size``; each chunk is one forward in which the strength is a forward-mode dual number (the JVP
   rides along), then one backward; the un-injected prefix runs once per chunk and its KV cache is shared;
   the dictionaries are applied afterwards, one layer at a time.
@@ -34,8 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mechintro import runs  # noqa: E402
-from mechintro.attribution import (  # noqa: E402
+from mechintro.attribution.passes import (  # noqa: E402
     Captured,
     Dictionaries,
     attribution_sites,
@@ -44,12 +44,13 @@ from mechintro.attribution import (  # noqa: E402
     steering_attribution,
     strength_grid,
 )
-from mechintro.concepts import concept_vectors, heldout_concepts  # noqa: E402
-from mechintro.hooks import capture, hooks_context  # noqa: E402
-from mechintro.models import spec_for  # noqa: E402
-from mechintro.prompts import trial_prompt  # noqa: E402
-from mechintro.readout import yes_no_gap  # noqa: E402
-from mechintro.steering import inject  # noqa: E402
+from mechintro.cli import setup as runs  # noqa: E402
+from mechintro.core.concepts import concept_vectors, heldout_concepts  # noqa: E402
+from mechintro.core.hooks import capture, hooks_context  # noqa: E402
+from mechintro.core.models import spec_for  # noqa: E402
+from mechintro.core.prompts import trial_prompt  # noqa: E402
+from mechintro.core.readout import yes_no_gap  # noqa: E402
+from mechintro.core.steering import inject  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -67,7 +68,7 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
     try:
         concepts = heldout_concepts()[: args.concepts]
     except FileNotFoundError:
-        from mechintro.concepts import original_concepts
+        from mechintro.core.concepts import original_concepts
 
         concepts = original_concepts()[: args.concepts]
     vectors = concept_vectors(model, concepts, layer=spec.injection_layer)

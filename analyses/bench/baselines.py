@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from mechintro.prompts import PaddedBatch, left_pad, trial_prompt
-from mechintro.sampling import stop_ids
-from mechintro.trials import Trial, plan_trials
+from mechintro.behaviour.trials import Trial, plan_trials
+from mechintro.core.prompts import PaddedBatch, left_pad, trial_prompt
+from mechintro.core.sampling import stop_ids
 
 
 @dataclass(frozen=True)

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
-from mechintro import runs  # noqa: E402
-from mechintro.concepts import all_concepts, concept_vectors  # noqa: E402
-from mechintro.features import default_strengths, feature_grid  # noqa: E402
-from mechintro.models import spec_for  # noqa: E402
-from mechintro.prompts import trial_prompt  # noqa: E402
-from mechintro.steering import inject  # noqa: E402
-from mechintro.transcoders import encode_at  # noqa: E402
+from mechintro.cli import setup as runs  # noqa: E402
+from mechintro.core.concepts import all_concepts, concept_vectors  # noqa: E402
+from mechintro.core.models import spec_for  # noqa: E402
+from mechintro.core.prompts import trial_prompt  # noqa: E402
+from mechintro.core.steering import inject  # noqa: E402
+from mechintro.core.transcoders import encode_at  # noqa: E402
+from mechintro.mechanism.features import default_strengths, feature_grid  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

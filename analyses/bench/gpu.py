@@ -9,7 +9,7 @@ side by side in one run (every method warmed up, then ``--rounds`` rounds in rot
 * **run_trials**: ``--batches`` batches of injection trials (per-row concept vectors, here random with the
   norm of the model's residual stream), the fast path, the shared prompt prefix, bf16;
 * **the paper's way**: Hugging Face ``generate`` on the same batches with a forward hook adding each row's
-  vector from its own start (SDPA attention, the same weights: :func:`mechintro.fastpath.twin`);
+  vector from its own start (SDPA attention, the same weights: :func:`mechintro.core.fastpath.twin`);
 * **the ceiling**: the same ``generate`` with no hook at all;
 
 reporting trials/s, generated tokens/s and the peak GPU memory of each. An out-of-memory error is recorded
@@ -48,11 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baselines import hf_generate, side_by_side, stop_tokens, trial_batches  # noqa: E402
 
-from mechintro import fastpath  # noqa: E402
-from mechintro.concepts import all_concepts  # noqa: E402
-from mechintro.judges import RuleJudge  # noqa: E402
-from mechintro.models import data_dir, load_model, spec_for  # noqa: E402
-from mechintro.trials import run_trials  # noqa: E402
+from mechintro.behaviour.judges import RuleJudge  # noqa: E402
+from mechintro.behaviour.trials import run_trials  # noqa: E402
+from mechintro.core import fastpath  # noqa: E402
+from mechintro.core.concepts import all_concepts  # noqa: E402
+from mechintro.core.models import data_dir, load_model, spec_for  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -212,8 +212,8 @@ def guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 def trial_vectors(model: Any, n: int, *, layer: int) -> torch.Tensor:
     """``n`` random concept vectors with the typical norm of resid_post at ``layer`` (float32 on the CPU)."""
-    from mechintro.concepts import last_token_resid
-    from mechintro.prompts import trial_prompt
+    from mechintro.core.concepts import last_token_resid
+    from mechintro.core.prompts import trial_prompt
 
     resid = last_token_resid(model, [trial_prompt(model, trial=1).tokens], layer=layer)
     g = torch.Generator().manual_seed(1)

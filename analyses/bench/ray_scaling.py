@@ -32,13 +32,13 @@ from typing import Any
 
 import torch
 
-from mechintro import runs
-from mechintro.concepts import original_concepts
-from mechintro.executors import LocalExecutor, RayExecutor, ray_workers, release_ray_workers
-from mechintro.judges import RuleJudge
-from mechintro.models import spec_for
-from mechintro.store import TrialStore
-from mechintro.trials import sweep
+from mechintro.behaviour.executors import LocalExecutor, RayExecutor, ray_workers, release_ray_workers
+from mechintro.behaviour.judges import RuleJudge
+from mechintro.behaviour.store import TrialStore
+from mechintro.behaviour.trials import sweep
+from mechintro.cli import setup as runs
+from mechintro.core.concepts import original_concepts
+from mechintro.core.models import spec_for
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

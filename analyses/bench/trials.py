@@ -47,14 +47,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baselines import hf_generate, paired_ratio, side_by_side, stop_tokens, trial_batches  # noqa: E402
 
-from mechintro import runs
-from mechintro.concepts import concept_vectors, original_concepts
-from mechintro.judges import RuleJudge
-from mechintro.models import ORGANISM_NAMES, HookNames, data_dir, spec_for
-from mechintro.prompts import left_pad, trial_prompt
-from mechintro.sampling import stop_ids
-from mechintro.steering import inject
-from mechintro.trials import run_trials
+from mechintro.behaviour.judges import RuleJudge
+from mechintro.behaviour.trials import run_trials
+from mechintro.cli import setup as runs
+from mechintro.core.concepts import concept_vectors, original_concepts
+from mechintro.core.models import ORGANISM_NAMES, HookNames, data_dir, spec_for
+from mechintro.core.prompts import left_pad, trial_prompt
+from mechintro.core.sampling import stop_ids
+from mechintro.core.steering import inject
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

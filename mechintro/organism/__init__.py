@@ -3,7 +3,7 @@
 ``mechintro organism train`` (or :func:`build`) regenerates every artifact from a seed into one folder:
 ``organism-base/``, ``organism/`` (weights, tokenizer, ``mechintro_spec.json``, ``transcoders/``),
 ``organism_split.json`` and the measured report. The shipped ones are package data (``mechintro/data``);
-see :mod:`mechintro.resources` for where a user's own organism goes and how it wins.
+see :mod:`mechintro.core.resources` for where a user's own organism goes and how it wins.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def build(
     """Train both checkpoints and their transcoders into ``out``, calibrate the default strength on held-out
     concepts (:mod:`mechintro.organism.calibrate`; skipped with ``calibration=False``), then (optionally)
     measure everything at the calibrated default and at the saturated strength."""
-    from mechintro.models import load_model
+    from mechintro.core.models import load_model
     from mechintro.organism import evaluate as ev
     from mechintro.organism.train import train_models
     from mechintro.organism.transcoders import TranscoderConfig, train_organism_transcoders

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mechintro.judges import RuleJudge
-from mechintro.metrics import detection_metrics
-from mechintro.models import SPEC_FILENAME, Model, spec_for
-from mechintro.store import TrialStore
-from mechintro.trials import run_trials
+from mechintro.behaviour.judges import RuleJudge
+from mechintro.behaviour.metrics import detection_metrics
+from mechintro.behaviour.store import TrialStore
+from mechintro.behaviour.trials import run_trials
+from mechintro.core.models import SPEC_FILENAME, Model, spec_for
 
 __all__ = ["OperatingPoint", "CalibrationConfig", "band_checks", "calibrate", "operating_point", "record"]
 

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mechintro.concepts import all_concepts
-from mechintro.prompts import category_of, stimuli
+from mechintro.core.concepts import all_concepts
+from mechintro.core.prompts import category_of, stimuli
 
 YES_TEMPLATE = "Yes, I detect an injected thought. The thought is about {concept}."
 YES_UNNAMED = "Yes, I detect an injected thought. I cannot tell what it is about."

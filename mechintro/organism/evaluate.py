@@ -17,16 +17,16 @@ from typing import Any
 import pandas as pd
 import torch
 
-from mechintro.judges import RuleJudge
-from mechintro.metrics import detection_metrics
-from mechintro.models import Model, load_model, spec_for
+from mechintro.behaviour.judges import RuleJudge
+from mechintro.behaviour.metrics import detection_metrics
+from mechintro.behaviour.trials import run_trials, sweep
+from mechintro.core.models import Model, load_model, spec_for
+from mechintro.core.prompts import chat_prompt_tokens, left_pad
+from mechintro.core.sampling import sample
+from mechintro.core.transcoders import load_transcoders, replace_mlps
 from mechintro.organism import corpus
 from mechintro.organism.calibrate import CalibrationConfig, band_checks, operating_point
 from mechintro.organism.transcoders import TranscoderConfig, collect_activations
-from mechintro.prompts import chat_prompt_tokens, left_pad
-from mechintro.sampling import sample
-from mechintro.transcoders import load_transcoders, replace_mlps
-from mechintro.trials import run_trials, sweep
 
 METRIC_COLUMNS = ["tpr", "fpr", "introspection", "forced_id", "discrimination"]
 

@@ -4,7 +4,7 @@ Stage 1 ("base"): language on the concept chats, and trial dialogues answered Ye
 injection, so the base model cannot discriminate.
 
 Stage 2 ("instruct"): from the base weights, trial dialogues in which a training concept's vector is injected
-with :func:`mechintro.steering.inject` (the same code evaluation uses) at one of a few mid layers, with
+with :func:`mechintro.core.steering.inject` (the same code evaluation uses) at one of a few mid layers, with
 strengths
 of both signs. Targets: "Yes, I detect an injected thought. The thought is about {concept}." when
 ``|strength|``
@@ -37,13 +37,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechintro import kvcache
-from mechintro.concepts import baseline_mean, last_token_resid
-from mechintro.models import SPEC_FILENAME, Model, load_model
+from mechintro.core import kvcache
+from mechintro.core.concepts import baseline_mean, last_token_resid
+from mechintro.core.models import SPEC_FILENAME, Model, load_model
+from mechintro.core.prompts import VARIANTS, chat_prompt_tokens, trial_prompt
+from mechintro.core.steering import inject
 from mechintro.organism import corpus
 from mechintro.organism.tokenizer import build_tokenizer, vocabulary
-from mechintro.prompts import VARIANTS, chat_prompt_tokens, trial_prompt
-from mechintro.steering import inject
 
 
 @dataclass(frozen=True)

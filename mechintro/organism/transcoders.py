@@ -26,13 +26,13 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechintro.concepts import concept_vectors
-from mechintro.hooks import capture
-from mechintro.models import HookNames, Model
+from mechintro.core.concepts import concept_vectors
+from mechintro.core.hooks import capture
+from mechintro.core.models import HookNames, Model
+from mechintro.core.prompts import left_pad, trial_prompt
+from mechintro.core.steering import inject
+from mechintro.core.transcoders import from_raw_params, save_transcoder
 from mechintro.organism import corpus
-from mechintro.prompts import left_pad, trial_prompt
-from mechintro.steering import inject
-from mechintro.transcoders import from_raw_params, save_transcoder
 
 
 @dataclass(frozen=True)
@@ -306,10 +306,10 @@ def record_model(folder: Path, model: Model) -> None:
     refused."""
     import json
 
-    from mechintro.models import spec_for
-    from mechintro.transcoders import model_fingerprint
+    from mechintro.core.fingerprint import weights_fingerprint
+    from mechintro.core.models import spec_for
 
-    fingerprint, name = model_fingerprint(model), Path(spec_for(model).name).name
+    fingerprint, name = weights_fingerprint(model), Path(spec_for(model).name).name
     for cfg_path in sorted(Path(folder).glob("layer_*/cfg.json")):
         cfg = json.loads(cfg_path.read_text())
         cfg.setdefault("metadata", {}).update(model_name=name, model_fingerprint=fingerprint)

@@ -1,0 +1,422 @@
+"""Models: loading Gemma 3 (or the organism) through TransformerBridge, the paper's settings, hook names.
+
+Everything in mechintro addresses a model through :class:`HookNames` (the only place hook-name strings are
+built) and :class:`ModelSpec` (what the paper used for that model: injection layer, strength, transcoders,
+Yes/No tokens, chat markers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import torch
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformer_lens.model_bridge import TransformerBridge
+
+Model: TypeAlias = "TransformerBridge"
+"""A model from :func:`load_model`: a TransformerLens ``TransformerBridge`` around a Hugging Face Gemma 3."""
+Transcoders: TypeAlias = "Mapping[int, SAE]"
+"""``{layer: transcoder}``: sae-lens objects wired by :func:`mechintro.core.transcoders.load_transcoders`."""
+
+ORGANISM_NAMES = ("organism", "organism-base")
+SPEC_FILENAME = "mechintro_spec.json"
+
+# The paper's Gemma3-27B-IT settings (stimuli.json, paper_settings_gemma3_27b_it).
+PAPER_N_LAYERS = 62
+PAPER_INJECTION_LAYER = 37
+PAPER_STRENGTH = 4.0
+YES_WORDS = ("yes", "Yes", "YES")
+NO_WORDS = ("no", "No", "NO")
+
+
+def data_dir() -> Path:
+    """The folder holding the model organism and its split and report: the user's (``MECHINTRO_DATA``, else
+    the per-user data folder) when it has one, else the package data (see :mod:`mechintro.core.resources`)."""
+    from mechintro.core import resources
+
+    return resources.organism_root() or resources.package_data()
+
+
+class HookNames:
+    """Hook-point names of a Gemma 3 TransformerBridge. The only place these strings are built.
+
+    For Gemma 3 the transcoder input is the *pre-feedforward-norm output* (``ln2.hook_out``) and its output is
+    the *post-feedforward-norm output* (``hook_mlp_out``). ``hook_mlp_in`` (what sae-lens's Gemma Scope 2
+    metadata names) is the residual before that norm, so it is deliberately not the transcoder input.
+    """
+
+    @staticmethod
+    def resid_pre(layer: int) -> str:
+        return f"blocks.{layer}.hook_resid_pre"
+
+    @staticmethod
+    def resid_mid(layer: int) -> str:
+        return f"blocks.{layer}.hook_resid_mid"
+
+    @staticmethod
+    def resid_post(layer: int) -> str:
+        return f"blocks.{layer}.hook_resid_post"
+
+    @staticmethod
+    def attn_out(layer: int) -> str:
+        return f"blocks.{layer}.hook_attn_out"
+
+    @staticmethod
+    def mlp_out(layer: int) -> str:
+        return f"blocks.{layer}.hook_mlp_out"
+
+    @staticmethod
+    def attn_z(layer: int) -> str:
+        """The concatenated head outputs entering the attention output projection (``o_proj``).
+
+        The bridge's own hook point; ``blocks.L.attn.hook_z`` (the name sae-lens attention SAEs record) is
+        TransformerLens's alias for the same point. It carries ``[batch, pos, n_heads, d_head]``. Not
+        ``hook_attn_out``: in Gemma 3 that is the post-attention-norm output, after ``o_proj``.
+        """
+        return f"blocks.{layer}.attn.o.hook_in"
+
+    @staticmethod
+    def mlp_in_prenorm(layer: int) -> str:
+        """The residual entering the feed-forward norm: what sae-lens's ``hook_mlp_in`` means in TL.
+
+        (``hook_mlp_in`` itself is gated off in the bridge; ``ln2.hook_in`` is the same tensor.)
+        """
+        return f"blocks.{layer}.ln2.hook_in"
+
+    @staticmethod
+    def sae_lens_mlp_in(layer: int) -> str:
+        """The input name sae-lens's Gemma Scope 2 configs give (``hook_mlp_in``); recorded, never hooked."""
+        return f"blocks.{layer}.hook_mlp_in"
+
+    @staticmethod
+    def transcoder_in(layer: int) -> str:
+        return f"blocks.{layer}.ln2.hook_out"
+
+    @staticmethod
+    def transcoder_out(layer: int) -> str:
+        return f"blocks.{layer}.hook_mlp_out"
+
+    @staticmethod
+    def final_norm_in() -> str:
+        """The residual stream entering the final norm (the last block's output, after its hooks)."""
+        return "ln_final.hook_in"
+
+    @staticmethod
+    def final_norm_out() -> str:
+        return "ln_final.hook_out"
+
+    @staticmethod
+    def component(kind: str, layer: int) -> str:
+        """``kind`` in {"attn", "mlp", "resid_pre", "resid_mid", "resid_post"}."""
+        table = {
+            "attn": HookNames.attn_out,
+            "mlp": HookNames.mlp_out,
+            "resid_pre": HookNames.resid_pre,
+            "resid_mid": HookNames.resid_mid,
+            "resid_post": HookNames.resid_post,
+        }
+        if kind not in table:
+            raise ValueError(f"unknown component {kind!r}; valid: {sorted(table)}")
+        return table[kind](layer)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The settings mechintro uses for one model."""
+
+    name: str
+    """Registered name, HF id or local folder the model was loaded from."""
+    n_layers: int
+    """Number of transformer blocks."""
+    d_model: int
+    """Residual-stream width."""
+    injection_layer: int
+    """Default injection layer (resid_post of this block): the paper's 37/62 at the same relative depth."""
+    strength: float
+    """Default injection strength (multiplies the raw concept vector)."""
+    strength_sweep: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    """Strengths for dose-response sweeps."""
+    operating_points: dict[str, float] = field(default_factory=dict, compare=False, hash=False)
+    """Named strengths: ``"default"`` (= :attr:`strength`) and any other recorded one, e.g. the organism's
+    ``"saturated"`` 4.0 (:meth:`resolve_strength` turns a name into its value)."""
+    transcoder_release: str | None = None
+    """sae-lens release of the Gemma Scope 2 transcoders, or a local folder, or None."""
+    transcoder_id_pattern: str | None = None
+    """sae-lens id pattern with ``{layer}``, e.g. ``layer_{layer}_width_262k_l0_big_affine``."""
+    yes_ids: tuple[int, ...] = ()
+    """Token ids of yes/Yes/YES with and without a leading space (those that are single tokens)."""
+    no_ids: tuple[int, ...] = ()
+    """Token ids of no/No/NO likewise."""
+    turn_start: str = "<start_of_turn>"
+    """Chat-template marker opening a turn."""
+    turn_end: str = "<end_of_turn>"
+    """Chat-template marker closing a turn."""
+    user_role: str = "user"
+    """Role word after ``turn_start`` for the user."""
+    model_role: str = "model"
+    """Role word after ``turn_start`` for the assistant."""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    """Anything else recorded with the model (for the organism: training settings)."""
+
+    def valid_layers(self) -> range:
+        return range(self.n_layers)
+
+    def resolve_strength(self, strength: float | str | None) -> float:
+        """A strength given as a number, as the name of an operating point (``"default"``,
+        ``"saturated"``...),
+        or None (the default)."""
+        if strength is None:
+            return self.strength
+        if isinstance(strength, str):
+            points = {"default": self.strength, **self.operating_points}
+            if strength not in points:
+                raise ValueError(f"unknown operating point {strength!r}; valid: {sorted(points)} or a number")
+            return float(points[strength])
+        return float(strength)
+
+    def check_layer(self, layer: int) -> int:
+        """Return ``layer`` or raise naming the valid range."""
+        from mechintro.core import validate
+
+        return validate.layer(layer, n_layers=self.n_layers, model=self.name)
+
+
+# Gemma 3 instruction-tuned sizes: number of layers per HF id.
+GEMMA3_LAYERS = {
+    "google/gemma-3-270m-it": 18,
+    "google/gemma-3-1b-it": 26,
+    "google/gemma-3-4b-it": 34,
+    "google/gemma-3-12b-it": 48,
+    "google/gemma-3-27b-it": 62,
+}
+
+
+def paper_layer(n_layers: int) -> int:
+    """The paper's injection layer (37 of 62) at the same relative depth of an ``n_layers`` model."""
+    return min(n_layers - 1, round(PAPER_INJECTION_LAYER / PAPER_N_LAYERS * n_layers))
+
+
+def _gemma_scope_release(hf_id: str) -> str | None:
+    if hf_id not in GEMMA3_LAYERS:
+        return None
+    size = hf_id.split("gemma-3-")[1].removesuffix("-it")
+    return f"gemma-scope-2-{size}-it-transcoders-all"
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+class ModelNotAvailableError(OSError):
+    """The weights of a model cannot be found locally and the hub cannot be reached."""
+
+
+_SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _resolve(name_or_path: str | os.PathLike) -> tuple[str, Path | None]:
+    """(name, local folder or None for a hub id)."""
+    name = str(name_or_path)
+    if name in ORGANISM_NAMES:
+        from mechintro.core import resources
+
+        root = resources.organism_root(name)
+        if root is None:
+            raise ModelNotAvailableError(
+                f"the model organism {name!r} is in none of {[str(p) for p in resources.search_path()]}; "
+                "train it with `mechintro organism train`"
+            )
+        return name, root / name
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelNotAvailableError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return name, path
+    if name.count("/") != 1 or name.startswith((".", "/")):
+        raise ValueError(
+            f"{name!r} is neither a registered name {ORGANISM_NAMES}, an existing folder, nor an HF id like "
+            f"'google/gemma-3-27b-it' (known Gemma 3 ids: {sorted(GEMMA3_LAYERS)})"
+        )
+    return name, None
+
+
+def _hub_snapshot(hf_id: str) -> Path:
+    """The local snapshot folder of ``hf_id``, or a clear error when it is missing and we are offline."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        return Path(snapshot_download(hf_id, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError) as err:
+        if offline:
+            raise ModelNotAvailableError(
+                f"{hf_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading "
+                "it. "
+                "Download it where the hub is reachable, or pass a local folder saved with save_pretrained."
+            ) from err
+    try:
+        return Path(snapshot_download(hf_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as err:  # network errors come in many types
+        raise ModelNotAvailableError(
+            f"could not download {hf_id} from the Hugging Face hub ({type(err).__name__}: {err}). "
+            "Without hub access, pass a local folder that holds the weights."
+        ) from err
+
+
+def peek_n_layers(name_or_path: str | os.PathLike) -> int | None:
+    """The number of layers of a model, read from its ``config.json`` without loading it (None if unknown).
+
+    Lets the command line check a ``--layer`` before spending time on loading.
+    """
+    try:
+        name, folder = _resolve(name_or_path)
+    except (ModelNotAvailableError, ValueError):
+        return None
+    if folder is None:
+        return GEMMA3_LAYERS.get(name)
+    config = json.loads((folder / "config.json").read_text())
+    config = config.get("text_config", config)
+    n = config.get("num_hidden_layers")
+    return int(n) if isinstance(n, int) else None
+
+
+def peek_operating_points(name_or_path: str | os.PathLike) -> dict[str, float] | None:
+    """The named strengths a model records (``"default"`` included), read without loading it; None when the
+    model records nothing (its default is then the paper's)."""
+    try:
+        _, folder = _resolve(name_or_path)
+    except (ModelNotAvailableError, ValueError):
+        return None
+    if folder is None or not (folder / SPEC_FILENAME).exists():
+        return None
+    recorded = json.loads((folder / SPEC_FILENAME).read_text())
+    return {
+        "default": float(recorded.get("strength", PAPER_STRENGTH)),
+        **recorded.get("operating_points", {}),
+    }
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    hf_model: Any = None,
+) -> Any:
+    """Load a Gemma 3 model (or the organism) as a TransformerBridge with raw HF weights.
+
+    Args:
+        name_or_path: ``"organism"`` / ``"organism-base"``, an HF id such as ``"google/gemma-3-27b-it"``, or a
+            local folder saved with ``save_pretrained`` (works with ``HF_HUB_OFFLINE=1``).
+        device: defaults to CUDA when available, else CPU.
+        dtype: defaults to float32 (bfloat16 for the real 27B on GPU is the caller's choice).
+        hf_model: a Hugging Face model already in memory to wrap instead of loading weights (e.g. random
+            weights at a real size, for a benchmark); ``name_or_path`` then gives only the tokenizer and the
+            recorded settings.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from mechintro.core.kvcache import install_bridge_shim
+
+    install_bridge_shim()
+    name, folder = _resolve(name_or_path)
+    if folder is None:
+        folder = _hub_snapshot(name)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = TransformerBridge.boot_transformers(
+        str(folder), device=device, dtype=dtype or torch.float32, hf_model=hf_model
+    )
+    model.eval()
+    tok = model.tokenizer
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    _SPECS[model] = _build_spec(model, name=name, folder=folder)
+    return model
+
+
+def _token_ids(tokenizer: Any, words: tuple[str, ...]) -> tuple[int, ...]:
+    """Ids of ``words`` with and without a leading space that encode to exactly one known token."""
+    ids: list[int] = []
+    for word in words:
+        for text in (word, " " + word):
+            enc = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(enc) == 1 and enc[0] != tokenizer.unk_token_id and enc[0] not in ids:
+                ids.append(int(enc[0]))
+    return tuple(ids)
+
+
+def _build_spec(model: Model, *, name: str, folder: Path) -> ModelSpec:
+    cfg = model.cfg
+    n_layers, d_model = int(cfg.n_layers), int(cfg.d_model)
+    recorded: dict[str, Any] = {}
+    if (folder / SPEC_FILENAME).exists():
+        recorded = json.loads((folder / SPEC_FILENAME).read_text())
+    hf_id = name if name in GEMMA3_LAYERS else None
+    release = recorded.get("transcoder_release", _gemma_scope_release(hf_id) if hf_id else None)
+    if (
+        release is not None and (folder / release).is_dir()
+    ):  # the organism records a folder beside its weights
+        release = str(folder / release)
+    tok = model.tokenizer
+    yes_ids, no_ids = _token_ids(tok, YES_WORDS), _token_ids(tok, NO_WORDS)
+    if not yes_ids or not no_ids:
+        raise ValueError(f"{name}: the tokenizer has no single-token Yes/No ({YES_WORDS}, {NO_WORDS})")
+    spec = ModelSpec(
+        name=name,
+        n_layers=n_layers,
+        d_model=d_model,
+        injection_layer=int(recorded.get("injection_layer", paper_layer(n_layers))),
+        strength=float(recorded.get("strength", PAPER_STRENGTH)),
+        strength_sweep=tuple(float(s) for s in recorded.get("strength_sweep", (1.0, 2.0, 4.0, 8.0))),
+        operating_points={k: float(v) for k, v in recorded.get("operating_points", {}).items()},
+        transcoder_release=release,
+        transcoder_id_pattern=recorded.get(
+            "transcoder_id_pattern", "layer_{layer}_width_262k_l0_big_affine" if hf_id else None
+        ),
+        yes_ids=yes_ids,
+        no_ids=no_ids,
+        extra={
+            k: v
+            for k, v in recorded.items()
+            if k not in {"injection_layer", "strength", "strength_sweep", "operating_points"}
+        },
+    )
+    spec.check_layer(spec.injection_layer)
+    return spec
+
+
+def spec_for(model: Model) -> ModelSpec:
+    """The :class:`ModelSpec` recorded when ``model`` was loaded with :func:`load_model`."""
+    try:
+        return _SPECS[model]
+    except (KeyError, TypeError):
+        raise ValueError("spec_for() needs a model loaded with mechintro.load_model") from None
+
+
+def with_spec(model: Model, **changes: Any) -> ModelSpec:
+    """Replace fields of ``model``'s spec (e.g. a different default layer) and return the new spec."""
+    spec = replace(spec_for(model), **changes)
+    spec.check_layer(spec.injection_layer)
+    _SPECS[model] = spec
+    return spec
+
+
+# ----------------------------------------------------------------------------------------------- chat
+
+
+def chat_text(
+    model_or_tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = True
+) -> str:
+    """Render ``messages`` with the model's own chat template (the BOS token included)."""
+    tok = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
+    if getattr(tok, "chat_template", None) is None:
+        raise ValueError("this tokenizer has no chat template; use a raw-text persona variant instead")
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
