@@ -1,149 +1,27 @@
-"""Tiny random Gemma 3 models for unit tests (ours and yours).
+"""Tiny random models and dictionaries for unit tests (ours and yours); the library itself never imports this
+module.
 
 ``save_tiny_gemma3(folder)`` writes a random ``Gemma3ForCausalLM`` and a word-level tokenizer whose vocabulary
 covers every stimulus (all prompt and persona variants, the 500 concepts, the baseline words, the forced
 prefill), so every mechintro code path runs on it exactly as on a real Gemma 3, offline and in seconds.
+``save_random_transcoders(folder)`` writes random JumpReLU skip transcoders in Gemma Scope 2's raw format.
+They live in :mod:`mechintro.organism.tiny`, which the demo and ``--model tiny`` use too.
 """
 
-from __future__ import annotations
-
-from pathlib import Path
-from typing import Any, Literal
-
-import torch
-
-from mechintro.core.prompts import stimuli
-from mechintro.organism.tokenizer import build_tokenizer, vocabulary
-
-RESPONSE_TEXTS = (
-    "Yes, I detect an injected thought. The thought is about",
-    "No, I do not detect an injected thought.",
-    "yes no YES NO Tell me about",
+from mechintro.organism.tiny import (
+    RESPONSE_TEXTS,
+    build_subword_tokenizer,
+    save_random_transcoders,
+    save_tiny_gemma3,
+    stimuli_texts,
+    stimuli_words,
 )
 
-
-def stimuli_texts() -> list[str]:
-    """Every prompt text in the stimuli, with placeholders left as words."""
-    s = stimuli()
-    texts = [s["forced_identification_prefill"], *RESPONSE_TEXTS, "user model system", "Trial 10"]
-    texts += ["Tell me about", "Describe"]  # a user turn opens on these words without a leading space
-    for v in s["prompt_variants"].values():
-        texts += [v["system"], v["user_turn1"], v["assistant_turn1"], v["user_turn2"]]
-    texts += [p["raw_text"] for p in s["persona_variants"].values() if "raw_text" in p]
-    return texts
-
-
-def stimuli_words() -> list[str]:
-    s = stimuli()
-    words = s["original_50_concepts"] + s["new_450_concepts"] + s["baseline_words"]
-    words += list(s["concept_categories_for_anti_reward"]) + [str(i) for i in range(0, 101)]
-    words += ["user", "model", "system", "yes", "Yes", "YES", "no", "No", "NO"]
-    return words
-
-
-def build_subword_tokenizer(*, vocab_size: int = 600) -> Any:
-    """A small BPE tokenizer (Gemma-like ``▁`` spaces, Gemma's turn markers and chat template) trained on the
-    stimuli, so that most words split into several pieces: prompts then have different lengths and batches
-    need padding, as with Gemma's own tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from mechintro.organism.tokenizer import SPECIAL_TOKENS, gemma_style
-
-    core = Tokenizer(models.BPE(unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False
-    )
-    answers = ["yes Yes YES no No NO"] * 100  # frequent enough to become whole tokens, as in Gemma
-    texts = stimuli_texts() + stimuli_words() + answers + ["user\nmodel\nTell me about\n\n"]
-    core.train_from_iterator(texts, trainer)
-    return gemma_style(core)
-
-
-def save_tiny_gemma3(
-    folder: str | Path,
-    *,
-    tokenizer: Literal["word", "subword"] = "word",
-    n_layers: int = 4,
-    d_model: int = 64,
-    n_heads: int = 4,
-    n_kv_heads: int = 2,
-    d_mlp: int = 128,
-    sliding_window: int = 16,
-    seed: int = 0,
-) -> Path:
-    """Save a random tiny ``Gemma3ForCausalLM`` + tokenizer with ``save_pretrained`` and return the folder.
-
-    ``tokenizer="word"`` (default): one token per word, covering every stimulus; ``"subword"``: a small BPE
-    (:func:`build_subword_tokenizer`), so concept prompts differ in length as with Gemma's tokenizer.
-    """
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    folder = Path(folder)
-    if tokenizer not in ("word", "subword"):
-        raise ValueError(f"unknown tokenizer {tokenizer!r}; valid: ['word', 'subword']")
-    if tokenizer == "word":
-        tok = build_tokenizer(vocabulary(stimuli_texts(), extra_words=stimuli_words()))
-    else:
-        tok = build_subword_tokenizer()
-    cfg = Gemma3TextConfig(
-        vocab_size=len(tok),
-        hidden_size=d_model,
-        intermediate_size=d_mlp,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv_heads,
-        head_dim=d_model // n_heads,
-        max_position_embeddings=1024,
-        sliding_window=sliding_window,
-        # both attention kinds of Gemma 3: sliding-window layers and (every other layer here) global layers
-        layer_types=["full_attention" if i % 2 == 1 else "sliding_attention" for i in range(n_layers)],
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")],
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = Gemma3ForCausalLM(cfg).eval()
-    with torch.no_grad():  # random norms with weight != 0 make every norm site distinguishable in tests
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0, 0.5)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-def save_random_transcoders(
-    folder: str | Path,
-    *,
-    d_model: int = 64,
-    d_sae: int = 96,
-    n_layers: int = 4,
-    seed: int = 0,
-    skip: bool = True,
-) -> Path:
-    """Save random JumpReLU (skip) transcoders in Google's raw Gemma Scope 2 format, one ``layer_{L}`` folder
-    each.
-
-    Load them with ``load_transcoders(model, source=folder)``. Scales are chosen so that a tiny random Gemma 3
-    activates a good share of the features.
-    """
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    for layer in range(n_layers):
-        g = torch.Generator().manual_seed(seed * 1000 + layer)
-        params = {
-            "w_enc": torch.randn(d_model, d_sae, generator=g) * 0.3,
-            "w_dec": torch.randn(d_sae, d_model, generator=g) * 0.3,
-            "b_enc": torch.randn(d_sae, generator=g) * 0.1,
-            "b_dec": torch.randn(d_model, generator=g) * 0.1,
-            "threshold": torch.rand(d_sae, generator=g) * 0.5,
-        }
-        if skip:
-            params["affine_skip_connection"] = torch.randn(d_model, d_model, generator=g) * 0.1
-        (folder / f"layer_{layer}").mkdir(parents=True, exist_ok=True)
-        save_file(params, str(folder / f"layer_{layer}" / "params.safetensors"))
-    return folder
+__all__ = [
+    "RESPONSE_TEXTS",
+    "build_subword_tokenizer",
+    "save_random_transcoders",
+    "save_tiny_gemma3",
+    "stimuli_texts",
+    "stimuli_words",
+]

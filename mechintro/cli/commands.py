@@ -30,7 +30,7 @@ def demo(args: argparse.Namespace) -> int:
     from mechintro.core.readout import yes_no_gap
     from mechintro.core.sampling import sample
     from mechintro.core.steering import inject
-    from mechintro.testing import save_tiny_gemma3
+    from mechintro.organism.tiny import save_tiny_gemma3
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_tiny_gemma3(tmp)

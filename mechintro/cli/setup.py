@@ -60,7 +60,7 @@ JUDGE_CHOICES = ("rule", "logit", "llm:<model>", "openai:<model>", "anthropic:<m
 DEFAULT_STORE = "runs/trials.sqlite"
 """Where the analyses scripts keep their trials, and where ``mechintro figures`` reads them."""
 TINY = "tiny"
-"""``--model tiny``: a random tiny Gemma 3 (mechintro.testing), for smoke tests and benchmarks."""
+"""``--model tiny``: a random tiny Gemma 3 (mechintro.organism.tiny), for smoke tests and benchmarks."""
 TINY_INJECTION_LAYER = 1
 """The tiny model's injection layer in the mechanism scripts: 1 of 4, so carriers (layer 2) can sit between
 the injection and a gate (layer 3)."""
@@ -366,7 +366,7 @@ def _fixed_folder(name: str, make: Any) -> Path:
 
 def tiny_model_folder() -> Path:
     """A fixed folder holding the random tiny Gemma 3 (seed 0), created on first use."""
-    from mechintro.testing import save_tiny_gemma3
+    from mechintro.organism.tiny import save_tiny_gemma3
 
     return _fixed_folder("mechintro-tiny-gemma3", save_tiny_gemma3)
 
@@ -392,7 +392,7 @@ def named_model_and_transcoders(name: str, *, device: str | None = None) -> tupl
 
 def tiny_transcoders_folder() -> Path:
     """A fixed folder of random transcoders for the tiny model (seed 0), created on first use."""
-    from mechintro.testing import save_random_transcoders
+    from mechintro.organism.tiny import save_random_transcoders
 
     return _fixed_folder("mechintro-tiny-transcoders", save_random_transcoders)
 
