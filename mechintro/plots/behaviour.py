@@ -1,8 +1,8 @@
-"""Figures: one plotly builder per figure, one shared style. Builders return a ``Figure``; nothing is saved.
+"""Behaviour figures. Builders return a ``Figure`` in the shared style (:mod:`mechintro.plots.style`); nothing
+is saved here (:func:`mechintro.plots.save.save_figure` writes ``<name>.html`` and ``<name>.png``).
 
-Inputs are the tidy metric tables of :func:`mechintro.behaviour.metrics.detection_metrics` (one row per
-group; each
-rate with ``_lo``/``_hi`` 95% Wilson bounds). :func:`save_figure` writes ``<name>.html`` and ``<name>.png``.
+Inputs are the tidy metric tables of :func:`mechintro.behaviour.metrics.detection_metrics` (one row per group;
+each rate with ``_lo``/``_hi`` 95% Wilson bounds).
 
 * :func:`layer_sweep_figure`: TPR, FPR, introspection and forced identification vs injection layer, one line
   (with a CI band) per strength; a second column shows the paper's Gemma3-27B-IT series
@@ -13,40 +13,26 @@ rate with ``_lo``/``_hi`` 95% Wilson bounds). :func:`save_figure` writes ``<name
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
 from mechintro.core import resources
 from mechintro.core.prompts import PERSONAS, VARIANTS
-from mechintro.plots.browser import browser_path, warn_once
+from mechintro.plots.save import save_figure  # noqa: F401 (until every importer reads plots.save)
+from mechintro.plots.style import METRICS, STYLE, apply_style, rgba, strength_colors
 
 __all__ = [
-    "METRICS",
-    "STYLE",
-    "Style",
     "layer_sweep_figure",
     "paper_layer_metrics",
     "personas_figure",
     "rate_bars_figure",
-    "save_figure",
     "variants_figure",
 ]
-
-METRICS: dict[str, str] = {
-    "tpr": "TPR: P(detect | injected)",
-    "fpr": "FPR: P(detect | control)",
-    "introspection": "Introspection: P(detect & identify | injected)",
-    "forced_id": "Forced identification",
-}
-"""The rates the figures show (columns of detection_metrics) and their axis labels."""
 
 PAPER_FIG1 = "paper_metrics/fig1_metrics_cache.parquet"
 PAPER_COLUMNS = {
@@ -56,68 +42,6 @@ PAPER_COLUMNS = {
     "forced_identification_accuracy": "forced_id",
 }
 """The paper's released metric names -> ours."""
-
-
-@dataclass(frozen=True)
-class Style:
-    """The look shared by every figure."""
-
-    template: str = "plotly_white"
-    """plotly template."""
-    font: str = "Helvetica, Arial, sans-serif"
-    """Font family."""
-    font_size: int = 13
-    """Base font size."""
-    colorscale: str = "Viridis"
-    """Sequential colorscale for strengths (low strength = dark)."""
-    bar_colors: tuple[str, str] = ("#1f77b4", "#d62728")
-    """TPR and FPR bar colors."""
-    band_opacity: float = 0.18
-    """Opacity of CI bands."""
-    panel_height: int = 230
-    """Height in px of one row of panels."""
-    width: int = 1100
-    """Figure width in px."""
-
-
-STYLE = Style()
-
-
-def apply_style(fig: go.Figure, *, title: str, height: int, top: int = 90, style: Style = STYLE) -> go.Figure:
-    """The shared look: template, title, size, font and margins (``top``: room for the title and legend)."""
-    fig.update_layout(
-        template=style.template,
-        title={"text": title, "x": 0.01},
-        height=height,
-        width=style.width,
-        font={"family": style.font, "size": style.font_size},
-        legend={"tracegroupgap": 2},
-        margin={"l": 70, "r": 30, "t": top, "b": 60},
-    )
-    return fig
-
-
-def rgba(color: str, alpha: float) -> str:
-    """A plotly color string ("rgb(...)" or "#rrggbb") with opacity ``alpha``."""
-    if color.startswith("#"):
-        r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
-    else:
-        r, g, b = (int(float(v)) for v in color[color.index("(") + 1 : color.index(")")].split(",")[:3])
-    return f"rgba({r}, {g}, {b}, {alpha})"
-
-
-def _strength_colors(strengths: Sequence[float], style: Style = STYLE) -> dict[float, str]:
-    """One color per strength, evenly spaced along the colorscale (darkest = weakest)."""
-    values = sorted(set(strengths))
-    if len(values) == 1:
-        return {values[0]: sample_colorscale(style.colorscale, [0.35])[0]}
-    return dict(
-        zip(
-            values,
-            sample_colorscale(style.colorscale, [0.9 * i / (len(values) - 1) for i in range(len(values))]),
-            strict=True,
-        )
-    )
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -236,7 +160,7 @@ def layer_sweep_figure(
         horizontal_spacing=0.04,
         column_titles=[f"Ours: {model_name}", "Paper: Gemma3-27B-IT (released Fig. 1 metrics)"],
     )
-    colors = _strength_colors([*ours["strength"], *paper["strength"]])  # one color per strength in both
+    colors = strength_colors([*ours["strength"], *paper["strength"]])  # one color per strength in both
     _add_series(fig, ours, col=1, source="ours", colors=colors)
     _add_series(fig, paper, col=2, source="paper", colors=colors)
     for row, label in enumerate(METRICS.values(), start=1):
@@ -293,63 +217,3 @@ def variants_figure(metrics: pd.DataFrame, *, title: str = "Prompt variants: det
 def personas_figure(metrics: pd.DataFrame, *, title: str = "Persona variants: detection") -> go.Figure:
     """TPR and FPR per persona variant (:func:`rate_bars_figure` with ``axis="persona"``)."""
     return rate_bars_figure(metrics, axis="persona", title=title)
-
-
-# ----------------------------------------------------------------------------------------------- saving
-
-
-def save_figure(
-    fig: go.Figure,
-    name: str,
-    out_dir: str | Path = "figures",
-    *,
-    formats: Sequence[str] = ("html", "png"),
-    offline: bool = False,
-) -> list[Path]:
-    """Write ``fig`` as ``<out_dir>/<name>.html`` and ``.png`` (PNG through kaleido); return the paths
-    written.
-
-    ``offline=True`` writes plotly.js once into ``out_dir`` (``plotly.min.js``, about 4 MB, shared by every
-    offline figure there) and points the HTML at it, so that it opens without network access as long as the
-    two files stay together; otherwise the HTML loads plotly.js from its CDN.
-
-    Static formats (png, svg, pdf) need a Chrome/Chromium (:mod:`mechintro.plots.browser`). Without one -- or
-    with
-    ``MECHINTRO_BROWSER=none`` -- the HTML is still written, the static files are skipped, and one message
-    per process says how to get them.
-    """
-    valid = ("html", "png", "svg", "pdf")
-    bad = [f for f in formats if f not in valid]
-    if bad:
-        raise ValueError(f"unknown figure formats {bad}; valid: {list(valid)}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    static = [f for f in formats if f != "html"]
-    browser = browser_path() if static else None
-    for fmt in formats:
-        path = out / f"{name}.{fmt}"
-        if fmt == "html":
-            fig.write_html(path, include_plotlyjs="directory" if offline else "cdn")
-        elif browser is None:
-            warn_once(f"{name} (and every later figure)")
-            continue
-        else:
-            _write_static(fig, path, browser=browser)
-        paths.append(path)
-    return paths
-
-
-def _write_static(fig: go.Figure, path: Path, *, browser: str) -> None:
-    """PNG/SVG/PDF through kaleido with the given browser."""
-    saved = os.environ.get("BROWSER_PATH")
-    os.environ["BROWSER_PATH"] = browser
-    try:
-        fig.write_image(path, scale=2 if path.suffix == ".png" else 1)
-    except Exception as err:  # kaleido and its browser raise many kinds
-        raise RuntimeError(f"could not write {path} with the browser {browser}: {err}") from err
-    finally:
-        if saved is None:
-            os.environ.pop("BROWSER_PATH", None)
-        else:
-            os.environ["BROWSER_PATH"] = saved

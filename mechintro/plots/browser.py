@@ -8,7 +8,7 @@ Nothing is downloaded at run time. Which browser is used:
 * otherwise the first Chrome/Chromium kaleido would find (``BROWSER_PATH``, ``PATH``, the usual install
 paths).
 
-Without a browser, :func:`mechintro.plots.behaviour.save_figure` still writes the HTML and says once how to
+Without a browser, :func:`mechintro.plots.save.save_figure` still writes the HTML and says once how to
 get PNGs.
 ``python -m mechintro.plots.browser --install`` (``make browser``) installs Debian's ``chromium`` when run as
 root

@@ -1,6 +1,6 @@
 """Figures of the elicitation experiments: one plotly builder per figure, returning a ``Figure``.
 
-Save them with :func:`mechintro.plots.behaviour.save_figure`. Inputs are the tidy tables of
+Save them with :func:`mechintro.plots.save.save_figure`. Inputs are the tidy tables of
 :mod:`mechintro.studies.bias` and :func:`mechintro.behaviour.metrics.detection_metrics` (rates with ``_lo`` /
 ``_hi``
 95% Wilson bounds); the paper's series come from :func:`mechintro.studies.bias.paper_bias_layer_sweep` and
@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from mechintro.plots.behaviour import METRICS, STYLE
+from mechintro.plots.style import METRICS, STYLE
 
 __all__ = [
     "bias_injection_figure",

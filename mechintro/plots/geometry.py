@@ -1,6 +1,6 @@
 """Figures of the geometry analyses (:mod:`mechintro.studies.geometry`): one plotly builder per figure,
 returning a
-``Figure`` (save it with :func:`mechintro.plots.behaviour.save_figure`).
+``Figure`` (save it with :func:`mechintro.plots.save.save_figure`).
 
 The paper's numbers quoted from its text (:data:`mechintro.studies.geometry.PAPER_TEXT`) are drawn as hollow
 diamonds labelled "paper (text)"; they are Gemma3-27B's, beside ours.
@@ -29,7 +29,7 @@ from plotly.subplots import make_subplots
 from scipy import stats
 
 from mechintro.core.stats import mean_ci
-from mechintro.plots.behaviour import STYLE, apply_style
+from mechintro.plots.style import STYLE, apply_style
 from mechintro.studies.geometry import PAPER_TEXT
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Figures of the mechanism half: one plotly builder per figure, returning a ``Figure`` (nothing is saved).
 
-Save them with :func:`mechintro.plots.behaviour.save_figure`. The inputs are the tidy tables of
+Save them with :func:`mechintro.plots.save.save_figure`. The inputs are the tidy tables of
 :mod:`mechintro.mechanism.patching`, :mod:`mechintro.mechanism.features` and
 :mod:`mechintro.mechanism.curves`; 95% intervals are Student-t
 across concepts (logit scores, activations) or Wilson (sampled rates).
@@ -27,7 +27,7 @@ from mechintro.core.transcoders import parse_feature
 from mechintro.mechanism.curves import summarize_gate_curves
 from mechintro.mechanism.features import FeatureGrid
 from mechintro.mechanism.patching import EXPERIMENTS, summarize_patching
-from mechintro.plots.behaviour import STYLE, apply_style, rgba
+from mechintro.plots.style import STYLE, apply_style, rgba
 
 __all__ = [
     "base_vs_instruct_figure",

@@ -9,6 +9,7 @@ import pytest
 from mechintro.behaviour.metrics import detection_metrics
 from mechintro.core.prompts import PAPER_VARIANTS, PERSONAS
 from mechintro.plots import behaviour as plots
+from mechintro.plots import save
 
 
 def synthetic_trials(
@@ -97,13 +98,13 @@ def test_save_figure_writes_html(tmp_path):
     fig = plots.variants_figure(
         detection_metrics(synthetic_trials(layers=(1,), variants=PAPER_VARIANTS), by=("variant",))
     )
-    paths = plots.save_figure(fig, "variants", tmp_path / "figs", formats=("html",))
+    paths = save.save_figure(fig, "variants", tmp_path / "figs", formats=("html",))
     assert paths == [tmp_path / "figs" / "variants.html"] and paths[0].stat().st_size > 1000
     with pytest.raises(ValueError, match="valid"):
-        plots.save_figure(fig, "variants", tmp_path, formats=("gif",))
+        save.save_figure(fig, "variants", tmp_path, formats=("gif",))
     assert "cdn.plot.ly" in paths[0].read_text()
     for name in ("a", "b"):  # offline: one shared plotly.js beside the HTML files, none embedded
-        plots.save_figure(fig, name, tmp_path / "offline", formats=("html",), offline=True)
+        save.save_figure(fig, name, tmp_path / "offline", formats=("html",), offline=True)
     files = sorted(p.name for p in (tmp_path / "offline").iterdir())
     assert files == ["a.html", "b.html", "plotly.min.js"]
     html = (tmp_path / "offline" / "a.html").read_text()
@@ -119,12 +120,12 @@ def test_without_a_browser_figures_degrade_to_html_with_one_message(tmp_path, mo
         detection_metrics(synthetic_trials(layers=(1,), variants=PAPER_VARIANTS), by=("variant",))
     )
     monkeypatch.setattr(browser, "_warned", set())
-    monkeypatch.setattr(plots, "browser_path", lambda: None)
+    monkeypatch.setattr(save, "browser_path", lambda: None)
     monkeypatch.setattr(
         type(fig), "write_image", lambda *a, **k: pytest.fail("tried to render without a browser")
     )
-    first = plots.save_figure(fig, "variants", tmp_path)
-    second = plots.save_figure(fig, "personas", tmp_path)
+    first = save.save_figure(fig, "variants", tmp_path)
+    second = save.save_figure(fig, "personas", tmp_path)
     assert first == [tmp_path / "variants.html"] and second == [tmp_path / "personas.html"]
     assert (tmp_path / "variants.html").stat().st_size > 1000 and not list(tmp_path.glob("*.png"))
     err = capsys.readouterr().err
@@ -151,9 +152,9 @@ def test_static_export_uses_the_browser_found(tmp_path, monkeypatch):
         path.write_bytes(b"\x89PNG")
 
     monkeypatch.delenv("BROWSER_PATH", raising=False)
-    monkeypatch.setattr(plots, "browser_path", lambda: "/opt/chrome/chrome")
+    monkeypatch.setattr(save, "browser_path", lambda: "/opt/chrome/chrome")
     monkeypatch.setattr(type(fig), "write_image", fake_write_image)
-    paths = plots.save_figure(fig, "variants", tmp_path)
+    paths = save.save_figure(fig, "variants", tmp_path)
     assert paths == [tmp_path / "variants.html", tmp_path / "variants.png"]
     assert seen == {"browser": "/opt/chrome/chrome", "scale": 2}
     import os
