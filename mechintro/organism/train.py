@@ -35,11 +35,11 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechintro.core import kvcache
 from mechintro.core.concepts import baseline_mean, last_token_resid
 from mechintro.core.models import SPEC_FILENAME, Model, load_model
+from mechintro.core.progress import progress_steps
 from mechintro.core.prompts import VARIANTS, chat_prompt_tokens, trial_prompt
 from mechintro.core.steering import inject
 from mechintro.organism import corpus
@@ -325,7 +325,7 @@ def train_base(model: Model, cfg: OrganismConfig, *, log: list[dict]) -> None:
     concepts = corpus.all_concepts()
     opt = _optimizer(model, cfg.lr)
     model.train()
-    for step in tqdm(range(cfg.base_steps), desc="organism base", leave=False):
+    for step in progress_steps(cfg.base_steps, desc="organism base"):
         chats = chat_batch(
             model.tokenizer,
             [
@@ -453,7 +453,7 @@ def train_instruct(model: Model, cfg: OrganismConfig, *, training: Sequence[str]
     tok = model.tokenizer
     emphasis = {tok.convert_tokens_to_ids("▁" + c): cfg.name_weight for c in training}
     model.train()
-    for step in tqdm(range(cfg.instruct_steps), desc="organism instruct", leave=False):
+    for step in progress_steps(cfg.instruct_steps, desc="organism instruct"):
         if step % cfg.refresh_every == 0:
             vectors = training_vectors(model, training, layers)
         chats = chat_batch(

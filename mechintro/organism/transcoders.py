@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechintro.core.concepts import concept_vectors
 from mechintro.core.hooks import capture
 from mechintro.core.models import HookNames, Model
+from mechintro.core.progress import progress_steps
 from mechintro.core.prompts import left_pad, trial_prompt
 from mechintro.core.steering import inject
 from mechintro.core.transcoders import from_raw_params, save_transcoder
@@ -222,7 +222,7 @@ def fit_transcoders(
     lam = torch.full((len(layers),), 1e-3)
     g = torch.Generator().manual_seed(cfg.seed)
     fired = torch.zeros(len(layers), cfg.width, dtype=torch.bool)
-    for step in tqdm(range(cfg.steps), desc="transcoders", leave=False, disable=not progress):
+    for step in progress_steps(cfg.steps, desc="transcoders", enabled=progress):
         idx = torch.randint(0, n, (cfg.batch,), generator=g)
         xb, yb = x[:, idx], y[:, idx]
         pred, acts, l0 = model(xb, cfg.bandwidth)
