@@ -19,7 +19,6 @@ A ``positions`` argument means the same everywhere in mechintro (:data:`Position
 from __future__ import annotations
 
 import contextlib
-import operator
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from mechintro.core import validate
 from mechintro.core.kvcache import cache_in_call, cache_length, hf_module, install_bridge_shim
 from mechintro.core.models import Model
 
@@ -51,25 +51,14 @@ POSITION_WORDS = ("last", "all", "from_start")
 
 
 def as_int(value: Any, *, what: str) -> int:
-    """``value`` as a Python int (numpy and torch integer scalars included); bools and floats are refused."""
-    if isinstance(value, bool) or (torch.is_tensor(value) and value.dtype == torch.bool):
-        raise TypeError(f"{what} must be an integer, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})") from None
+    """``value`` as a Python int (numpy and torch integer scalars included); bools and floats are refused
+    (:func:`mechintro.core.validate.integer`)."""
+    return validate.integer(what, value)
 
 
 def check_layer(model: Model, layer: Any) -> int:
     """Return ``layer`` as an int, or raise naming the valid range of the model's layers."""
-    n = int(model.cfg.n_layers)
-    try:
-        index = as_int(layer, what="layer")
-    except TypeError:
-        raise ValueError(f"layer {layer!r} does not exist: valid layers are 0..{n - 1}") from None
-    if not 0 <= index < n:
-        raise ValueError(f"layer {layer!r} does not exist: valid layers are 0..{n - 1}")
-    return index
+    return validate.layer(layer, n_layers=int(model.cfg.n_layers))
 
 
 RowMode: TypeAlias = Literal["fixed", "tracked", "shared"]

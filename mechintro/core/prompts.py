@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from mechintro.core import resources
+from mechintro.core import resources, validate
 from mechintro.core.models import Model, chat_text
 
 PAPER_VARIANTS = (
@@ -157,9 +156,7 @@ def trial_text(
         raise ValueError(f"unknown prompt variant {variant!r}; valid: {list(VARIANTS)}")
     if persona not in PERSONAS:
         raise ValueError(f"unknown persona {persona!r}; valid: {list(PERSONAS)}")
-    if isinstance(trial, bool) or not isinstance(trial, numbers.Integral) or trial < 1:
-        raise ValueError(f"trial must be a positive int (the paper's are 1..10), got {trial!r}")
-    trial = int(trial)
+    trial = validate.integer("trial", trial, minimum=1, requirement="a positive int (the paper's are 1..10)")
     for name, value in (("thoughts", thoughts), ("prefill", prefill), ("category", category)):
         if value is not None:
             check_spelling(model, value, what=f"{name}= text")

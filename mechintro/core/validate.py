@@ -18,6 +18,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 __all__ = [
+    "InvalidArgument",
     "count",
     "d_model_of",
     "finite_number",
@@ -29,6 +30,11 @@ __all__ = [
     "strength_tensor",
     "vectors",
 ]
+
+
+class InvalidArgument(TypeError, ValueError):
+    """An argument of the wrong type or out of range. It is both a ``TypeError`` and a ``ValueError``, so
+    callers that caught either before these checks were shared still catch it."""
 
 
 def is_integer(value: Any) -> bool:
@@ -49,8 +55,8 @@ def integer(name: str, value: Any, *, minimum: int | None = None, requirement: s
     """
     ok = is_integer(value) and (minimum is None or operator.index(value) >= minimum)
     if not ok:
-        must = requirement or ("an int" if minimum is None else f"an int >= {minimum}")
-        raise ValueError(f"{name} must be {must}, got {value!r}")
+        must = requirement or ("an integer" if minimum is None else f"an int >= {minimum}")
+        raise InvalidArgument(f"{name} must be {must}, got {value!r} ({type(value).__name__})")
     return operator.index(value)
 
 
@@ -62,21 +68,23 @@ def count(name: str, value: Any) -> int:
 def layer(value: Any, *, n_layers: int, model: str = "the model") -> int:
     """A layer index of a model with ``n_layers`` layers; the error names the valid range."""
     if not is_integer(value) or not 0 <= operator.index(value) < n_layers:
-        raise ValueError(f"layer {value!r} does not exist in {model}: valid layers are 0..{n_layers - 1}")
+        raise InvalidArgument(
+            f"layer {value!r} does not exist in {model}: valid layers are 0..{n_layers - 1}"
+        )
     return operator.index(value)
 
 
 def finite_number(name: str, value: Any) -> float:
     """A finite real number (never a bool or a string) as a ``float``."""
     if isinstance(value, (bool, str)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise InvalidArgument(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 
 def positive_number(name: str, value: Any, *, unit: str = "") -> float:
     """A finite number > 0 as a ``float`` (``unit`` is named in the error, e.g. ``"of seconds"``)."""
     if isinstance(value, (bool, str)) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a positive number{' ' + unit if unit else ''}, got {value!r}")
+        raise InvalidArgument(f"{name} must be a positive number{' ' + unit if unit else ''}, got {value!r}")
     return float(value)
 
 
@@ -86,12 +94,12 @@ def strength_list(strengths: Any) -> list[float]:
     out = []
     for s in items:
         if isinstance(s, (bool, str)) or not isinstance(s, numbers.Real):
-            raise ValueError(f"strength must be a finite number, got {s!r} ({type(s).__name__})")
+            raise InvalidArgument(f"strength must be a finite number, got {s!r} ({type(s).__name__})")
         if not math.isfinite(s):
-            raise ValueError(f"strength must be a finite number, got {s!r}")
+            raise InvalidArgument(f"strength must be a finite number, got {s!r}")
         out.append(float(s))
     if not out:
-        raise ValueError("no strengths given")
+        raise InvalidArgument("no strengths given")
     return list(dict.fromkeys(out))
 
 

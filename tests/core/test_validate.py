@@ -85,3 +85,10 @@ def test_vectors_shape_width_and_finiteness():
     bad[1, 3] = math.nan
     with pytest.raises(ValueError, match="NaN or inf"):
         validate.vectors(_Model(), bad, ["a", "b"])
+
+
+def test_a_refused_argument_is_both_a_type_and_a_value_error():
+    for check in (lambda: validate.integer("n", True), lambda: validate.layer(9, n_layers=4)):
+        with pytest.raises(validate.InvalidArgument) as info:
+            check()
+        assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)

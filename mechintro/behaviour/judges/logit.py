@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mechintro.behaviour.judges.base import Verdict, check_rows
+from mechintro.core import validate
 
 __all__ = ["LogitJudge"]
 
@@ -36,8 +37,7 @@ class LogitJudge:
 
     def __post_init__(self) -> None:
         for name, value in (("threshold", self.threshold), ("p_threshold", self.p_threshold)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"LogitJudge {name} must be a finite number, got {value!r}")
+            validate.finite_number(f"LogitJudge {name}", value)
         if not 0.0 <= self.p_threshold <= 1.0:
             raise ValueError(f"LogitJudge p_threshold is a probability in [0, 1], got {self.p_threshold!r}")
 
