@@ -3,7 +3,9 @@ session."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -12,7 +14,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Hermetic: an organism a developer trained into their per-user folder never stands in for the shipped one.
-os.environ.setdefault("XDG_DATA_HOME", tempfile.mkdtemp(prefix="mechintro-test-xdg-"))
+if "XDG_DATA_HOME" not in os.environ:
+    os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="mechintro-test-xdg-")
+    atexit.register(shutil.rmtree, os.environ["XDG_DATA_HOME"], ignore_errors=True)
 torch.set_num_threads(1)  # tiny models: more threads only add contention
 
 
