@@ -123,14 +123,14 @@ class TrialConfig(RunConfig):
     persona, and the shared run settings (:class:`RunConfig`)."""
 
     layer: int | None = None
-    """Injection layer (resid_post of this block); None = the model's (:func:`~mechintro.spec_for`)."""
+    """Injection layer (resid_post of this block); None (the default) = the model's injection layer."""
     strength: float | str | None = field(default=None, metadata={"parse": "strength"})
-    """Injection strength (scales the raw concept vector), or the name of one of the model's operating points
-    (``default``, ``saturated``...); None = the model's."""
+    """Injection strength (it scales the raw concept vector), or the name of one of the model's operating
+    points, e.g. saturated; None (the default) = the model's default strength."""
     variant: str = TRIALS.variant
-    """Prompt variant (:data:`mechintro.core.prompts.VARIANTS`)."""
+    """Prompt variant (one of mechintro.core.prompts.VARIANTS)."""
     persona: str = TRIALS.persona
-    """Persona variant (:data:`mechintro.core.prompts.PERSONAS`)."""
+    """Persona variant (one of mechintro.core.prompts.PERSONAS)."""
 
     def __post_init__(self) -> None:
         """Check every field (errors name it)."""
@@ -159,14 +159,14 @@ class SweepConfig(RunConfig):
     personas, and the shared run settings (:class:`RunConfig`)."""
 
     layers: tuple[int, ...] | None = None
-    """Injection layers, e.g. 0,1,2; None = the model's injection layer."""
+    """Injection layers, e.g. 0,1,2; None (the default) = the model's injection layer."""
     strengths: tuple[float, ...] | None = None
-    """Injection strengths, e.g. 1,2,4,8 (repeats dropped); None = the model's strength sweep
-    (:attr:`~mechintro.core.models.ModelSpec.strength_sweep`)."""
+    """Injection strengths, e.g. 1,2,4,8 (repeats dropped); None (the default) = the model's strength sweep
+    (ModelSpec.strength_sweep)."""
     variants: tuple[str, ...] = (TRIALS.variant,)
-    """Prompt variants (:data:`mechintro.core.prompts.VARIANTS`)."""
+    """Prompt variants (of mechintro.core.prompts.VARIANTS)."""
     personas: tuple[str, ...] = (TRIALS.persona,)
-    """Persona variants (:data:`mechintro.core.prompts.PERSONAS`)."""
+    """Persona variants (of mechintro.core.prompts.PERSONAS)."""
 
     def __post_init__(self) -> None:
         """Check every field (errors name it) and store the lists as tuples."""

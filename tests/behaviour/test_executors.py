@@ -279,3 +279,23 @@ def test_merge_attributions_refuses_overlapping_or_unlike_parts(tiny, tcs):
 def _canonical(frame):
     keys = [c for c in ("concept", "strength", "dictionary", "layer", "position", "feature") if c in frame]
     return frame.sort_values(keys, kind="stable").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------- the layer
+
+
+def test_the_behaviour_modules_import_no_private_names():
+    """The plan, the batch worker, the executors, the leases and the store talk through public names only
+    (executors once imported seven private names of trials)."""
+    import ast
+    from pathlib import Path
+
+    import mechintro.behaviour as behaviour
+
+    folder = Path(behaviour.__file__).parent
+    private = []
+    for name in ("plan", "batch", "trials", "executors", "leases", "store", "rows"):
+        for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mechintro"):
+                private += [f"{name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert private == []

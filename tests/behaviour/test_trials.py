@@ -22,7 +22,7 @@ from mechintro.behaviour.judges import (
     judge_kind,
 )
 from mechintro.behaviour.metrics import detection_metrics
-from mechintro.behaviour.plan import trial_seed
+from mechintro.behaviour.plan import SweepConfig, TrialConfig, trial_seed
 from mechintro.behaviour.store import COLUMNS, KEY_COLUMNS, TrialStore
 from mechintro.behaviour.trials import logit_scores, run_trials, sweep
 
@@ -342,3 +342,26 @@ def test_killed_sweep_resumes_with_nothing_lost_or_doubled(tiny, tiny_dir, tmp_p
     clean = sweep(tiny, CONCEPTS, judge=RuleJudge(), store=tmp_path / "clean.sqlite", **kw)
     cols = [*KEY_COLUMNS, "response", "detected"]
     assert resumed[cols].equals(clean[cols])  # the same trials, the same samples
+
+
+def test_a_config_or_its_keywords_give_the_same_rows(tiny):
+    """run_trials and sweep take their config, or the keywords that build it; keywords given with a config
+    replace its values."""
+    config = TrialConfig(n_trials=2, layer=1, strength=4.0, forced=True, progress=False)
+    by_config = run_trials(tiny, CONCEPTS, config, judge=LogitJudge())
+    by_keywords = run_trials(
+        tiny, CONCEPTS, n_trials=2, layer=1, strength=4.0, forced=True, progress=False, judge=LogitJudge()
+    )
+    cols = [c for c in by_config.columns if c != "created_at"]
+    assert len(by_config) == 2 * 3 * 2 and by_config[cols].equals(
+        by_keywords[cols]
+    )  # concepts x conditions x trials
+    replaced = run_trials(tiny, CONCEPTS, config, judge=LogitJudge(), strength=2.0, forced=False)
+    assert set(replaced.condition) == {"injection", "control"} and set(replaced.strength) == {0.0, 2.0}
+    grid = SweepConfig(n_trials=1, layers=[1], strengths=[4.0], progress=False)
+    swept = sweep(tiny, CONCEPTS, grid, judge=LogitJudge(), strengths=(2.0, 4.0))
+    assert sorted(set(swept.strength)) == [0.0, 2.0, 4.0]
+    with pytest.raises(TypeError, match=r"unknown TrialConfig settings \['layers'\]; valid: \['n_trials'"):
+        run_trials(tiny, CONCEPTS, n_trials=1, layers=[1], judge=LogitJudge())
+    with pytest.raises(TypeError, match="config must be a TrialConfig, got SweepConfig"):
+        run_trials(tiny, CONCEPTS, grid, judge=LogitJudge())
