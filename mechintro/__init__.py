@@ -14,14 +14,11 @@ from mechintro.attribution.passes import (
     strength_grid,
     token_metric,
 )
-from mechintro.behaviour.executors import (
-    RayExecutor,
-    release_ray_workers,
-    sharded_feature_grid,
-    sharded_steering_attribution,
-)
+from mechintro.attribution.sharded import sharded_steering_attribution
+from mechintro.behaviour.executors import RayExecutor, release_ray_workers
 from mechintro.behaviour.judges import LLMJudge, LogitJudge, RuleJudge
 from mechintro.behaviour.metrics import detection_metrics
+from mechintro.behaviour.plan import SweepConfig, TrialConfig
 from mechintro.behaviour.store import StoreError, TrialStore
 from mechintro.behaviour.trials import run_trials, sweep
 from mechintro.core.concepts import (
@@ -42,6 +39,7 @@ from mechintro.core.transcoders import encode_at, load_transcoders, replace_mlps
 from mechintro.mechanism.features import feature_grid, find_evidence_carriers, find_gates
 from mechintro.mechanism.interventions import intervene, read_features
 from mechintro.mechanism.patching import PatchingConfig, component_patching
+from mechintro.mechanism.sharded import sharded_feature_grid
 from mechintro.studies.bias import (
     BiasVector,
     ablate_directions,
@@ -66,6 +64,8 @@ __all__ = [
     "RuleJudge",
     "SteeringAttribution",
     "StoreError",
+    "SweepConfig",
+    "TrialConfig",
     "TrialPrompt",
     "TrialStore",
     "VARIANTS",

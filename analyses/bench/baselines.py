@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mechintro.behaviour.trials import Trial, plan_trials
+from mechintro.behaviour.plan import Trial, plan_trials
 from mechintro.core.prompts import PaddedBatch, left_pad, trial_prompt
 from mechintro.core.sampling import stop_ids
 

@@ -1,12 +1,13 @@
 """Executors: where the batches of a trial plan run -- in this process, or on Ray actors -- with this process
 as the one writer of the trial store.
 
-A sweep is three things (:mod:`mechintro.behaviour.trials` makes the first, this module the other two):
+A sweep is three things (:mod:`mechintro.behaviour.plan` makes the first, this module the other two):
 
 * **the plan**: every trial, and its batches (:func:`plan_batches`: per layer, shortest prompts first, so a
   batch holds prompts of about one length and every batch but a layer's last is full);
-* **an executor** that computes batches: :class:`LocalExecutor` (this process, on the model it was given) or
-  :class:`RayExecutor` (Ray actors, each loading the model once by its name and keeping it between calls);
+* **an executor** that computes batches (:func:`mechintro.behaviour.batch.batch_outputs`):
+  :class:`LocalExecutor` (this process, on the model it was given) or :class:`RayExecutor` (Ray actors, each
+  loading the model once by its name and keeping it between calls);
 * **one writer**: the driver (the process that called ``sweep``) claims each batch in the
   :class:`~mechintro.behaviour.store.TrialStore` before dispatching it, judges what comes back and writes the
   rows,
@@ -17,13 +18,11 @@ own seed, :func:`mechintro.core.sampling.trial_seed`), so the executor, the numb
 which
 batches come back do not change a row.
 
-**Leases.** A batch is claimed (:meth:`~mechintro.behaviour.store.TrialStore.claim`) just before it is
-dispatched and
-stays leased while it is in flight: a heartbeat renews every lease of this driver, and writing a batch's rows
-releases it. Two drivers on one store split the batches. A driver that crashes leaves leases that a re-run
-takes over at once when the crashed process was on this host
-(:func:`mechintro.behaviour.store._is_dead_here`), or when
-they expire elsewhere.
+**Leases.** A batch is claimed (:class:`~mechintro.behaviour.leases.ClaimQueue`) just before it is
+dispatched and stays leased while it is in flight: a heartbeat renews every lease of this driver, and writing
+a batch's rows releases it. Two drivers on one store split the batches. A driver that crashes leaves leases
+that a re-run takes over at once when the crashed process was on this host, or when they expire elsewhere
+(:meth:`~mechintro.behaviour.store.TrialStore.claim`).
 
 **Faults.** An actor that dies (killed, out of memory, a lost node) is replaced (at most
 ``max_actor_restarts`` times per call) and its batches in flight are sent again: their leases are still this
@@ -41,10 +40,10 @@ cannot travel to the actors, and is refused with an error rather than run as the
 alive between calls (a notebook pays a model load once); :func:`release_ray_workers` frees them.
 
 **Other work on the same actors.** :func:`map_on_model` runs any module-level function ``fn(model, item)``
-over items on the executor's workers; :func:`sharded_feature_grid` uses it to split a feature grid over
-concepts (and layers) and merges the parts exactly (:func:`mechintro.mechanism.features.merge_grids`);
-:func:`sharded_steering_attribution` splits an attribution over concepts
-(:func:`mechintro.attribution.passes.merge_attributions`).
+over items on the executor's workers (:func:`split_evenly` cuts the items into shards);
+:func:`mechintro.mechanism.sharded.sharded_feature_grid` uses it to split a feature grid over concepts (and
+layers), :func:`mechintro.attribution.sharded.sharded_steering_attribution` to split an attribution over
+concepts.
 """
 
 from __future__ import annotations
@@ -53,37 +52,25 @@ import collections
 import importlib.util
 import itertools
 import json
-import math
 import os
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias, get_args
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeAlias, get_args
 
 import pandas as pd
 import torch
 from torch import Tensor
 
-from mechintro.behaviour.store import Claim, TrialStore
-from mechintro.behaviour.trials import (
-    Trial,
-    _batch_outputs,
-    _Grid,
-    _judged_rows,
-    _layer_vectors,
-    _make_batch,
-    _Outputs,
-    _prompt_key,
-)
+from mechintro.behaviour.batch import Outputs, batch_outputs, judged_rows, layer_vectors, make_batch
+from mechintro.behaviour.leases import ClaimQueue
+from mechintro.behaviour.plan import Trial, TrialGrid, prompt_key
+from mechintro.behaviour.store import TrialStore
+from mechintro.core import validate
 from mechintro.core.fingerprint import weights_fingerprint
 from mechintro.core.models import Model, load_model, spec_for
+from mechintro.core.progress import progress_bar
 from mechintro.core.prompts import TrialPrompt
-
-if TYPE_CHECKING:
-    from mechintro.attribution.passes import SteeringAttribution
-    from mechintro.mechanism.features import FeatureGrid
 
 __all__ = [
     "EXECUTORS",
@@ -98,8 +85,7 @@ __all__ = [
     "ray_workers",
     "release_ray_workers",
     "resolve_executor",
-    "sharded_feature_grid",
-    "sharded_steering_attribution",
+    "split_evenly",
 ]
 
 ExecutorName: TypeAlias = Literal["local", "ray"]
@@ -151,20 +137,15 @@ class RayExecutor:
 
     def __post_init__(self) -> None:
         """Check every setting (errors name the field)."""
-        if self.num_actors is not None and not _is_int(self.num_actors, minimum=1):
-            raise ValueError(f"num_actors must be an int >= 1 or None, got {self.num_actors!r}")
+        for name in ("num_actors", "threads"):
+            if getattr(self, name) is not None:
+                validate.integer(name, getattr(self, name), minimum=1, requirement="an int >= 1 or None")
         for name in ("num_gpus", "num_cpus"):
             value = getattr(self, name)
-            if value is None and name == "num_gpus":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            if (value is not None or name == "num_cpus") and validate.finite_number(name, value) < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        if self.threads is not None and not _is_int(self.threads, minimum=1):
-            raise ValueError(f"threads must be an int >= 1 or None, got {self.threads!r}")
-        if not _is_int(self.in_flight, minimum=1):
-            raise ValueError(f"in_flight must be an int >= 1, got {self.in_flight!r}")
-        if not _is_int(self.max_actor_restarts, minimum=0):
-            raise ValueError(f"max_actor_restarts must be an int >= 0, got {self.max_actor_restarts!r}")
+        validate.count("in_flight", self.in_flight)
+        validate.integer("max_actor_restarts", self.max_actor_restarts, minimum=0)
         if self.model is not None and not (isinstance(self.model, (str, os.PathLike)) and str(self.model)):
             raise ValueError(f"model must be a model name or folder (str), got {self.model!r}")
 
@@ -174,10 +155,6 @@ class RayExecutor:
 
 
 Executor: TypeAlias = LocalExecutor | RayExecutor
-
-
-def _is_int(value: Any, *, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def resolve_executor(executor: str | Executor) -> Executor:
@@ -212,9 +189,7 @@ def plan_batches(
     """
     batches: list[list[Trial]] = []
     for layer in layers:
-        rows = sorted(
-            (t for t in todo if t.layer == layer), key=lambda t: len(prompts[_prompt_key(t)].tokens)
-        )
+        rows = sorted((t for t in todo if t.layer == layer), key=lambda t: len(prompts[prompt_key(t)].tokens))
         batches += [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     return batches
 
@@ -225,34 +200,34 @@ class TrialJob:
 
     model: Model
     """The driver's model (the local executor runs on it; Ray actors load it by name)."""
-    grid: _Grid
-    """The validated call (concepts, settings; :mod:`mechintro.behaviour.trials`)."""
+    grid: TrialGrid
+    """The validated call (concepts, layers, config, settings; :mod:`mechintro.behaviour.plan`)."""
     batches: list[list[Trial]]
     """The trials to run, batched (:func:`plan_batches`)."""
     prompts: Mapping[tuple, TrialPrompt]
-    """Every trial's prompt, by ``mechintro.behaviour.trials._prompt_key``."""
+    """Every trial's prompt, by :func:`mechintro.behaviour.plan.prompt_key`."""
     vectors: Mapping[int, Tensor] | None = None
     """Given concept vectors ``{layer: [concept, d_model]}``; other layers are computed by the workers."""
 
     def prompts_of(self, trials: Sequence[Trial]) -> dict[tuple, TrialPrompt]:
         """The prompts one batch needs (what travels with it to an actor)."""
-        return {_prompt_key(t): self.prompts[_prompt_key(t)] for t in trials}
+        return {prompt_key(t): self.prompts[prompt_key(t)] for t in trials}
 
 
 class _JobRunner:
     """A worker's state for one job: the model and the concept vectors of each layer, made on first use."""
 
-    def __init__(self, model: Model, grid: _Grid, vectors: Mapping[int, Any] | None) -> None:
+    def __init__(self, model: Model, grid: TrialGrid, vectors: Mapping[int, Any] | None) -> None:
         self.model, self.grid, self.given = model, grid, dict(vectors or {})
         self.by_layer: dict[int, dict[str, Tensor]] = {}
 
-    def outputs(self, trials: Sequence[Trial], prompts: Mapping[tuple, TrialPrompt]) -> _Outputs:
+    def outputs(self, trials: Sequence[Trial], prompts: Mapping[tuple, TrialPrompt]) -> Outputs:
         layer = trials[0].layer
         if layer not in self.by_layer:
             given = {layer: _fetch(self.given[layer])} if layer in self.given else None
-            self.by_layer[layer] = _layer_vectors(self.model, self.grid, layer, given)
-        batch = _make_batch(list(trials), prompts, self.by_layer[layer])
-        return _batch_outputs(self.model, batch, settings=self.grid.settings, scores=self.grid.scores_logits)
+            self.by_layer[layer] = layer_vectors(self.model, self.grid, layer, given)
+        batch = make_batch(list(trials), prompts, self.by_layer[layer])
+        return batch_outputs(self.model, batch, settings=self.grid.settings, scores=self.grid.scores_logits)
 
 
 def _fetch(value: Any) -> Any:
@@ -267,106 +242,23 @@ def _fetch(value: Any) -> Any:
 # ----------------------------------------------------------------------------------------------- the driver
 
 
-class _Leases:
-    """Claims batches one at a time while several are in flight; renews them; releases what is not written.
-
-    Like :class:`~mechintro.behaviour.store.ClaimQueue`, but several claims may be held at once (one per
-    batch in
-    flight on the workers). Keys another process holds are tried again every ``poll_s`` seconds, until they
-    are written there or their lease is taken over.
-    """
-
-    def __init__(
-        self, store: TrialStore, batches: Sequence[Sequence[tuple]], *, ttl_s: float, retry_errors: bool
-    ) -> None:
-        self.store, self.ttl_s, self.retry_errors = store, ttl_s, retry_errors
-        self.poll_s = min(ttl_s / 4, 5.0)
-        self._pending = collections.deque((i, list(keys)) for i, keys in enumerate(batches))
-        self._waiting: list[tuple[int, list[tuple]]] = []
-        self._retry_at = 0.0
-        self._held: dict[int, Claim] = {}
-        self._serial = itertools.count()
-        self._heartbeat: Any = None
-        self.skipped = 0
-        """Keys found done when their batch was claimed (written meanwhile by another process)."""
-
-    @property
-    def finished(self) -> bool:
-        """Nothing left to claim (every batch was claimed, skipped, or is done)."""
-        return not self._pending and not self._waiting
-
-    def next(self) -> tuple[int, Claim] | None:
-        """(ticket, claim) of the next batch with keys to run now, or None if there is none right now."""
-        if not self._pending and self._waiting and time.monotonic() >= self._retry_at:
-            self._pending.extend(self._waiting)
-            self._waiting = []
-        while self._pending:
-            index, keys = self._pending.popleft()
-            claim = self.store.claim(keys, ttl_s=self.ttl_s, retry_errors=self.retry_errors)
-            self.skipped += len(claim.done)
-            if claim.busy:
-                self._waiting.append((index, list(claim.busy)))
-                self._retry_at = time.monotonic() + self.poll_s
-            if claim:
-                self._start_heartbeat()
-                ticket = next(self._serial)
-                self._held[ticket] = replace(claim, index=index)
-                return ticket, self._held[ticket]
-        return None
-
-    def wait(self) -> None:
-        """Sleep until busy keys may be claimed again."""
-        time.sleep(max(0.0, self._retry_at - time.monotonic()))
-
-    def written(self, ticket: int) -> None:
-        """The claim's rows are stored (which released its leases)."""
-        self._held.pop(ticket, None)
-
-    def _start_heartbeat(self) -> None:
-        from mechintro.behaviour.leases import _Heartbeat
-
-        if self._heartbeat is None and self.store.shared:
-            self._heartbeat = _Heartbeat(self.store.path, self.store.owner, self.ttl_s)
-            self._heartbeat.start()
-
-    def close(self) -> None:
-        """Stop renewing; release the keys of claims that were not written (idempotent)."""
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
-            self._heartbeat = None
-        held, self._held = list(self._held.values()), {}
-        for claim in held:
-            self.store.release(claim.keys)
-
-
-def execute(
-    job: TrialJob,
-    *,
-    judge: Any,
-    store: TrialStore,
-    executor: Executor,
-    progress: bool = False,
-    retry_errors: bool = True,
-    lease_s: float = 600.0,
-) -> None:
+def execute(job: TrialJob, *, judge: Any, store: TrialStore, executor: Executor) -> None:
     """Run ``job``'s batches on ``executor``; judge and write each batch here as it comes back.
 
     The loop: claim the next batch in the store, hand it to a worker with room, and whenever a batch comes
     back, judge it and write its rows (one transaction; it releases the batch's leases). Leaving the loop, on
-    success or on an error, releases the leases of batches not written.
+    success or on an error, releases the leases of batches not written. The progress bar, the lease length and
+    whether judge errors are retried come from the job's config.
     """
-    from tqdm.auto import tqdm
-
-    settings = job.grid.settings
+    settings, config = job.grid.settings, job.grid.config
     if not job.batches:
         return
     by_key = {t.key(settings): t for batch in job.batches for t in batch}
     keys = [[t.key(settings) for t in batch] for batch in job.batches]
-    total = len(by_key)
     with (
         _workers(executor, job) as pool,
-        _closing(_Leases(store, keys, ttl_s=lease_s, retry_errors=retry_errors)) as leases,
-        tqdm(total=total, disable=not progress, desc=pool.description, unit="trial") as bar,
+        ClaimQueue(store, keys, ttl_s=config.lease_s, retry_errors=config.retry_errors) as leases,
+        progress_bar(total=len(by_key), desc=pool.description, unit="trial", enabled=config.progress) as bar,
     ):
         while True:
             while pool.has_room():
@@ -381,19 +273,11 @@ def execute(
                 leases.wait()
                 continue
             for ticket, trials, outputs in pool.results(timeout=leases.poll_s):
-                store.write(_judged_rows(trials, outputs, judge=judge, settings=settings))
+                store.write(judged_rows(trials, outputs, judge=judge, settings=settings))
                 leases.written(ticket)
                 bar.update(len(trials))
                 bar.set_description(f"{pool.description}, layer {trials[0].layer}")
         bar.update(leases.skipped)
-
-
-@contextmanager
-def _closing(thing: Any) -> Iterator[Any]:
-    try:
-        yield thing
-    finally:
-        thing.close()
 
 
 # ----------------------------------------------------------------------------------------------- local
@@ -418,7 +302,7 @@ class _LocalPool:
     def submit(self, ticket: int, trials: list[Trial]) -> None:
         self._queue.append((ticket, trials))
 
-    def results(self, *, timeout: float) -> Iterator[tuple[int, list[Trial], _Outputs]]:
+    def results(self, *, timeout: float) -> Iterator[tuple[int, list[Trial], Outputs]]:
         ticket, trials = self._queue.popleft()
         yield ticket, trials, self.runner.outputs(trials, self.job.prompts)
 
@@ -460,12 +344,12 @@ class _Worker:
             "batches": self.batches,
         }
 
-    def start_job(self, job_id: str, grid: _Grid, vectors: Mapping[int, Any] | None) -> None:
+    def start_job(self, job_id: str, grid: TrialGrid, vectors: Mapping[int, Any] | None) -> None:
         self.jobs[job_id] = _JobRunner(self.model, grid, vectors)
         while len(self.jobs) > 2:  # a finished call's vectors are dropped
             self.jobs.popitem(last=False)
 
-    def run(self, job_id: str, trials: list[Trial], prompts: Mapping[tuple, TrialPrompt]) -> _Outputs:
+    def run(self, job_id: str, trials: list[Trial], prompts: Mapping[tuple, TrialPrompt]) -> Outputs:
         self.batches += 1
         return self.jobs[job_id].outputs(trials, prompts)
 
@@ -780,163 +664,9 @@ def map_on_model(
     return [results[i] for i in range(len(items))]
 
 
-def _grid_part(model: Model, part: dict[str, Any]) -> FeatureGrid:
-    """One shard of :func:`sharded_feature_grid` (run where the model is)."""
-    from mechintro.core.transcoders import load_transcoders
-    from mechintro.mechanism.features import feature_grid
-
-    part = dict(part)
-    transcoders = part.pop("transcoders")
-    if not isinstance(transcoders, Mapping):
-        transcoders = load_transcoders(model, part["layers"], source=transcoders)
-    return feature_grid(model, transcoders, **part)
-
-
-def sharded_feature_grid(
-    model: Model,
-    transcoders: Mapping[int, Any] | str | Path | None,
-    concepts: Sequence[str],
-    *,
-    shards: int,
-    layer_shards: int = 1,
-    executor: str | Executor = "local",
-    layers: Sequence[int] | None = None,
-    vectors: Tensor | None = None,
-    injection_layer: int | None = None,
-    **grid_kw: Any,
-) -> FeatureGrid:
-    """:func:`~mechintro.mechanism.features.feature_grid` split into ``shards`` concept chunks x
-    ``layer_shards`` layer
-    groups, run on ``executor``, and merged (:func:`~mechintro.mechanism.features.merge_grids`) into the grid
-    one call
-    gives.
-
-    Concept vectors are computed once here, over every concept (as one unsharded call does), and each shard
-    gets its slice, so every shard injects exactly the unsharded vectors. A grid row depends only on its own
-    (concept, strength) forward, so the merged grid equals the unsharded one up to float rounding of
-    different batch shapes. ``layer_shards`` splits the transcoder layers: a worker then loads only its
-    layers' dictionaries (the memory that limits 262k-wide transcoders), at the price of one forward per
-    layer group.
-
-    Args:
-        transcoders: a ``{layer: transcoder}`` mapping (local executor only), or where the workers load them
-            from: a sae-lens release or folder, or None for the model's own
-            (:func:`~mechintro.core.transcoders.load_transcoders`).
-        shards / layer_shards: how many concept chunks / layer groups (each at least one item).
-        layers: transcoder layers (default: those of the mapping, or every layer of the model).
-        Other arguments: those of :func:`~mechintro.mechanism.features.feature_grid`.
-    """
-    from mechintro.core.concepts import concept_vectors
-    from mechintro.core.hooks import check_layer
-    from mechintro.mechanism.features import merge_grids
-
-    executor = resolve_executor(executor)
-    concepts = list(concepts)
-    if not _is_int(shards, minimum=1) or not _is_int(layer_shards, minimum=1):
-        raise ValueError(f"shards and layer_shards must be ints >= 1, got {shards!r}, {layer_shards!r}")
-    if isinstance(transcoders, Mapping) and isinstance(executor, RayExecutor):
-        raise TypeError(
-            "transcoder objects cannot travel to Ray actors: pass where to load them from (a sae-lens "
-            "release, a folder, or None for the model's own)"
-        )
-    spec = spec_for(model)
-    if layers is None:
-        layers = sorted(transcoders) if isinstance(transcoders, Mapping) else list(range(spec.n_layers))
-    layers = [check_layer(model, layer) for layer in layers]
-    injection_layer = spec.injection_layer if injection_layer is None else check_layer(model, injection_layer)
-    if vectors is None:
-        vectors = concept_vectors(model, concepts, layer=injection_layer)
-    vectors = torch.as_tensor(vectors).float().cpu()
-    if vectors.shape[0] != len(concepts):
-        raise ValueError(f"vectors has {vectors.shape[0]} rows for {len(concepts)} concepts")
-    parts = []
-    for c in _split(range(len(concepts)), shards):
-        for group in _split(layers, layer_shards):
-            part = {
-                "transcoders": (
-                    {la: transcoders[la] for la in group} if isinstance(transcoders, Mapping) else transcoders
-                ),
-                "concepts": [concepts[i] for i in c],
-                "vectors": vectors[list(c)],
-                "layers": list(group),
-                "injection_layer": injection_layer,
-                **grid_kw,
-            }
-            parts.append(part)
-    return merge_grids(map_on_model(_grid_part, parts, model=model, executor=executor))
-
-
-def _attribution_part(model: Model, part: dict[str, Any]) -> SteeringAttribution:
-    """One shard of :func:`sharded_steering_attribution` (run where the model is)."""
-    from mechintro.attribution.passes import steering_attribution
-    from mechintro.core.transcoders import load_transcoders
-
-    part = dict(part)
-    transcoders = part.pop("transcoders")
-    if not isinstance(transcoders, Mapping):  # one layer in memory at a time on the worker
-        transcoders = load_transcoders(model, source=transcoders, lazy=True)
-    return steering_attribution(model, transcoders, part.pop("concepts"), progress=False, **part)
-
-
-def sharded_steering_attribution(
-    model: Model,
-    transcoders: Mapping[int, Any] | str | Path | None,
-    concepts: Sequence[str],
-    *,
-    shards: int,
-    executor: str | Executor = "local",
-    vectors: Tensor | None = None,
-    layer: int | None = None,
-    **attribution_kw: Any,
-) -> SteeringAttribution:
-    """:func:`~mechintro.attribution.passes.steering_attribution` split into ``shards`` concept chunks, run on
-    ``executor`` and merged (:func:`~mechintro.attribution.passes.merge_attributions`).
-
-    Each concept's rows depend only on that concept (its vector, the strength grid, the prompt), so the
-    merged result equals one call up to float rounding of different batch shapes. Concept vectors are
-    computed once here and sliced, so every shard injects exactly the unsharded vectors.
-
-    Args:
-        transcoders: a ``{layer: transcoder}`` mapping (local executor only), or where the workers load them
-            from (a sae-lens release or folder, or None for the model's own), lazily, one layer at a time.
-        shards: how many concept chunks (at least one concept each).
-        Other arguments: those of :func:`~mechintro.attribution.passes.steering_attribution` (``saes`` must be
-        picklable to travel to Ray actors).
-    """
-    from mechintro.attribution.passes import merge_attributions
-    from mechintro.core.concepts import check_concepts, concept_vectors
-    from mechintro.core.hooks import check_layer
-
-    executor = resolve_executor(executor)
-    concepts = check_concepts([concepts] if isinstance(concepts, str) else concepts)
-    if not _is_int(shards, minimum=1):
-        raise ValueError(f"shards must be an int >= 1, got {shards!r}")
-    if isinstance(transcoders, Mapping) and isinstance(executor, RayExecutor):
-        raise TypeError(
-            "transcoder objects cannot travel to Ray actors: pass where to load them from (a sae-lens "
-            "release, a folder, or None for the model's own)"
-        )
-    layer = spec_for(model).injection_layer if layer is None else check_layer(model, layer)
-    if vectors is None:
-        vectors = concept_vectors(model, concepts, layer=layer)
-    vectors = torch.as_tensor(vectors).float().cpu()
-    if vectors.shape[0] != len(concepts):
-        raise ValueError(f"vectors has {vectors.shape[0]} rows for {len(concepts)} concepts")
-    parts = [
-        {
-            "transcoders": transcoders,
-            "concepts": [concepts[i] for i in chunk],
-            "vectors": vectors[chunk],
-            "layer": layer,
-            **attribution_kw,
-        }
-        for chunk in _split(range(len(concepts)), shards)
-    ]
-    return merge_attributions(map_on_model(_attribution_part, parts, model=model, executor=executor))
-
-
-def _split(items: Sequence[Any], n: int) -> list[list[Any]]:
-    """``items`` in ``n`` contiguous chunks of near-equal size (fewer if there are fewer items)."""
+def split_evenly(items: Sequence[Any], n: int) -> list[list[Any]]:
+    """``items`` in ``n`` contiguous chunks of near-equal size (fewer if there are fewer items): the shards
+    of a :func:`map_on_model` call."""
     items = list(items)
     n = min(n, len(items))
     if n == 0:

@@ -14,8 +14,9 @@ One row per trial, keyed by the trial's full identity (:data:`KEY_COLUMNS`, the 
 * **Shared by several processes.** A runner ``claim``s a batch's keys before running it. A claim is a
   lease per trial key in a ``leases`` table, held by an owner id until an expiry, and taken in one
   ``BEGIN IMMEDIATE`` transaction, so two processes never both get a key. Writing the rows releases their
-  leases. A live claimant renews its leases (``renew``, or the heartbeat of ``claims``); a crashed one's
-  leases expire and another process takes them over. ``claims`` runs that loop over a run's batches.
+  leases. A live claimant renews its leases (``renew``, or the heartbeat of a
+  :class:`~mechintro.behaviour.leases.ClaimQueue`); a crashed one's leases expire and another process takes
+  them over. :class:`~mechintro.behaviour.leases.ClaimQueue` runs that loop over a run's batches.
   Leases assume the processes share one clock and a file system with working locks (one machine).
 * **Read-only locations.** ``TrialStore(path, readonly=True)``, or a file that cannot be written, opens for
   reading only; anything that writes then raises :class:`PermissionError` naming the file. In a folder
@@ -38,13 +39,13 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from mechintro.behaviour.leases import Claim, ClaimQueue
 from mechintro.behaviour.rows import (
     BOOL_COLUMNS,
     COLUMNS,
@@ -55,7 +56,29 @@ from mechintro.behaviour.rows import (
     sql_value,
 )
 
-__all__ = ["COLUMNS", "KEY_COLUMNS", "VERDICT_COLUMNS", "Claim", "ClaimQueue", "StoreError", "TrialStore"]
+__all__ = ["COLUMNS", "KEY_COLUMNS", "VERDICT_COLUMNS", "Claim", "StoreError", "TrialStore", "check_seconds"]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of :meth:`TrialStore.claim` for one batch of keys; true when some keys were granted."""
+
+    keys: tuple[tuple, ...]
+    """Keys now leased to ``owner`` (as given, in the order given): run these, then write their rows."""
+    done: tuple[tuple, ...]
+    """Keys already stored (without a judge error, when errors are retried): nothing to do."""
+    busy: tuple[tuple, ...]
+    """Keys leased to another owner whose lease has not expired: try again later."""
+    owner: str
+    """Who holds ``keys``."""
+    expires: float
+    """When the lease on ``keys`` lapses unless renewed (seconds since the epoch, ``time.time()``)."""
+    index: int | None = None
+    """Position of the batch in the list given to a :class:`~mechintro.behaviour.leases.ClaimQueue` (None
+    for a direct claim)."""
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
 
 
 class StoreError(ValueError):
@@ -282,6 +305,10 @@ class TrialStore:
 
     # ------------------------------------------------------------------------------------------- writing
 
+    def check_writable(self) -> None:
+        """Raise :class:`PermissionError` naming the file when this store is read-only."""
+        self._writable()
+
     def _writable(self) -> sqlite3.Connection:
         if self.readonly:
             raise PermissionError(f"{self.path}: the store is read-only ({self._why_readonly}); cannot write")
@@ -455,7 +482,7 @@ class TrialStore:
         """
         conn = self._writable()
         owner = owner or self.owner
-        ttl_s = _check_ttl(ttl_s)
+        ttl_s = check_seconds("ttl_s", ttl_s)
         with _transaction(conn):
             now = time.time()
             live = conn.execute("SELECT DISTINCT owner FROM leases WHERE expires > ?", (now,)).fetchall()
@@ -491,7 +518,7 @@ class TrialStore:
         ``owner``'s), so a count below the number of keys held says the work is now someone else's.
         """
         conn = self._writable()
-        owner, ttl_s = owner or self.owner, _check_ttl(ttl_s)
+        owner, ttl_s = owner or self.owner, check_seconds("ttl_s", ttl_s)
         with _transaction(conn):
             if keys is None:
                 sql, params = "UPDATE leases SET expires = ? WHERE owner = ?", (time.time() + ttl_s, owner)
@@ -532,36 +559,6 @@ class TrialStore:
         )
         return pd.DataFrame(rows, columns=names)
 
-    def claims(
-        self,
-        batches: Sequence[Sequence[Sequence[Any]]],
-        *,
-        ttl_s: float = 120.0,
-        poll_s: float | None = None,
-        retry_errors: bool = True,
-        owner: str | None = None,
-    ) -> ClaimQueue:
-        """The runner loop for a store shared by several processes: a :class:`Claim` per batch to run.
-
-        ``batches`` is the run's batches of keys, in the order to run them. Each claim holds the keys of
-        one batch (``claim.index``) that this process got: run them and ``write`` their rows before asking
-        for the next. Keys that are done are skipped; keys another process holds are tried again after
-        the other batches, every ``poll_s`` seconds (default ``min(ttl_s / 4, 5)``), until they are done or
-        their lease expires and they are taken over. While a claim is held a heartbeat thread renews it
-        every ``ttl_s / 3`` seconds; leaving the loop (or the ``with`` block, also on an error) releases
-        what was not written::
-
-            with store.claims(batches, ttl_s=120) as queue:
-                for claim in queue:
-                    store.write(run(claim.keys))
-        """
-        self._writable()
-        ttl_s = _check_ttl(ttl_s)
-        poll_s = min(ttl_s / 4, 5.0) if poll_s is None else _check_ttl(poll_s, name="poll_s")
-        return ClaimQueue(
-            self, batches, ttl_s=ttl_s, poll_s=poll_s, retry_errors=retry_errors, owner=owner or self.owner
-        )
-
     # ------------------------------------------------------------------------------------------- the rest
 
     def __len__(self) -> int:
@@ -599,7 +596,13 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("COMMIT")
 
 
-def _check_ttl(value: Any, *, name: str = "ttl_s") -> float:
+def check_seconds(name: str, value: Any) -> float:
+    """A lease length or poll interval: a positive, finite number of seconds.
+
+    The one check here that :func:`mechintro.core.validate.positive_number` also makes: the store and its
+    leases import neither torch nor the rest of the package (``core.validate`` imports torch), so that a
+    process that only shares a store starts fast.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
     return float(value)

@@ -1,6 +1,9 @@
 """What each ``mechintro`` subcommand does (:mod:`mechintro.cli.main` only parses and dispatches).
 
-Every function takes the parsed ``argparse.Namespace`` and returns an exit status.
+Every command function takes the parsed ``argparse.Namespace`` and returns an exit status. The trial commands
+build their config from the flags (:class:`~mechintro.behaviour.plan.TrialConfig`,
+:class:`~mechintro.behaviour.plan.SweepConfig`), and ``reproduce`` calls the same :func:`run_evaluation` as
+``evaluate`` with a config of its own.
 """
 
 from __future__ import annotations
@@ -12,9 +15,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from mechintro.behaviour.plan import SweepConfig, TrialConfig
 from mechintro.cli import setup as runs
+from mechintro.cli.options import config_from_args
 
-__all__ = ["REPRODUCE_STEPS", "SCRIPT_COMMANDS", "Step"]
+__all__ = [
+    "EVALUATE_FIELDS",
+    "REPRODUCE_STEPS",
+    "SCRIPT_COMMANDS",
+    "SWEEP_FIELDS",
+    "Step",
+    "run_config",
+    "run_evaluation",
+    "run_sweep",
+]
+
+EVALUATE_FIELDS = ("layer", "strength", "variant", "persona")
+"""The :class:`~mechintro.behaviour.plan.TrialConfig` fields ``mechintro evaluate`` has flags for, besides the
+run options' (:data:`mechintro.cli.setup.RUN_FIELDS`)."""
+SWEEP_FIELDS = ("layers", "strengths", "variants", "personas")
+"""The :class:`~mechintro.behaviour.plan.SweepConfig` fields ``mechintro sweep`` has flags for, besides the
+run options'."""
 
 
 # ----------------------------------------------------------------------------------------------- demo
@@ -70,42 +91,79 @@ def demo(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     """Trials at one layer and strength (defaults: the model's spec); print detection metrics."""
-    from mechintro.behaviour.metrics import detection_metrics
-    from mechintro.behaviour.trials import run_trials
-
-    judge, concepts, model, spec = runs.prepare_run(args)
-    layer = spec.injection_layer if args.layer is None else args.layer
-    strength = spec.resolve_strength(args.strength)
-    df = run_trials(
-        model,
-        concepts,
-        layer=layer,
-        strength=strength,
-        judge=judge,
-        variant=args.variant,
-        persona=args.persona,
-        **runs.run_settings(args),
-    )
-    return _report_trials(df, spec=spec, judge=judge, concepts=concepts, metrics=detection_metrics)
+    config = config_from_args(TrialConfig, args, only=(*runs.RUN_FIELDS, *EVALUATE_FIELDS))
+    return run_evaluation(config, **_target(args))
 
 
 def sweep(args: argparse.Namespace) -> int:
     """Trials over layers x strengths (x variants x personas); print detection metrics."""
-    from mechintro.behaviour.metrics import detection_metrics
-    from mechintro.behaviour.trials import sweep as run_sweep
+    config = config_from_args(SweepConfig, args, only=(*runs.RUN_FIELDS, *SWEEP_FIELDS))
+    return run_sweep(config, **_target(args))
 
-    judge, concepts, model, spec = runs.prepare_run(args)
-    df = run_sweep(
-        model,
-        concepts,
-        layers=args.layers or [spec.injection_layer],
-        strengths=args.strengths or list(spec.strength_sweep),
-        judge=judge,
-        variants=args.variants or ["original"],
-        personas=args.personas or ["standard_assistant"],
-        **runs.run_settings(args),
+
+def _target(args: argparse.Namespace) -> dict[str, Any]:
+    """What the run options say a run runs on, besides its config."""
+    return {
+        "model": args.model,
+        "concepts": args.concepts,
+        "judge": args.judge,
+        "store": args.store,
+        "device": args.device,
+        "threads": args.threads,
+        "executor": runs.executor_from_args(args),
+    }
+
+
+def run_evaluation(config: TrialConfig, **target: Any) -> int:
+    """``mechintro evaluate``'s work: the trials of ``config`` on what ``target`` names as the command line
+    does (:func:`run_config`); print the detection metrics."""
+    from mechintro.behaviour.trials import run_trials
+
+    return run_config(run_trials, config, layers=[config.layer], strengths=[config.strength], **target)
+
+
+def run_sweep(config: SweepConfig, **target: Any) -> int:
+    """``mechintro sweep``'s work, as :func:`run_evaluation` for a :class:`SweepConfig`."""
+    from mechintro.behaviour.trials import sweep as run
+
+    return run_config(
+        run, config, layers=list(config.layers or []), strengths=list(config.strengths or []), **target
     )
-    return _report_trials(df, spec=spec, judge=judge, concepts=concepts, metrics=detection_metrics)
+
+
+def run_config(
+    run: Any,
+    config: TrialConfig | SweepConfig,
+    *,
+    layers: Sequence[Any] = (),
+    strengths: Sequence[Any] = (),
+    model: str = runs.DEFAULT_MODEL,
+    concepts: str = runs.DEFAULT_CONCEPTS,
+    judge: str = runs.DEFAULT_JUDGE,
+    store: str | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+    executor: Any = "local",
+) -> int:
+    """``run(model, concepts, config, ...)`` on the model, concepts and judge named as on the command line,
+    checked before the model loads (the config's ``layers`` and ``strengths`` against the model's config
+    on disk); print the metrics table. Exit status 1 when every judge call failed."""
+    from mechintro.behaviour.metrics import detection_metrics
+
+    def check() -> None:
+        runs.check_model_options(
+            model,
+            device=device,
+            layers=[la for la in layers if la is not None],
+            strengths=[s for s in strengths if s is not None],
+            store=store,
+        )
+
+    judge, words, loaded, spec = runs.prepare(
+        model=model, judge=judge, concepts=concepts, device=device, threads=threads, check=check
+    )
+    df = run(loaded, words, config, judge=judge, store=store, executor=executor)
+    return _report_trials(df, spec=spec, judge=judge, concepts=words, metrics=detection_metrics)
 
 
 def _report_trials(df: Any, *, spec: Any, judge: Any, concepts: list[str], metrics: Any) -> int:
@@ -131,9 +189,10 @@ def rejudge(args: argparse.Namespace) -> int:
     Batches are claimed in the store, so several rejudge processes can share the work. Exit status 1 when
     errors remain.
     """
+    from mechintro.behaviour.batch import verdict_columns
     from mechintro.behaviour.judges import check_judge, judge_kind
+    from mechintro.behaviour.leases import ClaimQueue
     from mechintro.behaviour.store import KEY_COLUMNS, TrialStore
-    from mechintro.behaviour.trials import verdict_columns
 
     judge = runs.parse_judge(args.judge)
     check_judge(judge)
@@ -151,7 +210,7 @@ def rejudge(args: argparse.Namespace) -> int:
         keys = [tuple(r) for r in rows[list(KEY_COLUMNS)].itertuples(index=False)]
         by_key = dict(zip(keys, rows.itertuples(index=False), strict=True))
         batches = [keys[i : i + args.batch_size] for i in range(0, len(keys), args.batch_size)]
-        with store.claims(batches, ttl_s=args.lease_s) as queue:
+        with ClaimQueue(store, batches, ttl_s=args.lease_s) as queue:
             for claim in queue:
                 part = [by_key[k] for k in claim.keys]
                 verdicts = judge.judge(
@@ -406,15 +465,16 @@ def reproduce(args: argparse.Namespace) -> int:
         print(f"== the organism's report, as written by `mechintro organism train` ({report})\n")
         print(report.read_text())
     print(f"== evaluation on held-out concepts (store {store})", flush=True)
-    evaluation = ["--store", store, "--forced", "--quiet", "--threads", "1"]
-    evaluation += (
-        ["--concepts", "held-out:6", "--n-trials", "2", "--max-new-tokens", "24"]
-        if args.quick
-        else ["--n-trials", str(args.n_trials), "--max-new-tokens", "40", "--batch-size", "128"]
+    status = run_evaluation(
+        _reproduce_evaluation(quick=args.quick, n_trials=args.n_trials),
+        model=runs.DEFAULT_MODEL,
+        concepts="held-out:6" if args.quick else runs.DEFAULT_CONCEPTS,
+        judge=runs.DEFAULT_JUDGE,
+        store=store,
+        device=None,
+        threads=1,
+        executor="local",
     )
-    from mechintro.cli.main import build_parser
-
-    status = evaluate(build_parser().parse_args(["evaluate", *evaluation]))
     if status:
         return status
     steps = [s for s in REPRODUCE_STEPS if not args.only or s.script in args.only]
@@ -424,6 +484,13 @@ def reproduce(args: argparse.Namespace) -> int:
         runs.run_script(step.script, argv)
     print(f"figures written to {out}/")
     return 0
+
+
+def _reproduce_evaluation(*, quick: bool, n_trials: int) -> TrialConfig:
+    """The settings of reproduce's evaluation: forced trials, no progress bar; the quick run's are small."""
+    if quick:
+        return TrialConfig(n_trials=2, max_new_tokens=24, forced=True, progress=False)
+    return TrialConfig(n_trials=n_trials, max_new_tokens=40, batch_size=128, forced=True, progress=False)
 
 
 def _reproduce_paths(args: argparse.Namespace) -> tuple[str, str, str]:

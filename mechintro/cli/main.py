@@ -13,18 +13,11 @@ import sqlite3
 import sys
 from collections.abc import Sequence
 
+from mechintro.behaviour.plan import SweepConfig, TrialConfig
 from mechintro.cli import commands
-from mechintro.cli.setup import (
-    DEFAULT_STORE,
-    add_run_options,
-    float_list,
-    int_list,
-    name_list,
-    positive_float,
-    positive_int,
-    strength_arg,
-)
-from mechintro.core.settings import STORE, TRIALS
+from mechintro.cli.options import add_config_arguments, name_list, positive_float, positive_int
+from mechintro.cli.setup import DEFAULT_STORE, add_run_options
+from mechintro.core.settings import STORE
 
 __all__ = ["build_parser", "main"]
 
@@ -55,27 +48,14 @@ def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
 def _trial_parsers(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("evaluate", help="introspection trials at one layer and strength; prints metrics")
     add_run_options(ev)
-    ev.add_argument("--layer", type=int, default=None, help="injection layer (default: the model's spec)")
-    ev.add_argument(
-        "--strength",
-        type=strength_arg,
-        default=None,
-        help="strength or operating point, e.g. saturated (default: the spec's)",
-    )
-    ev.add_argument("--variant", default=TRIALS.variant, help=f"prompt variant (default {TRIALS.variant})")
-    ev.add_argument("--persona", default=TRIALS.persona, help=f"persona variant (default {TRIALS.persona})")
+    add_config_arguments(ev, TrialConfig, only=commands.EVALUATE_FIELDS)
     ev.set_defaults(func=commands.evaluate)
 
     sw = sub.add_parser(
         "sweep", help="trials over layers x strengths (x variants x personas); prints metrics"
     )
     add_run_options(sw)
-    sw.add_argument("--layers", type=int_list, default=None, help="e.g. 0,1,2 (default: the spec's layer)")
-    sw.add_argument(
-        "--strengths", type=float_list, default=None, help="e.g. 1,2,4,8 (default: the spec's sweep)"
-    )
-    sw.add_argument("--variants", type=name_list, default=None, help="comma-separated prompt variants")
-    sw.add_argument("--personas", type=name_list, default=None, help="comma-separated persona variants")
+    add_config_arguments(sw, SweepConfig, only=commands.SWEEP_FIELDS)
     sw.set_defaults(func=commands.sweep)
 
     fg = sub.add_parser("figures", help="figures from a trial store (plus the paper's series)")

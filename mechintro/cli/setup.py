@@ -9,13 +9,14 @@ Defaults come from :mod:`mechintro.core.settings` (sampling, batching, trials) a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,33 @@ from typing import Any
 import pandas as pd
 import torch
 
+from mechintro.behaviour.executors import RayExecutor, resolve_executor
+from mechintro.behaviour.judges import check_judge
+from mechintro.behaviour.plan import RunConfig
+from mechintro.behaviour.store import TrialStore
+from mechintro.cli.options import (
+    add_config_arguments,
+    config_from_args,
+    finite_float,
+    float_list,
+    int_list,
+    name_list,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    strength_arg,
+)
 from mechintro.core.models import Model, Transcoders
-from mechintro.core.settings import BATCHING, SAMPLING, STORE, TRIALS
+from mechintro.core.settings import TRIALS
 
 __all__ = [
     "CONCEPT_SETS",
+    "DEFAULT_CONCEPTS",
+    "DEFAULT_JUDGE",
+    "DEFAULT_MODEL",
     "DEFAULT_STORE",
     "JUDGE_CHOICES",
+    "RUN_FIELDS",
     "TINY",
     "Setup",
     "add_run_options",
@@ -37,8 +58,11 @@ __all__ = [
     "behaviour",
     "add_carrier_options",
     "carrier_behaviour",
+    "check_model_options",
     "check_run_options",
+    "executor_from_args",
     "find_carriers",
+    "finite_float",
     "float_list",
     "format_metrics",
     "grid_and_gates",
@@ -47,16 +71,27 @@ __all__ = [
     "load_setup",
     "mechanism_parser",
     "name_list",
+    "non_negative_int",
     "parse_concepts",
     "parse_judge",
+    "positive_float",
+    "positive_int",
+    "prepare",
     "prepare_run",
     "run_script",
     "run_settings",
     "save",
+    "strength_arg",
 ]
 
 CONCEPT_SETS = ("original", "new", "all", "training", "held-out", "baseline")
 JUDGE_CHOICES = ("rule", "logit", "llm:<model>", "openai:<model>", "anthropic:<model>")
+DEFAULT_MODEL = "organism"
+"""``--model``'s default: the embedded model organism."""
+DEFAULT_CONCEPTS = "held-out"
+"""``--concepts``' default: the organism's held-out concepts."""
+DEFAULT_JUDGE = "rule"
+"""``--judge``'s default: the rule judge (no API key)."""
 DEFAULT_STORE = "runs/trials.sqlite"
 """Where the analyses scripts keep their trials, and where ``mechintro figures`` reads them."""
 TINY = "tiny"
@@ -106,112 +141,35 @@ def parse_judge(text: str) -> Any:
     return LLMJudge(backend=backend, model=model or None)
 
 
-def _numbers(text: str, cast: type) -> list:
-    try:
-        values = [cast(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated {cast.__name__}s, got {text!r}") from None
-    if cast is float and not all(math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
-    return values
-
-
-def int_list(text: str) -> list[int]:
-    return _numbers(text, int)
-
-
-def float_list(text: str) -> list[float]:
-    return _numbers(text, float)
-
-
-def name_list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
-def finite_float(text: str) -> float:
-    """An argparse type: a finite number (``nan`` and ``inf`` are refused)."""
-    return _numbers(text, float)[0] if text.strip() else float(text)
-
-
-def strength_arg(text: str) -> float | str:
-    """An argparse type: a finite number, or the name of an operating point (``default``, ``saturated``...)
-    resolved once the model's spec is known (:meth:`mechintro.core.models.ModelSpec.resolve_strength`)."""
-    try:
-        return finite_float(text)
-    except (argparse.ArgumentTypeError, ValueError):
-        if text.replace("_", "").isalpha() and text.lower() not in ("nan", "inf", "infinity"):
-            return text
-        raise argparse.ArgumentTypeError(
-            f"expected a finite number or an operating point name, got {text!r}"
-        ) from None
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an int >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0."""
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
 # ----------------------------------------------------------------------------------------------- options
 
 
+RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in ("controls", "trials"))
+"""The :class:`~mechintro.behaviour.plan.RunConfig` fields every trial-running command has a flag for (the
+trial numbers and controls keep their defaults on the command line)."""
+
+
 def add_run_options(p: argparse.ArgumentParser) -> None:
-    """The options of every command that runs trials (also used by the analyses scripts)."""
+    """The options of every command that runs trials (also used by the analyses scripts): what to run on
+    (model, concepts, judge, store, device, threads, Ray) and the flags of the shared trial settings,
+    derived from :class:`~mechintro.behaviour.plan.RunConfig`'s fields (:mod:`mechintro.cli.options`)."""
     p.add_argument(
         "--model",
-        default="organism",
+        default=DEFAULT_MODEL,
         help="organism, organism-base, an HF id, a local folder, or 'tiny' (random, for smoke tests)",
     )
     p.add_argument(
         "--concepts",
-        default="held-out",
+        default=DEFAULT_CONCEPTS,
         help=f"a concept set {list(CONCEPT_SETS)} (name:N for the first N) or a comma-separated list",
     )
-    p.add_argument("--judge", default="rule", help=f"one of {', '.join(JUDGE_CHOICES)} (default rule)")
+    p.add_argument(
+        "--judge", default=DEFAULT_JUDGE, help=f"one of {', '.join(JUDGE_CHOICES)} (default {DEFAULT_JUDGE})"
+    )
     p.add_argument("--store", default=None, help="SQLite trial store (resumable); default: none")
-    p.add_argument(
-        "--n-trials",
-        type=positive_int,
-        default=TRIALS.n_trials,
-        help=f"trials per concept and condition (default {TRIALS.n_trials}; the paper used 100)",
-    )
-    p.add_argument("--forced", action="store_true", help="also run forced-identification trials")
-    p.add_argument("--batch-size", type=positive_int, default=BATCHING.batch_size)
-    p.add_argument("--max-new-tokens", type=positive_int, default=SAMPLING.max_new_tokens)
-    p.add_argument("--temperature", type=finite_float, default=SAMPLING.temperature)
-    p.add_argument("--seed", type=non_negative_int, default=SAMPLING.seed)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument(
-        "--no-retry-errors",
-        dest="retry_errors",
-        action="store_false",
-        help="keep stored trials whose judge failed instead of running them again",
-    )
-    p.add_argument(
-        "--lease-s",
-        type=positive_float,
-        default=STORE.lease_s,
-        help=f"seconds a claimed batch stays reserved in a shared store (default {STORE.lease_s:g})",
-    )
+    add_config_arguments(p, RunConfig, only=RUN_FIELDS, defaults={"n_trials": TRIALS.n_trials})
     p.add_argument(
         "--ray",
         nargs="?",
@@ -227,18 +185,12 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword settings of run_trials / sweep given by the run options."""
-    return {
-        "n_trials": args.n_trials,
-        "forced": args.forced,
-        "temperature": args.temperature,
-        "max_new_tokens": args.max_new_tokens,
-        "seed": args.seed,
-        "batch_size": args.batch_size,
+    """The keyword settings of run_trials / sweep given by the run options: the flagged
+    :class:`~mechintro.behaviour.plan.RunConfig` fields (checked by building the config), the store and the
+    executor."""
+    config = config_from_args(RunConfig, args, only=RUN_FIELDS)
+    return {name: getattr(config, name) for name in RUN_FIELDS} | {
         "store": args.store,
-        "progress": not args.quiet,
-        "retry_errors": args.retry_errors,
-        "lease_s": args.lease_s,
         "executor": executor_from_args(args),
     }
 
@@ -250,11 +202,8 @@ def executor_from_args(args: argparse.Namespace) -> Any:
         if getattr(args, "ray_actors", None) is not None:
             raise ValueError("--ray-actors needs --ray")
         return "local"
-    from mechintro.behaviour.executors import RayExecutor, resolve_executor
-
-    return resolve_executor(
-        RayExecutor(address=address or None, num_actors=getattr(args, "ray_actors", None))
-    )
+    executor = RayExecutor(address=address or None, num_actors=getattr(args, "ray_actors", None))
+    return resolve_executor(executor)
 
 
 def _check_device(device: str | None) -> None:
@@ -278,60 +227,101 @@ def _check_device(device: str | None) -> None:
     raise ValueError(f"unknown --device {device!r}; valid: cpu, cuda, cuda:N")
 
 
+def _option_values(args: argparse.Namespace, name: str) -> list[Any]:
+    """The values of ``--name`` and ``--names`` that ``args`` carries (None left out)."""
+    values = [getattr(args, name, None), *(getattr(args, name + "s", None) or [])]
+    return [v for v in values if v is not None]
+
+
 def check_run_options(args: argparse.Namespace) -> None:
-    """Check the options that do not need the model, before it is loaded: device, threads, layers against the
-    model's config, strengths, variants, personas, the store file."""
+    """Check the options that do not need the model, before it is loaded: device, layers against the model's
+    config, strengths, variants, personas, the store file (:func:`check_model_options`)."""
+    check_model_options(
+        args.model,
+        device=getattr(args, "device", None),
+        layers=_option_values(args, "layer"),
+        strengths=_option_values(args, "strength"),
+        variants=_option_values(args, "variant"),
+        personas=_option_values(args, "persona"),
+        store=getattr(args, "store", None),
+    )
+
+
+def check_model_options(
+    model: str,
+    *,
+    device: str | None = None,
+    layers: Sequence[int] = (),
+    strengths: Sequence[float | str] = (),
+    variants: Sequence[str] = (),
+    personas: Sequence[str] = (),
+    store: str | Path | None = None,
+) -> None:
+    """Check run settings against the model named ``model`` without loading it (its config and recorded
+    operating points are read from disk): device, layers, strengths, variants, personas, the store file."""
     from mechintro.core.models import peek_n_layers, peek_operating_points
     from mechintro.core.prompts import PERSONAS, VARIANTS
     from mechintro.core.settings import check_choices
 
-    _check_device(getattr(args, "device", None))
-    n_layers = peek_n_layers(tiny_model_folder() if args.model == TINY else args.model)
-    layers = [getattr(args, "layer", None)] + list(getattr(args, "layers", None) or [])
-    for layer in (la for la in layers if la is not None):
+    _check_device(device)
+    n_layers = peek_n_layers(tiny_model_folder() if model == TINY else model)
+    for layer in layers:
         if n_layers is not None and not 0 <= layer < n_layers:
-            raise ValueError(
-                f"--layer {layer} does not exist in {args.model}: valid layers are 0..{n_layers - 1}"
-            )
-    strengths = [getattr(args, "strength", None)] + list(getattr(args, "strengths", None) or [])
-    points = peek_operating_points(tiny_model_folder() if args.model == TINY else args.model) or {
-        "default": None
-    }
-    for strength in (s for s in strengths if s is not None):
+            raise ValueError(f"--layer {layer} does not exist in {model}: valid layers are 0..{n_layers - 1}")
+    points = peek_operating_points(tiny_model_folder() if model == TINY else model) or {"default": None}
+    for strength in strengths:
         if isinstance(strength, str):
             if strength not in points:
-                raise ValueError(
-                    f"unknown operating point {strength!r} of {args.model}; valid: {sorted(points)}"
-                )
+                raise ValueError(f"unknown operating point {strength!r} of {model}; valid: {sorted(points)}")
         elif not math.isfinite(strength):
             raise ValueError(f"strength must be a finite number, got {strength}")
-    for name, option, valid in (("variant", "variant", VARIANTS), ("persona", "persona", PERSONAS)):
-        for value in [getattr(args, option, None)] + list(getattr(args, option + "s", None) or []):
-            if value is not None:
-                check_choices(f"prompt {name}" if name == "variant" else name, value, valid)
-    store = getattr(args, "store", None)
+    for value in variants:
+        check_choices("prompt variant", value, VARIANTS)
+    for value in personas:
+        check_choices("persona", value, PERSONAS)
     if store:
-        from mechintro.behaviour.store import TrialStore
-
         with TrialStore(store):  # a corrupt or foreign file fails here, naming the file
             pass
 
 
 def prepare_run(args: argparse.Namespace) -> tuple[Any, list[str], Any, Any]:
     """(judge, concepts, model, spec) from the run options. Everything that can be checked without the model
-    (the judge and its API key, concepts, device, layers, strengths, variants, the store) is checked first."""
-    from mechintro.behaviour.trials import check_judge
+    (the judge and its API key, concepts, device, layers, strengths, variants, the store, Ray) is checked
+    first."""
+    executor_from_args(args)  # --ray without Ray installed, or --ray-actors alone, fails before the model
+    return prepare(
+        model=args.model,
+        judge=args.judge,
+        concepts=args.concepts,
+        device=args.device,
+        threads=args.threads,
+        check=lambda: check_run_options(args),
+    )
+
+
+def prepare(
+    *,
+    model: str = DEFAULT_MODEL,
+    judge: str = DEFAULT_JUDGE,
+    concepts: str = DEFAULT_CONCEPTS,
+    device: str | None = None,
+    threads: int | None = None,
+    check: Callable[[], None] | None = None,
+) -> tuple[Any, list[str], Any, Any]:
+    """(judge, concepts, model, spec) from the run options' values: torch's threads set, the judge parsed and
+    checked (its API key), the concepts parsed, ``check()`` run (the other settings), and only then the model
+    loaded."""
     from mechintro.core.models import spec_for
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    judge = parse_judge(args.judge)
-    check_judge(judge)
-    concepts = parse_concepts(args.concepts)
-    check_run_options(args)
-    executor_from_args(args)  # --ray without Ray installed, or --ray-actors alone, fails before the model
-    model = load_named_model(args.model, device=args.device)
-    return judge, concepts, model, spec_for(model)
+    if threads:
+        torch.set_num_threads(threads)
+    parsed = parse_judge(judge)
+    check_judge(parsed)
+    words = parse_concepts(concepts)
+    if check is not None:
+        check()
+    loaded = load_named_model(model, device=device)
+    return parsed, words, loaded, spec_for(loaded)
 
 
 def format_metrics(metrics: pd.DataFrame, *, by: Sequence[str]) -> str:

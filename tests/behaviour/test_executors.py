@@ -10,18 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
-from mechintro.behaviour.executors import (
-    LocalExecutor,
-    RayExecutor,
-    plan_batches,
-    resolve_executor,
-    sharded_feature_grid,
-    sharded_steering_attribution,
-)
+from mechintro.attribution.sharded import sharded_steering_attribution
+from mechintro.behaviour.executors import LocalExecutor, RayExecutor, plan_batches, resolve_executor
 from mechintro.behaviour.judges import RuleJudge
+from mechintro.behaviour.plan import SweepConfig, build_prompts, prompt_key, trial_grid
 from mechintro.behaviour.store import KEY_COLUMNS, TrialStore
-from mechintro.behaviour.trials import _grid, _prompt_key, build_prompts, sweep
+from mechintro.behaviour.trials import sweep
 from mechintro.mechanism.features import feature_grid, merge_grids
+from mechintro.mechanism.sharded import sharded_feature_grid
 
 torch.set_num_threads(1)
 
@@ -69,10 +65,10 @@ def test_executor_choices_and_settings_are_checked(tiny, monkeypatch):
         with pytest.raises(ValueError, match=match):
             RayExecutor(**bad)
 
+    import mechintro.behaviour.batch as batch
     import mechintro.behaviour.executors as executors
-    import mechintro.behaviour.trials as trials
 
-    monkeypatch.setattr(trials, "sample", lambda *a, **k: pytest.fail("generated before checking"))
+    monkeypatch.setattr(batch, "sample", lambda *a, **k: pytest.fail("generated before checking"))
     with pytest.raises(ValueError, match="unknown executor"):
         sweep(tiny, CONCEPTS, layers=[1], strengths=[2.0], n_trials=1, judge=RuleJudge(), executor="spark")
     monkeypatch.setattr(executors.importlib.util, "find_spec", lambda name: None)  # Ray not installed
@@ -84,15 +80,12 @@ def test_executor_choices_and_settings_are_checked(tiny, monkeypatch):
 
 
 def test_batches_are_one_layer_full_and_sorted_by_prompt_length(tiny):
-    grid = _grid(
-        tiny,
-        CONCEPTS,
+    config = SweepConfig(
         layers=[0, 2],
         strengths=[1.0, 4.0],
         variants=["original", "skeptical"],
         personas=["standard_assistant"],
         n_trials=3,
-        judge=RuleJudge(),
         forced=True,
         controls=True,
         temperature=1.0,
@@ -100,6 +93,7 @@ def test_batches_are_one_layer_full_and_sorted_by_prompt_length(tiny):
         seed=0,
         trials=[1, 2, 3],
     )
+    grid = trial_grid(tiny, CONCEPTS, config, judge=RuleJudge())
     planned = grid.plan()
     prompts = build_prompts(tiny, planned)
     length = {key: len(p.tokens) for key, p in prompts.items()}
@@ -114,7 +108,7 @@ def test_batches_are_one_layer_full_and_sorted_by_prompt_length(tiny):
     for layer, rows in per_layer.items():
         n = sum(t.layer == layer for t in planned)
         assert [len(b) for b in rows] == [7] * (n // 7) + ([n % 7] if n % 7 else [])
-        lengths = [length[_prompt_key(t)] for b in rows for t in b]
+        lengths = [length[prompt_key(t)] for b in rows for t in b]
         assert lengths == sorted(lengths)
     assert [b[0].layer for b in batches] == sorted(b[0].layer for b in batches)  # layer by layer
 
@@ -285,3 +279,23 @@ def test_merge_attributions_refuses_overlapping_or_unlike_parts(tiny, tcs):
 def _canonical(frame):
     keys = [c for c in ("concept", "strength", "dictionary", "layer", "position", "feature") if c in frame]
     return frame.sort_values(keys, kind="stable").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------- the layer
+
+
+def test_the_behaviour_modules_import_no_private_names():
+    """The plan, the batch worker, the executors, the leases and the store talk through public names only
+    (executors once imported seven private names of trials)."""
+    import ast
+    from pathlib import Path
+
+    import mechintro.behaviour as behaviour
+
+    folder = Path(behaviour.__file__).parent
+    private = []
+    for name in ("plan", "batch", "trials", "executors", "leases", "store", "rows"):
+        for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mechintro"):
+                private += [f"{name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert private == []

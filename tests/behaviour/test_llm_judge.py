@@ -344,7 +344,7 @@ def test_failed_judging_exits_non_zero_then_rejudge_and_reruns_fix_it(
     """Through the command line: a run whose every judge call fails exits 1 (the errors are stored, not
     counted as No); `mechintro rejudge` re-judges the stored responses without generating; a re-run retries
     any error left, and generates nothing once everything is judged."""
-    import mechintro.behaviour.trials as trials
+    import mechintro.behaviour.batch as batch
     from mechintro.behaviour.store import TrialStore
     from mechintro.cli.main import main
 
@@ -378,7 +378,7 @@ def test_failed_judging_exits_non_zero_then_rejudge_and_reruns_fix_it(
         with TrialStore(store) as s:
             df = s.load()
         assert df["judge_error"].isna().all() and df["detected"].notna().all()
-        monkeypatch.setattr(trials, "sample", lambda *a, **k: pytest.fail("re-generated judged trials"))
+        monkeypatch.setattr(batch, "sample", lambda *a, **k: pytest.fail("re-generated judged trials"))
         assert main(["evaluate", *run]) == 0
         api.failing = True
         monkeypatch.undo()

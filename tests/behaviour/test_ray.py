@@ -17,15 +17,11 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from mechintro.behaviour.executors import (  # noqa: E402
-    RayExecutor,
-    ray_workers,
-    release_ray_workers,
-    sharded_feature_grid,
-)
+from mechintro.behaviour.executors import RayExecutor, ray_workers, release_ray_workers  # noqa: E402
 from mechintro.behaviour.judges import LogitJudge, RuleJudge, Verdict  # noqa: E402
 from mechintro.behaviour.store import KEY_COLUMNS, TrialStore  # noqa: E402
 from mechintro.behaviour.trials import logit_scores, sweep  # noqa: E402
+from mechintro.mechanism.sharded import sharded_feature_grid  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -89,11 +85,11 @@ class KillingJudge:
 
 
 def test_ray_sweep_equals_the_local_sweep(tiny, local_rows, monkeypatch, tmp_path):
-    import mechintro.behaviour.trials as trials
+    import mechintro.behaviour.batch as batch
 
     before = ray_workers()
     # the driver only judges and writes: generating here would fail
-    monkeypatch.setattr(trials, "sample", lambda *a, **k: pytest.fail("the driver generated"))
+    monkeypatch.setattr(batch, "sample", lambda *a, **k: pytest.fail("the driver generated"))
     got = sweep(tiny, CONCEPTS, judge=RuleJudge(), store=tmp_path / "ray.sqlite", executor="ray", **PLAN)
     assert_same_rows(got, local_rows)
     assert local_rows.response.nunique() > N_ROWS // 2 and len(got) == N_ROWS  # real, distinct samples
@@ -259,7 +255,7 @@ def test_sharded_feature_grid_on_ray_equals_one_call(tiny, tmp_path_factory):
 
 def test_sharded_steering_attribution_on_ray_equals_one_call(tiny, tmp_path_factory):
     from mechintro.attribution.passes import steering_attribution
-    from mechintro.behaviour.executors import sharded_steering_attribution
+    from mechintro.attribution.sharded import sharded_steering_attribution
     from mechintro.core.transcoders import load_transcoders
     from mechintro.testing import save_random_transcoders
 
@@ -277,7 +273,7 @@ def test_sharded_steering_attribution_on_ray_equals_one_call(tiny, tmp_path_fact
 
 def test_cli_sweep_with_ray_writes_the_local_rows(tiny, tiny_dir, local_rows, monkeypatch, tmp_path):
     """``mechintro sweep --ray --ray-actors 1`` fills the store with the rows of the local sweep."""
-    import mechintro.behaviour.trials as trials
+    import mechintro.behaviour.batch as batch
     from mechintro.cli.main import main
 
     store = tmp_path / "cli.sqlite"
@@ -294,7 +290,7 @@ def test_cli_sweep_with_ray_writes_the_local_rows(tiny, tiny_dir, local_rows, mo
         "5",
     ]
     assert main([*argv, "--quiet", "--store", str(store), "--ray", "--ray-actors", "1"]) == 0
-    monkeypatch.setattr(trials, "sample", lambda *a, **k: pytest.fail("everything is in the store already"))
+    monkeypatch.setattr(batch, "sample", lambda *a, **k: pytest.fail("everything is in the store already"))
     assert_same_rows(sweep(tiny, CONCEPTS, judge=RuleJudge(), store=store, **PLAN), local_rows)
     with pytest.raises(SystemExit):
         main([*argv, "--quiet", "--ray-actors", "1"])

@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 
 from mechintro.behaviour.judges import error_mask as _has_error
+from mechintro.behaviour.leases import ClaimQueue
 from mechintro.behaviour.store import COLUMNS, KEY_COLUMNS, VERDICT_COLUMNS, StoreError, TrialStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -145,6 +146,7 @@ import json, sys, time, types
 package = types.ModuleType("mechintro")
 package.__path__ = [sys.argv[1] + "/mechintro"]
 sys.modules["mechintro"] = package
+from mechintro.behaviour.leases import ClaimQueue
 from mechintro.behaviour.store import KEY_COLUMNS, TrialStore
 args = sys.argv[2:]
 
@@ -355,7 +357,7 @@ def test_readonly_true_on_a_writable_store(tmp_path):
             lambda: store.claim([key_of(ROWS[0])], ttl_s=1),
             lambda: store.release(),
             lambda: store.renew(ttl_s=1),
-            lambda: store.claims([[key_of(ROWS[0])]]),
+            lambda: ClaimQueue(store, [[key_of(ROWS[0])]]),
         ):
             with pytest.raises(
                 PermissionError, match=f"{path}: the store is read-only .opened with readonly=True"
@@ -694,7 +696,7 @@ def test_claim_queue_skips_done_waits_for_busy_and_releases(tmp_path):
         a.write([make_row(1, s) for s in range(4)])  # batch 1 is done
         b.claim(batches[2], ttl_s=60)  # batch 2 is another process's, for now
         seen = []
-        with a.claims(batches, ttl_s=0.5, poll_s=0.05) as queue:
+        with ClaimQueue(a, batches, ttl_s=0.5, poll_s=0.05) as queue:
             for claim in queue:
                 seen.append((claim.index, len(claim.keys)))
                 leases = a.leases()
@@ -710,7 +712,10 @@ def test_claim_queue_skips_done_waits_for_busy_and_releases(tmp_path):
         assert len(a) == 16 and a.leases().empty
 
         # on an error inside the loop, the claim is given back at once (not after the lease expires)
-        with pytest.raises(RuntimeError, match="judge crashed"), a.claims([batch_keys(5)], ttl_s=60) as queue:
+        with (
+            pytest.raises(RuntimeError, match="judge crashed"),
+            ClaimQueue(a, [batch_keys(5)], ttl_s=60) as queue,
+        ):
             for _ in queue:
                 assert len(a.leases()) == 4
                 raise RuntimeError("judge crashed")
@@ -722,7 +727,7 @@ def test_claim_queue_takes_over_an_expired_lease(tmp_path):
     with TrialStore(path) as a, TrialStore(path) as b:
         b.claim(batch_keys(0), ttl_s=0.4)  # b "crashed" holding batch 0
         start = time.time()
-        with a.claims([batch_keys(0), batch_keys(1)], ttl_s=5, poll_s=0.05) as queue:
+        with ClaimQueue(a, [batch_keys(0), batch_keys(1)], ttl_s=5, poll_s=0.05) as queue:
             order = []
             for claim in queue:
                 order.append((claim.index, time.time() - start))
@@ -744,7 +749,7 @@ with open(log_path + ".ready", "w"):
 while not __import__("os").path.exists(go_path):
     time.sleep(0.01)
 store = TrialStore(store_path)
-with open(log_path, "a") as log, store.claims(batches, ttl_s=ttl, poll_s=ttl / 10) as queue:
+with open(log_path, "a") as log, ClaimQueue(store, batches, ttl_s=ttl, poll_s=ttl / 10) as queue:
     for claim in queue:
         entry = {"index": claim.index, "n": len(claim.keys), "t": time.time(), "owner": store.owner}
         log.write(json.dumps(entry) + "\\n")

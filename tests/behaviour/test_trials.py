@@ -22,8 +22,9 @@ from mechintro.behaviour.judges import (
     judge_kind,
 )
 from mechintro.behaviour.metrics import detection_metrics
+from mechintro.behaviour.plan import SweepConfig, TrialConfig, trial_seed
 from mechintro.behaviour.store import COLUMNS, KEY_COLUMNS, TrialStore
-from mechintro.behaviour.trials import logit_scores, run_trials, sweep, trial_seed
+from mechintro.behaviour.trials import logit_scores, run_trials, sweep
 
 torch.set_num_threads(1)
 
@@ -156,9 +157,9 @@ def test_logit_judge_verdicts_split_at_the_threshold(tiny, vecs):
 
 
 def test_logit_judge_runs_without_generating(tiny, vecs, monkeypatch):
-    import mechintro.behaviour.trials as trials
+    import mechintro.behaviour.batch as batch
 
-    monkeypatch.setattr(trials, "sample", lambda *a, **k: pytest.fail("the logit judge must not sample"))
+    monkeypatch.setattr(batch, "sample", lambda *a, **k: pytest.fail("the logit judge must not sample"))
     df = run_trials(
         tiny,
         CONCEPTS,
@@ -281,13 +282,13 @@ def test_judge_errors_are_kept_as_errors(tiny, vecs):
 
 
 def test_missing_api_key_fails_before_any_model_work(tiny, monkeypatch, tmp_path):
-    import mechintro.behaviour.trials as trials
+    import mechintro.behaviour.batch as batch
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     judge = LLMJudge(cache_dir=None)
     monkeypatch.delenv("OPENAI_API_KEY")
-    monkeypatch.setattr(trials, "sample", lambda *a, **k: pytest.fail("generated before checking the key"))
-    monkeypatch.setattr(trials, "concept_vectors", lambda *a, **k: pytest.fail("ran the model first"))
+    monkeypatch.setattr(batch, "sample", lambda *a, **k: pytest.fail("generated before checking the key"))
+    monkeypatch.setattr(batch, "concept_vectors", lambda *a, **k: pytest.fail("ran the model first"))
     with pytest.raises(MissingAPIKeyError, match="OPENAI_API_KEY"):
         run_trials(
             tiny, CONCEPTS, layer=1, strength=4.0, n_trials=1, judge=judge, store=tmp_path / "s.sqlite"
@@ -310,9 +311,9 @@ def test_missing_api_key_fails_before_any_model_work(tiny, monkeypatch, tmp_path
     ],
 )
 def test_bad_settings_fail_before_generation(tiny, monkeypatch, change, error, match):
-    import mechintro.behaviour.trials as trials
+    import mechintro.behaviour.batch as batch
 
-    monkeypatch.setattr(trials, "sample", lambda *a, **k: pytest.fail("generated before validating"))
+    monkeypatch.setattr(batch, "sample", lambda *a, **k: pytest.fail("generated before validating"))
     kw = {"layer": 1, "strength": 4.0, "n_trials": 1, "judge": RuleJudge(), "progress": False} | change
     with pytest.raises(error, match=match):
         run_trials(tiny, CONCEPTS, **kw)
@@ -341,3 +342,26 @@ def test_killed_sweep_resumes_with_nothing_lost_or_doubled(tiny, tiny_dir, tmp_p
     clean = sweep(tiny, CONCEPTS, judge=RuleJudge(), store=tmp_path / "clean.sqlite", **kw)
     cols = [*KEY_COLUMNS, "response", "detected"]
     assert resumed[cols].equals(clean[cols])  # the same trials, the same samples
+
+
+def test_a_config_or_its_keywords_give_the_same_rows(tiny):
+    """run_trials and sweep take their config, or the keywords that build it; keywords given with a config
+    replace its values."""
+    config = TrialConfig(n_trials=2, layer=1, strength=4.0, forced=True, progress=False)
+    by_config = run_trials(tiny, CONCEPTS, config, judge=LogitJudge())
+    by_keywords = run_trials(
+        tiny, CONCEPTS, n_trials=2, layer=1, strength=4.0, forced=True, progress=False, judge=LogitJudge()
+    )
+    cols = [c for c in by_config.columns if c != "created_at"]
+    assert len(by_config) == 2 * 3 * 2 and by_config[cols].equals(
+        by_keywords[cols]
+    )  # concepts x conditions x trials
+    replaced = run_trials(tiny, CONCEPTS, config, judge=LogitJudge(), strength=2.0, forced=False)
+    assert set(replaced.condition) == {"injection", "control"} and set(replaced.strength) == {0.0, 2.0}
+    grid = SweepConfig(n_trials=1, layers=[1], strengths=[4.0], progress=False)
+    swept = sweep(tiny, CONCEPTS, grid, judge=LogitJudge(), strengths=(2.0, 4.0))
+    assert sorted(set(swept.strength)) == [0.0, 2.0, 4.0]
+    with pytest.raises(TypeError, match=r"unknown TrialConfig settings \['layers'\]; valid: \['n_trials'"):
+        run_trials(tiny, CONCEPTS, n_trials=1, layers=[1], judge=LogitJudge())
+    with pytest.raises(TypeError, match="config must be a TrialConfig, got SweepConfig"):
+        run_trials(tiny, CONCEPTS, grid, judge=LogitJudge())

@@ -134,9 +134,9 @@ def test_logit_judge_thresholds(kwargs, match):
 
 
 def test_a_judge_class_is_refused_before_any_generation(tiny, monkeypatch):
-    import mechintro.behaviour.trials as trials
+    import mechintro.behaviour.batch as batch
 
-    monkeypatch.setattr(trials, "sample", lambda *a, **k: pytest.fail("generated before checking the judge"))
+    monkeypatch.setattr(batch, "sample", lambda *a, **k: pytest.fail("generated before checking the judge"))
     with pytest.raises(TypeError, match=r"instance, e.g. RuleJudge\(\), not the class RuleJudge"):
         run_trials(tiny, ["Bread"], layer=1, strength=4.0, n_trials=1, judge=RuleJudge, progress=False)
 

@@ -208,3 +208,32 @@ def test_reproduce_steps_name_each_flag_once():
                 assert argv[argv.index("--model") + 1] == "organism"
     layer_sweep = REPRODUCE_STEPS[1].argv(quick=False, out="o", store="s", cache="c")
     assert layer_sweep[layer_sweep.index("--n-trials") + 1] == "2"  # the step's, not the shared 4
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_reproduce_evaluates_as_the_command_line_it_used_to_parse(tmp_path, monkeypatch, quick):
+    """reproduce calls the shared run_evaluation with a config of its own (it no longer builds an argument
+    list and parses it again): the config and target are those `mechintro evaluate` gives for the command line
+    reproduce used to parse, so the store gets the same rows."""
+    from mechintro.cli import commands
+    from mechintro.cli.main import build_parser
+    from mechintro.core import resources
+
+    seen = []
+    monkeypatch.setattr(
+        commands, "run_evaluation", lambda config, **target: seen.append((config, target)) or 0
+    )
+    monkeypatch.setattr(resources, "organism_root", lambda: tmp_path)
+    out, store = tmp_path / "out", str(tmp_path / "r.sqlite")
+    argv = ["reproduce", "--store", store, "--n-trials", "3", "--only", "none.py", "--out", str(out)]
+    assert main([*argv, *(["--quick"] if quick else [])]) == 0
+    store = str(out / "reproduce.sqlite") if quick else store
+    before = ["--store", store, "--forced", "--quiet", "--threads", "1"]
+    before += (
+        ["--concepts", "held-out:6", "--n-trials", "2", "--max-new-tokens", "24"]
+        if quick
+        else ["--n-trials", "3", "--max-new-tokens", "40", "--batch-size", "128"]
+    )
+    assert commands.evaluate(build_parser().parse_args(["evaluate", *before])) == 0
+    (config, target), (expected_config, expected_target) = seen
+    assert config == expected_config and target == expected_target

@@ -18,8 +18,8 @@ from sklearn.metrics import f1_score
 from sklearn.model_selection import StratifiedKFold
 
 from mechintro.behaviour.judges import RuleJudge
+from mechintro.behaviour.plan import trial_seed
 from mechintro.behaviour.store import TrialStore
-from mechintro.behaviour.trials import trial_seed
 from mechintro.core.hooks import hooks_context
 from mechintro.core.models import HookNames, spec_for
 from mechintro.core.prompts import left_pad, trial_prompt
