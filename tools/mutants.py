@@ -206,8 +206,8 @@ MUTANTS = (
         "fastpath-site-side",
         "the fast path replays each hook at the HF module input/output that the bridge's hook point reads",
         "mechintro/core/fastpath.py",
-        'return Site(module=module, side="input" if side == "hook_in" else "output")',
-        'return Site(module=module, side="output" if side == "hook_in" else "input")',
+        'return HFHookSite(module=module, side="input" if side == "hook_in" else "output")',
+        'return HFHookSite(module=module, side="output" if side == "hook_in" else "input")',
         ("tests/core/test_fastpath.py",),
     ),
     Mutant(
