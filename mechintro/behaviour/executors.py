@@ -44,7 +44,7 @@ alive between calls (a notebook pays a model load once); :func:`release_ray_work
 over items on the executor's workers; :func:`sharded_feature_grid` uses it to split a feature grid over
 concepts (and layers) and merges the parts exactly (:func:`mechintro.mechanism.features.merge_grids`);
 :func:`sharded_steering_attribution` splits an attribution over concepts
-(:func:`mechintro.attribution.passes.merge_attributions`).
+(:func:`mechintro.attribution.result.merge_attributions`).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ from mechintro.core.models import Model, load_model, spec_for
 from mechintro.core.prompts import TrialPrompt
 
 if TYPE_CHECKING:
-    from mechintro.attribution.passes import SteeringAttribution
+    from mechintro.attribution.result import SteeringAttribution
     from mechintro.mechanism.features import FeatureGrid
 
 __all__ = [
@@ -890,7 +890,7 @@ def sharded_steering_attribution(
     **attribution_kw: Any,
 ) -> SteeringAttribution:
     """:func:`~mechintro.attribution.passes.steering_attribution` split into ``shards`` concept chunks, run on
-    ``executor`` and merged (:func:`~mechintro.attribution.passes.merge_attributions`).
+    ``executor`` and merged (:func:`~mechintro.attribution.result.merge_attributions`).
 
     Each concept's rows depend only on that concept (its vector, the strength grid, the prompt), so the
     merged result equals one call up to float rounding of different batch shapes. Concept vectors are
@@ -903,7 +903,7 @@ def sharded_steering_attribution(
         Other arguments: those of :func:`~mechintro.attribution.passes.steering_attribution` (``saes`` must be
         picklable to travel to Ray actors).
     """
-    from mechintro.attribution.passes import merge_attributions
+    from mechintro.attribution.result import merge_attributions
     from mechintro.core.concepts import check_concepts, concept_vectors
     from mechintro.core.hooks import check_layer
 
