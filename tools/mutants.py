@@ -315,6 +315,22 @@ MUTANTS = (
         ("tests/attribution/test_attribution.py",),
     ),
     Mutant(
+        "attribution-config-ignored",
+        "keywords replace the given config's fields; they never drop the config",
+        "mechintro/attribution/config.py",
+        "return dataclasses.replace(base, **settings) if settings else base",
+        "return dataclasses.replace(cls(), **settings) if settings else base",
+        ("tests/attribution/test_config.py",),
+    ),
+    Mutant(
+        "attribution-flags-dropped",
+        "every attribution flag with a non-default value reaches the built config",
+        "mechintro/cli/attribution.py",
+        "    return config_from_args(GraphConfig, args, root=root)",
+        "    return config_from_args(GraphConfig, args, root=AttributionConfig(batch_size=args.batch_size))",
+        ("tests/cli/test_attribution_flags.py",),
+    ),
+    Mutant(
         "swap-keeps-own-projection",
         "a projection swap puts the partner's projection on the direction (planted linear rule flips)",
         "mechintro/studies/geometry/__init__.py",
