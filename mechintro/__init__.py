@@ -5,16 +5,13 @@ steering, sampling, readout, transcoders, trials, store, judges, metrics, patchi
 curves, attribution, graphs, geometry, elicitation, plots*.
 """
 
+from mechintro.attribution.config import AttributionConfig, GraphConfig
 from mechintro.attribution.graph import AttributionGraph, attribution_graph
-from mechintro.attribution.passes import (
-    SteeringAttribution,
-    feature_metric,
-    merge_attributions,
-    steering_attribution,
-    strength_grid,
-    token_metric,
-)
+from mechintro.attribution.metric import feature_metric, token_metric
+from mechintro.attribution.passes import steering_attribution
+from mechintro.attribution.result import SteeringAttribution, merge_attributions
 from mechintro.attribution.sharded import sharded_steering_attribution
+from mechintro.attribution.strengths import strength_grid
 from mechintro.behaviour.executors import RayExecutor, release_ray_workers
 from mechintro.behaviour.judges import LLMJudge, LogitJudge, RuleJudge
 from mechintro.behaviour.metrics import detection_metrics
@@ -52,8 +49,10 @@ from mechintro.studies.bias import (
 )
 
 __all__ = [
+    "AttributionConfig",
     "AttributionGraph",
     "BiasVector",
+    "GraphConfig",
     "HookNames",
     "LLMJudge",
     "LogitJudge",

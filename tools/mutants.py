@@ -238,8 +238,8 @@ MUTANTS = (
         "fastpath-site-side",
         "the fast path replays each hook at the HF module input/output that the bridge's hook point reads",
         "mechintro/core/fastpath.py",
-        'return Site(module=module, side="input" if side == "hook_in" else "output")',
-        'return Site(module=module, side="output" if side == "hook_in" else "input")',
+        'return HFHookSite(module=module, side="input" if side == "hook_in" else "output")',
+        'return HFHookSite(module=module, side="output" if side == "hook_in" else "input")',
         ("tests/core/test_fastpath.py",),
     ),
     Mutant(
@@ -345,6 +345,22 @@ MUTANTS = (
         "skip = (gi * (xd_flat[i : i + step] @ w_skip.T)).sum(-1)",
         "skip = 0 * (gi * (xd_flat[i : i + step] @ w_skip.T)).sum(-1)",
         ("tests/attribution/test_attribution.py",),
+    ),
+    Mutant(
+        "attribution-config-ignored",
+        "keywords replace the given config's fields; they never drop the config",
+        "mechintro/attribution/config.py",
+        "return dataclasses.replace(base, **settings) if settings else base",
+        "return dataclasses.replace(cls(), **settings) if settings else base",
+        ("tests/attribution/test_config.py",),
+    ),
+    Mutant(
+        "attribution-flags-dropped",
+        "every attribution flag with a non-default value reaches the built config",
+        "mechintro/cli/attribution.py",
+        "    return config_from_args(GraphConfig, args, root=root)",
+        "    return config_from_args(GraphConfig, args, root=AttributionConfig(batch_size=args.batch_size))",
+        ("tests/cli/test_attribution_flags.py",),
     ),
     Mutant(
         "swap-keeps-own-projection",

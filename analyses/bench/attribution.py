@@ -35,15 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from mechintro.attribution.metric import resolve_metric  # noqa: E402
 from mechintro.attribution.passes import (  # noqa: E402
-    Captured,
-    Dictionaries,
+    PassTensors,
     attribution_sites,
-    resolve_metric,
     site_terms,
     steering_attribution,
-    strength_grid,
 )
+from mechintro.attribution.sites import Dictionaries  # noqa: E402
+from mechintro.attribution.strengths import strength_grid  # noqa: E402
 from mechintro.cli import setup as runs  # noqa: E402
 from mechintro.core.concepts import concept_vectors, heldout_concepts  # noqa: E402
 from mechintro.core.hooks import capture, hooks_context  # noqa: E402
@@ -127,7 +127,7 @@ def paper_pair(model: Any, transcoders: Any, vector: torch.Tensor, strength: flo
             gap = yes_no_gap(model(tokens)[:, -1], spec)
     grads = torch.autograd.grad(gap.sum(), [zeros[n] for n in outs])
     n = len(sites)
-    got = Captured(positions=list(range(start, len(prompt.tokens))), value=primal[0].detach())
+    got = PassTensors(positions=list(range(start, len(prompt.tokens))), value=primal[0].detach())
     for k, site in enumerate(sites):
         got.x[site] = primal[1 + k][:, start:].detach()
         got.x_dot[site] = tangent[1 + k][:, start:].detach()

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mechintro.attribution.passes import SteeringAttribution, merge_attributions, steering_attribution
+from mechintro.attribution.passes import steering_attribution
+from mechintro.attribution.result import SteeringAttribution, merge_attributions
 from mechintro.behaviour.executors import Executor, RayExecutor, map_on_model, resolve_executor, split_evenly
 from mechintro.core import validate
 from mechintro.core.concepts import check_concepts, concept_vectors

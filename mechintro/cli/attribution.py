@@ -25,9 +25,12 @@ from typing import Any
 import pandas as pd
 import torch
 
+from mechintro.attribution.config import AttributionConfig, GraphConfig
 from mechintro.attribution.graph import attribution_graph
-from mechintro.attribution.passes import INTEGRATIONS, steering_attribution, strength_grid
+from mechintro.attribution.passes import steering_attribution
+from mechintro.attribution.strengths import strength_grid
 from mechintro.cli import setup as runs
+from mechintro.cli.options import add_config_arguments, config_from_args
 from mechintro.core.concepts import concept_vectors
 from mechintro.core.prompts import trial_prompt
 from mechintro.core.readout import yes_no_gap
@@ -36,6 +39,11 @@ from mechintro.mechanism.curves import success_failure
 from mechintro.mechanism.features import find_evidence_carriers
 from mechintro.mechanism.interventions import intervene
 from mechintro.plots.behaviour import save_figure
+from mechintro.plots.graph import graph_figure
+
+RUN_OPTION_FIELDS = ("layer", "batch_size", "progress")
+"""AttributionConfig fields the run options already set: ``--layer`` (the injection layer, through the model's
+spec), ``--batch-size`` and ``--quiet``."""
 
 
 def causal_check(s: runs.Setup, att: Any, concept: str, *, top: int) -> pd.DataFrame:
@@ -119,14 +127,16 @@ def compare(graph: Any, gates: pd.DataFrame, carriers: dict[str, pd.DataFrame]) 
     return out
 
 
-def main(argv: Sequence[str] | None = None, *, doc: str | None = __doc__) -> dict[str, Any]:
+def parser(doc: str | None = __doc__) -> argparse.ArgumentParser:
+    """The script's flags: the mechanism run options, the graph concepts, every
+    :class:`~mechintro.attribution.config.AttributionConfig` and
+    :class:`~mechintro.attribution.config.GraphConfig` field (derived from the fields, with their docstrings
+    as help), the causal check's size and the comparison switch."""
     p = runs.mechanism_parser(doc)
     p.add_argument("--concept", action="append", default=None, help="a graph concept (repeat for several)")
     p.add_argument("--n-graphs", type=int, default=2, help="most- and least-detected concepts graphed (each)")
-    p.add_argument("--strengths", type=runs.float_list, default=None, help="the grid (default: 0..s*)")
-    p.add_argument("--points", type=int, default=21, help="grid points when --strengths is not given")
-    p.add_argument("--integration", default="trapezoid", choices=INTEGRATIONS)
-    p.add_argument("--depth", type=int, default=2)
+    add_config_arguments(p.add_argument_group("attribution"), AttributionConfig, exclude=RUN_OPTION_FIELDS)
+    add_config_arguments(p.add_argument_group("graph"), GraphConfig)
     p.add_argument("--top", type=int, default=15, help="top features in the causal check")
     p.add_argument(
         "--compare",
@@ -135,11 +145,29 @@ def main(argv: Sequence[str] | None = None, *, doc: str | None = __doc__) -> dic
         help="compare with find_gates/find_evidence_carriers, which needs the trials of --concepts (default: "
         "on, off when --concept names the graph concepts)",
     )
+    return p
+
+
+def graph_config(args: argparse.Namespace) -> GraphConfig:
+    """The graph's settings from the parsed flags; the root attribution's batch size and progress bar come
+    from the run options, its injection layer from the model's spec (which ``--layer`` sets)."""
+    root = config_from_args(
+        AttributionConfig, args, layer=None, batch_size=args.batch_size, progress=not args.quiet
+    )
+    return config_from_args(GraphConfig, args, root=root)
+
+
+def main(argv: Sequence[str] | None = None, *, doc: str | None = __doc__) -> dict[str, Any]:
+    p = parser(doc)
     args = p.parse_args(argv)
+    try:
+        cfg = graph_config(args)
+    except (TypeError, ValueError) as err:
+        p.error(str(err))
     s = runs.load_setup(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    grid = tuple(args.strengths) if args.strengths else strength_grid(s.model, args.points)
+    grid = cfg.root.strengths or strength_grid(s.model, cfg.root.points)
     gates = carriers = None
     if not (args.compare if args.compare is not None else args.concept is None):
         concepts = args.concept or s.concepts[: args.n_graphs]
@@ -171,13 +199,7 @@ def main(argv: Sequence[str] | None = None, *, doc: str | None = __doc__) -> dic
     rows = [known.index(c) for c in concepts]
     started = time.perf_counter()
     att = steering_attribution(
-        s.model,
-        s.transcoders,
-        concepts,
-        vectors=vectors[rows],
-        strengths=grid,
-        integration=args.integration,
-        batch_size=args.batch_size,
+        s.model, s.transcoders, concepts, config=cfg.root, vectors=vectors[rows], strengths=grid
     )
     seconds_attribution = time.perf_counter() - started
     for path in att.to_parquet(out / "attribution"):
@@ -186,22 +208,20 @@ def main(argv: Sequence[str] | None = None, *, doc: str | None = __doc__) -> dic
         "model": s.spec.name,
         "strength_top": max(grid),
         "strengths": list(grid),
-        "integration": args.integration,
-        "depth": args.depth,
+        "integration": cfg.root.integration,
+        "depth": cfg.depth,
         "seconds_attribution": seconds_attribution,
         "concepts": {},
     }
     weights = att.weights
     for concept in concepts:
         started = time.perf_counter()
-        graph = attribution_graph(
-            s.model, s.transcoders, concept, args.depth, attribution=att, batch_size=args.batch_size
-        )
+        graph = attribution_graph(s.model, s.transcoders, concept, config=cfg, attribution=att)
         seconds_graph = time.perf_counter() - started
         slug = concept.replace(" ", "_")
         graph.to_json(out / f"attribution_graph_{slug}.json")
         graph.to_neuronpedia(out / f"attribution_graph_{slug}_neuronpedia.json")
-        for path in save_figure(graph.figure(), f"attribution_graph_{slug}", out, offline=True):
+        for path in save_figure(graph_figure(graph), f"attribution_graph_{slug}", out, offline=True):
             print(path)
         m = att.metric[att.metric["concept"] == concept].set_index("strength")
         integral = float(sum(weights[a] * m.loc[a, "slope"] for a in grid))
@@ -240,7 +260,7 @@ def main(argv: Sequence[str] | None = None, *, doc: str | None = __doc__) -> dic
         causal.to_csv(out / f"attribution_causal_{slug}.csv", index=False)
         print(
             f"\n== {concept}: L(0) = {info['metric_at_0']:+.3f}, L(s*) = {info['metric_at_top']:+.3f}; "
-            f"∫ dL/dα = {integral:+.4f} vs ΔL = {change:+.4f} ({args.integration}, {len(grid)} points)"
+            f"∫ dL/dα = {integral:+.4f} vs ΔL = {change:+.4f} ({cfg.root.integration}, {len(grid)} points)"
         )
         print(
             feats[["node", "hop", "isa", "activation", "activation_0", "top_tokens"]]

@@ -61,8 +61,8 @@ from mechintro.core.models import Model
 __all__ = [
     "PATHS",
     "SITE_KINDS",
+    "HFHookSite",
     "Runner",
-    "Site",
     "attention_masks",
     "choose_path",
     "foreign_hooks",
@@ -166,7 +166,7 @@ def twin(model: Model, *, attention: str | None = None) -> torch.nn.Module:
 
 
 @dataclass(frozen=True)
-class Site:
+class HFHookSite:
     """Where a bridge hook point's tensor is on the Hugging Face modules."""
 
     module: str
@@ -212,7 +212,7 @@ def _bridged_names(model: Model) -> dict[int, str]:
     return names
 
 
-def hf_site(model: Model, name: str) -> Site | None:
+def hf_site(model: Model, name: str) -> HFHookSite | None:
     """The Hugging Face site of hook point ``name`` (any alias); None if the fast path does not replay it."""
     point = model.hook_dict.get(name)
     if point is None or getattr(point, "hook_conversion", None) is not None:
@@ -226,7 +226,7 @@ def hf_site(model: Model, name: str) -> Site | None:
     module = _bridged_names(model).get(id(inner))
     if module is None:
         return None
-    return Site(module=module, side="input" if side == "hook_in" else "output")
+    return HFHookSite(module=module, side="input" if side == "hook_in" else "output")
 
 
 # ----------------------------------------------------------------------------------------------- choosing

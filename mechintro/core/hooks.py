@@ -33,7 +33,7 @@ from mechintro.core.kvcache import cache_in_call, cache_length, hf_module, insta
 from mechintro.core.models import Model
 
 __all__ = [
-    "Captured",
+    "CapturedActivations",
     "PositionTracker",
     "Positions",
     "capture",
@@ -283,7 +283,7 @@ def call_indices(positions: Positions, *, offset: int, seq: int) -> list[int]:
 
 
 @dataclass
-class Captured(Mapping[str, Tensor]):
+class CapturedActivations(Mapping[str, Tensor]):
     """Activations read by :func:`capture`: ``captured[name]`` is ``[batch, n_positions, ...]``.
 
     With ``append=True`` every call's activations are kept in ``captured.calls[name]`` (a list, one entry per
@@ -314,7 +314,7 @@ def capture(
     detach: bool = True,
     append: bool = False,
     dtype: torch.dtype | None = None,
-) -> Iterator[Captured]:
+) -> Iterator[CapturedActivations]:
     """Read the activations at hook points ``names`` during the forward calls made inside the block.
 
     Args:
@@ -336,7 +336,7 @@ def capture(
         )
     positions = check_positions(positions)
     track = tracker(model)
-    out = Captured()
+    out = CapturedActivations()
 
     def make(name: str):
         def hook(x: Tensor, hook: Any = None) -> None:

@@ -68,12 +68,12 @@ __all__ = [
 ]
 
 Scale: TypeAlias = Literal["unit", "decoder"]
-Site: TypeAlias = Literal["mlp_out", "mlp_input"]
+EditSite: TypeAlias = Literal["mlp_out", "mlp_input"]
 
 SCALES: tuple[Scale, ...] = ("unit", "decoder")
 """How the decoder row is scaled: unit-normalized (the paper's text) or raw (an exact activation edit)."""
 
-SITES: tuple[Site, ...] = ("mlp_out", "mlp_input")
+SITES: tuple[EditSite, ...] = ("mlp_out", "mlp_input")
 """Where the edit is written: the transcoder output (the paper's text) or the MLP input (its released
 code)."""
 
@@ -130,7 +130,7 @@ class FeatureIntervention:
     starts: Int[Tensor, " rows"]
     last: int | None
     scale: Scale
-    site: Site
+    site: EditSite
     plans: list[_LayerPlan]
     tracker: PositionTracker
     record: bool = False
@@ -224,7 +224,7 @@ def make_intervention(
     start: int | Sequence[int] | Tensor | None = None,
     last: int | None = None,
     scale: Scale | None = None,
-    site: Site = "mlp_out",
+    site: EditSite = "mlp_out",
     record: bool = False,
 ) -> FeatureIntervention:
     """Validate the settings and build a :class:`FeatureIntervention` (without installing it).
@@ -296,7 +296,7 @@ def intervene(
     start: int | Sequence[int] | Tensor | None = None,
     last: int | None = None,
     scale: Scale | None = None,
-    site: Site = "mlp_out",
+    site: EditSite = "mlp_out",
     record: bool = False,
 ) -> Iterator[FeatureIntervention]:
     """Set ``features`` to ``target`` by adding ``(a_target - a_current) * d`` at ``hook_mlp_out``.

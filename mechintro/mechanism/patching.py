@@ -68,7 +68,7 @@ __all__ = [
     "summarize_patching",
 ]
 
-Site = tuple[int, str]
+LayerComponent = tuple[int, str]
 """A (layer, component) pair."""
 
 
@@ -122,7 +122,7 @@ class PatchingConfig:
 # ----------------------------------------------------------------------------------------------- hooks
 
 
-def _hook_name(site: Site) -> str:
+def _hook_name(site: LayerComponent) -> str:
     layer, component = site
     return HookNames.component(component, layer)
 
@@ -138,7 +138,10 @@ class Replacement:
 
 
 def replacement_hooks(
-    model: Model, replacements: Mapping[Site, Replacement | Sequence[Replacement]], *, positions: slice
+    model: Model,
+    replacements: Mapping[LayerComponent, Replacement | Sequence[Replacement]],
+    *,
+    positions: slice,
 ) -> list[tuple[str, Any]]:
     """A hook list that overwrites ``x[rows, positions]`` of each site with the stored values.
 
@@ -180,8 +183,8 @@ def replacement_hooks(
 
 @torch.no_grad()
 def capture_sites(
-    model: Model, tokens: Int[Tensor, "batch seq"], sites: Sequence[Site], *, positions: slice
-) -> tuple[dict[Site, Float[Tensor, "batch pos d_model"]], Float[Tensor, "batch vocab"]]:
+    model: Model, tokens: Int[Tensor, "batch seq"], sites: Sequence[LayerComponent], *, positions: slice
+) -> tuple[dict[LayerComponent, Float[Tensor, "batch pos d_model"]], Float[Tensor, "batch vocab"]]:
     """Outputs of ``sites`` at ``positions`` (a slice of absolute positions) and the last-position logits,
     from one forward of ``tokens``. Install ``inject`` (or anything else) around the call for a steered run.
     """
@@ -243,8 +246,8 @@ def _interventions(
     model: Model,
     tokens: Tensor,
     *,
-    rows: list[tuple[Site, int]],
-    values: Mapping[Site, Tensor],
+    rows: list[tuple[LayerComponent, int]],
+    values: Mapping[LayerComponent, Tensor],
     steered_rows: bool,
     vectors: Tensor,
     strength: float,
@@ -258,7 +261,7 @@ def _interventions(
     out = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
-        reps: dict[Site, list[Replacement]] = {}
+        reps: dict[LayerComponent, list[Replacement]] = {}
         for r, (site, c) in enumerate(chunk):
             v = values[site]
             reps.setdefault(site, []).append(
@@ -285,7 +288,7 @@ def _positions(cfg: PatchingConfig, prompt: TrialPrompt) -> slice:
     return slice(seq - 1, seq) if cfg.positions == "last" else slice(prompt.injection_start, seq)
 
 
-def _trial_mean(clean: dict[int, dict[Site, Tensor]]) -> dict[Site, Tensor]:
+def _trial_mean(clean: dict[int, dict[LayerComponent, Tensor]]) -> dict[LayerComponent, Tensor]:
     shapes = {t: next(iter(v.values())).shape[1] for t, v in clean.items()}
     if len(set(shapes.values())) != 1:
         raise ValueError(

@@ -18,14 +18,10 @@ import pandas as pd
 import pytest
 import torch
 
-from mechintro.attribution.passes import (
-    Site,
-    SteeringAttribution,
-    quadrature_weights,
-    run_pass,
-    steering_attribution,
-    strength_grid,
-)
+from mechintro.attribution.passes import run_pass, steering_attribution
+from mechintro.attribution.result import SteeringAttribution
+from mechintro.attribution.sites import DictionarySite
+from mechintro.attribution.strengths import quadrature_weights, strength_grid
 from mechintro.core.concepts import concept_vectors
 from mechintro.core.hooks import capture, hooks_context
 from mechintro.core.models import HookNames, load_model, spec_for, with_spec
@@ -186,10 +182,12 @@ def test_forward_and_reverse_mode_agree_with_each_other_and_with_finite_differen
 
 
 def test_positions_before_the_injection_start_have_exactly_zero_tangents(m64, tc64, vecs, prompt):
-    from mechintro.attribution.passes import Dictionaries, Rows, resolve_metric
+    from mechintro.attribution.metric import resolve_metric
+    from mechintro.attribution.passes import Rows
+    from mechintro.attribution.sites import Dictionaries
 
     dicts = Dictionaries(m64, tc64)
-    sites = [Site("transcoder", 2), Site("transcoder", 3)]
+    sites = [DictionarySite("transcoder", 2), DictionarySite("transcoder", 3)]
     metric = resolve_metric(m64).at(len(prompt.tokens), prompt.injection_start)
     rows = Rows(vectors=vecs, strengths=[1.0, 2.5], metrics=[metric] * 2)
     got = run_pass(

@@ -13,18 +13,13 @@ import pandas as pd
 import pytest
 import torch
 
-from mechintro.attribution.graph import (
-    NEURONPEDIA_METADATA,
-    NEURONPEDIA_NODE,
-    AttributionGraph,
-    GraphSettings,
-    _context,
-    _select,
-    attribution_graph,
-    backward_hop,
-    forward_hop,
-)
-from mechintro.attribution.passes import Dictionaries, quadrature_weights, steering_attribution
+from mechintro.attribution.config import GraphConfig
+from mechintro.attribution.graph import AttributionGraph, _select, attribution_graph
+from mechintro.attribution.hops import backward_hop, forward_hop, hop_context
+from mechintro.attribution.neuronpedia import NEURONPEDIA_METADATA, NEURONPEDIA_NODE
+from mechintro.attribution.passes import steering_attribution
+from mechintro.attribution.sites import Dictionaries
+from mechintro.attribution.strengths import quadrature_weights
 from mechintro.core.concepts import concept_vectors
 from mechintro.core.hooks import capture
 from mechintro.core.models import HookNames, load_model, spec_for, with_spec
@@ -74,7 +69,7 @@ def test_backward_and_forward_hops_give_the_same_edge_weight(m64, tc64, attn_sae
     g's pre-activation and the JVP of f's decoder row give the same integrated weight."""
     saes = {("attn_z", 2): attn_sae}
     att = steering_attribution(m64, tc64, ["Bread"], saes=saes, strengths=GRID, vectors=vec)
-    ctx = _context(m64, Dictionaries(m64, tc64, saes), att, "Bread", batch_size=8, prefix_cache=True)
+    ctx = hop_context(m64, Dictionaries(m64, tc64, saes), att, "Bread", batch_size=8, prefix_cache=True)
     isa = att.isa()
     checked, pairs = 0, set()
     for dictionary, layer in (("transcoder", 3), ("attn_z", 2)):
@@ -254,12 +249,12 @@ def test_selection_thresholds_per_type_caps_per_parent_and_keeps_the_sign():
             "weight": [10.0, 2.0, 0.9, -50.0, 1.5, 0.02, 0.3, 0.001],
         }
     )
-    keep = _select(cands, settings=GraphSettings(), hop=1)
+    keep = _select(cands, settings=GraphConfig(), hop=1)
     # transcoders: above 0.1 x 10 -> 10, 2, 1.5 (0.9 is below; -50 is negative); resid: above 0.1 x 0.3 -> 0.3
     assert keep["weight"].tolist() == [10.0, 2.0, 1.5, 0.3]
-    assert _select(cands, settings=GraphSettings(caps=(8, 2)), hop=3)["weight"].tolist() == [10.0, 2.0]
-    assert _select(cands, settings=GraphSettings(sign="negative"), hop=0)["weight"].tolist() == [-50.0]
-    absolute = _select(cands, settings=GraphSettings(sign="absolute", rel_threshold=0.0), hop=0)
+    assert _select(cands, settings=GraphConfig(caps=(8, 2)), hop=3)["weight"].tolist() == [10.0, 2.0]
+    assert _select(cands, settings=GraphConfig(sign="negative"), hop=0)["weight"].tolist() == [-50.0]
+    absolute = _select(cands, settings=GraphConfig(sign="absolute", rel_threshold=0.0), hop=0)
     assert absolute["weight"].tolist()[:3] == [-50.0, 10.0, 2.0]
 
 
@@ -598,29 +593,3 @@ def test_saes_are_left_out_of_the_neuronpedia_export_with_a_warning(m64, tc64, a
         data = g.to_neuronpedia()
     ids = {n["node_id"] for n in data["nodes"]}
     assert all(link["source"] in ids and link["target"] in ids for link in data["links"])
-
-
-def test_figure(graph):
-    fig = graph.figure()
-    markers = [t for t in fig.data if t.mode == "markers+text"]
-    features = next(t for t in markers if t.name == "feature")
-    feats = graph.feature_nodes()
-    assert len(features.x) == len(feats)
-    first = feats.iloc[0]
-    hover = next(h for h in features.hovertext if first["node"] in h)
-    assert f"{first['isa']:+.4g}" in hover and first["top_tokens"] in hover
-    sizes = np.asarray(features.marker.size)
-    order = np.argsort(feats["isa"].abs().to_numpy())
-    assert (np.diff(sizes[order]) >= 0).all() and sizes[order][-1] > 2 * sizes[order][0], (
-        "size grows with |ISA|"
-    )
-    lines = [t for t in fig.data if t.mode == "lines"]
-    assert len(lines) == len(graph.edges)
-    for trace, weight in zip(lines, graph.edges["weight"], strict=True):
-        assert trace.line.color == ("#b2182b" if weight < 0 else "#2166ac")
-    assert any("total effects" in a.text for a in fig.layout.annotations)
-    assert fig.layout.yaxis.range[1] > graph.settings["n_layers"], "the metric on top"
-    metric = next(t for t in markers if t.name == "metric")
-    assert metric.y[0] > max(features.y) and list(metric.text) == ["Yes − No"]
-    named = [t for t in features.text if t]
-    assert 1 <= len(named) <= 8 and feats.sort_values("isa", key=abs).iloc[-1]["name"] in named

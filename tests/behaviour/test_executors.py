@@ -263,7 +263,8 @@ def test_sharded_steering_attribution_equals_one_call(tiny, tcs):
 
 
 def test_merge_attributions_refuses_overlapping_or_unlike_parts(tiny, tcs):
-    from mechintro.attribution.passes import merge_attributions, steering_attribution
+    from mechintro.attribution.passes import steering_attribution
+    from mechintro.attribution.result import merge_attributions
 
     kw = {"strengths": [0.0, 2.0], "layer": 1, "progress": False}
     a = steering_attribution(tiny, tcs, ["Bread"], **kw)
