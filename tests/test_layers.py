@@ -147,7 +147,6 @@ def test_every_module_is_in_a_layer():
     assert loose == []
 
 
-@pytest.mark.xfail(strict=True, reason="the three circles of issue 17, until the split lands")
 def test_the_package_has_no_import_circles():
     assert circles(import_graph()) == []
 
