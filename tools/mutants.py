@@ -325,10 +325,10 @@ MUTANTS = (
     Mutant(
         "ablation-removes-half",
         "directional ablation removes the whole projection on the direction",
-        "mechintro/studies/bias.py",
+        "mechintro/mechanism/directions.py",
         "removed = (x @ r)[..., None] * r * self.weights[i]",
         "removed = 0.5 * (x @ r)[..., None] * r * self.weights[i]",
-        ("tests/studies/test_elicitation.py",),
+        ("tests/mechanism/test_directions.py",),
     ),
     Mutant(
         "grid-encodes-scaled-input",

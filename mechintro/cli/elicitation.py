@@ -18,6 +18,7 @@ import torch
 from mechintro.behaviour.metrics import detection_metrics
 from mechintro.cli import setup as runs
 from mechintro.core.concepts import training_concepts
+from mechintro.core.fingerprint import weights_fingerprint
 from mechintro.core.models import with_spec
 from mechintro.plots.behaviour import save_figure
 from mechintro.plots.elicitation import (
@@ -89,7 +90,7 @@ class Run:
             self.spec = with_spec(self.model, strength=self.spec.resolve_strength(args.strength))
         self.layer, self.strength = self.spec.injection_layer, self.spec.strength
         self.n_layers = self.spec.n_layers
-        self.digest = el.model_digest(self.model)[:12]
+        self.digest = weights_fingerprint(self.model)[:12]
         self.folder = Path(args.artifacts)
         self.training = training_concepts()
         self.lines: list[str] = []
