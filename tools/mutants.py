@@ -317,7 +317,7 @@ MUTANTS = (
     Mutant(
         "swap-keeps-own-projection",
         "a projection swap puts the partner's projection on the direction (planted linear rule flips)",
-        "mechintro/studies/geometry/__init__.py",
+        "mechintro/studies/geometry/swaps.py",
         "swapped = residual + p[w, None] * u[None, :] if kind",
         "swapped = residual + p[:, None] * u[None, :] if kind",
         ("tests/studies/test_geometry.py",),
