@@ -187,6 +187,14 @@ MUTANTS = (
         ("tests/behaviour/test_metrics.py", "tests/behaviour/test_trials.py"),
     ),
     Mutant(
+        "concept-rate-error-counted-as-no",
+        "per-concept rates leave judge errors out of every denominator (counted in n_errors), never as No",
+        "mechintro/behaviour/metrics.py",
+        "    valid = rows[~errors]",
+        '    valid = rows.fillna({"detected": False, "forced_identified": False})',
+        ("tests/behaviour/test_metrics.py",),
+    ),
+    Mutant(
         "capture-always-detaches",
         "capture(detach=False) keeps autograd and forward-mode tangents",
         "mechintro/core/hooks.py",

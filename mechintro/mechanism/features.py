@@ -31,7 +31,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechintro.behaviour.judges.base import error_mask
+from mechintro.behaviour.metrics import concept_rates
 from mechintro.core import kvcache
 from mechintro.core.concepts import check_concepts, concept_vectors
 from mechintro.core.hooks import Positions, capture, check_layer, check_positions
@@ -516,44 +516,6 @@ def inverted_v(
         score = np.where(m0 > 0, (m0 - ends) / m0, np.nan)
     peak = (m0 > 0) & (m0[None, :] >= mean - 1e-12 * np.abs(mean).max(initial=1.0)).all(axis=0)
     return score, peak
-
-
-def concept_rates(behaviour: Any, *, strength: float | None = None, layer: int | None = None) -> pd.DataFrame:
-    """Per-concept detection and forced-identification rates from the behavioural store.
-
-    Args:
-        behaviour: a :class:`~mechintro.behaviour.store.TrialStore`, a trial DataFrame (columns concept,
-        condition,
-            detected, forced_identified, optionally judge_error, strength, layer), or a per-concept table
-            that already has ``detection_rate`` and ``forced_id_rate``.
-        strength / layer: keep only trials run at this strength / injection layer.
-
-    Returns columns concept, detection_rate (P(detected | injection)), forced_id_rate
-    (P(forced_identified | forced)), n_injection, n_forced. Judge errors are left out of the denominators.
-    """
-    df = behaviour.load() if hasattr(behaviour, "load") else behaviour
-    if not isinstance(df, pd.DataFrame):
-        raise TypeError(f"behaviour must be a TrialStore or a DataFrame, got {type(behaviour).__name__}")
-    if {"detection_rate", "forced_id_rate"} <= set(df.columns):
-        return df
-    need = {"concept", "condition", "detected", "forced_identified"}
-    if missing := sorted(need - set(df.columns)):
-        raise ValueError(f"the trial table lacks {missing}; it has {sorted(df.columns)}")
-    if "judge_error" in df.columns:
-        df = df[~error_mask(df["judge_error"])]
-    for column, value in (("strength", strength), ("layer", layer)):
-        if value is not None and column in df.columns:
-            df = df[np.isclose(df[column].astype(float), float(value))]
-    inj = df[df["condition"] == "injection"].dropna(subset=["detected"])
-    forced = df[df["condition"] == "forced"].dropna(subset=["forced_identified"])
-    det = inj.groupby("concept")["detected"].agg(
-        detection_rate=lambda x: x.astype(float).mean(), n_injection="size"
-    )
-    fid = forced.groupby("concept")["forced_identified"].agg(
-        forced_id_rate=lambda x: x.astype(float).mean(), n_forced="size"
-    )
-    out = det.join(fid, how="outer").reset_index()
-    return out[["concept", "detection_rate", "forced_id_rate", "n_injection", "n_forced"]]
 
 
 Correlation: TypeAlias = Literal["spearman", "pearson"]

@@ -23,9 +23,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechintro.behaviour.judges import judge_kind
+from mechintro.behaviour.metrics import concept_rates
 from mechintro.behaviour.store import TrialStore
 from mechintro.core.models import Model, spec_for
-from mechintro.mechanism.features import concept_rates
 
 __all__ = [
     "PAPER_TEXT",
@@ -42,6 +42,11 @@ __all__ = [
     "steer_trials",
     "unit_vector",
 ]
+
+concept_outcomes = concept_rates
+"""Per-concept rates from trials: :func:`mechintro.behaviour.metrics.concept_rates` (the one per-concept rate
+function; judge errors left out of every denominator and counted in ``n_errors``), under the name the geometry
+experiments have always used."""
 
 RATE_COLUMNS = ("detection_rate", "introspection_rate")
 """Per-concept rates a partition can be drawn on: P(detected) and P(detected and identified), injected."""
@@ -114,35 +119,6 @@ def rates_for(rates: Any, concepts: Sequence[str], column: str) -> np.ndarray:
     if not np.isfinite(out).all() or (out < 0).any() or (out > 1).any():
         raise ValueError(f"{column} must be finite rates in [0, 1]")
     return out
-
-
-def concept_outcomes(
-    behaviour: Any, *, strength: float | None = None, layer: int | None = None
-) -> pd.DataFrame:
-    """Per-concept rates from trials: :func:`mechintro.mechanism.features.concept_rates` plus
-    ``introspection_rate``.
-
-    ``introspection_rate`` = P(detected and identified | injection), judge errors left out. ``behaviour``: a
-    :class:`~mechintro.behaviour.store.TrialStore`, a trial DataFrame, or a per-concept table (returned as
-    is, with
-    ``introspection_rate`` NaN when missing).
-    """
-    rates = concept_rates(behaviour, strength=strength, layer=layer)
-    df = behaviour.load() if hasattr(behaviour, "load") else behaviour
-    if "condition" not in df.columns:
-        return rates if "introspection_rate" in rates else rates.assign(introspection_rate=np.nan)
-    if "judge_error" in df.columns:
-        df = df[df["judge_error"].isna() | (df["judge_error"].astype("string").str.strip() == "")]
-    for column, value in (("strength", strength), ("layer", layer)):
-        if value is not None and column in df.columns:
-            df = df[np.isclose(df[column].astype(float), float(value))]
-    inj = df[df["condition"] == "injection"].dropna(subset=["detected"])
-    both = inj["detected"].astype(bool) & inj["identified"].fillna(False).astype(bool)
-    intro = both.groupby(inj["concept"]).mean().rename("introspection_rate").astype(float)
-    out = rates.merge(intro.reset_index(), on="concept", how="left")
-    return out[
-        ["concept", "detection_rate", "introspection_rate", "forced_id_rate", "n_injection", "n_forced"]
-    ]
 
 
 # ----------------------------------------------------------------------------------------------- steering
