@@ -45,7 +45,7 @@ from mechintro.mechanism.directions import (
     gate_direction,
     random_direction,
 )
-from mechintro.mechanism.features import feature_grid, find_evidence_carriers, find_gates
+from mechintro.mechanism.features import FeatureGridConfig, feature_grid, find_evidence_carriers, find_gates
 from mechintro.mechanism.interventions import intervene, read_features
 from mechintro.mechanism.patching import PatchingConfig, component_patching
 from mechintro.studies.bias import BiasVector, bias_vector, load_bias_vector, train_bias_vector
@@ -53,6 +53,7 @@ from mechintro.studies.bias import BiasVector, bias_vector, load_bias_vector, tr
 __all__ = [
     "AttributionGraph",
     "BiasVector",
+    "FeatureGridConfig",
     "HookNames",
     "LLMJudge",
     "LogitJudge",
