@@ -32,7 +32,6 @@ from mechintro.core.models import with_spec
 from mechintro.core.readout import yes_no_direction
 from mechintro.mechanism.directions import ABLATION_SITES, ablate_directions, gate_direction, random_direction
 from mechintro.mechanism.features import feature_grid, find_gates
-from mechintro.plots.behaviour import save_figure
 from mechintro.plots.elicitation import direction_ablation_figure
 
 
@@ -154,11 +153,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "direction_ablation_numbers.txt").write_text("\n".join(lines) + "\n")
-    metrics.to_csv(out / "direction_ablation.csv", index=False)
-    for path in save_figure(
-        direction_ablation_figure(metrics), "direction_ablation", out, formats=args.formats
-    ):
-        print(path)
+    fig = direction_ablation_figure(metrics)
+    runs.save(fig, "direction_ablation", out, [("direction_ablation", metrics)], formats=args.formats)
 
 
 if __name__ == "__main__":
