@@ -339,6 +339,22 @@ MUTANTS = (
         ("tests/mechanism/test_directions.py",),
     ),
     Mutant(
+        "grid-flags-not-read",
+        "every feature-grid flag of the mechanism scripts reaches the FeatureGridConfig they build",
+        "mechintro/cli/setup.py",
+        "        prefix=GRID_PREFIX,\n        injection_layer=s.layer,",
+        "        injection_layer=s.layer,",
+        ("tests/cli/test_mechanism_options.py",),
+    ),
+    Mutant(
+        "grid-strengths-unsorted",
+        "a FeatureGridConfig holds its strengths sorted ascending, as the grid's strength axis",
+        "mechintro/mechanism/features.py",
+        'object.__setattr__(self, "strengths", tuple(sorted(values)))',
+        'object.__setattr__(self, "strengths", tuple(values))',
+        ("tests/mechanism/test_features.py",),
+    ),
+    Mutant(
         "grid-encodes-scaled-input",
         "the feature grid equals one forward per (concept, strength) encoded by the transcoder",
         "mechintro/mechanism/features.py",

@@ -388,8 +388,8 @@ def _prompt_position(positions: Positions, seq: int) -> int:
     position = check_positions(positions)
     if position == "last":
         return seq - 1
-    if isinstance(position, int) and not isinstance(position, bool) and -seq <= position < seq:
-        return position % seq
+    if validate.is_integer(position) and -seq <= position < seq:
+        return int(position) % seq
     raise ValueError(
         f"a feature grid reads one position: 'last' or an index in [-{seq}, {seq}), got {positions!r}"
     )
@@ -724,8 +724,7 @@ def find_gates(
     score), with the columns of :func:`dla_scores` and of :func:`feature_stats` (dose-strength Spearman,
     inverted-V, behaviour correlations).
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k (the number of gate candidates) must be an int >= 1, got {k!r}")
+    k = validate.count("k (the number of gate candidates)", k)
     if layers is None:
         layers = [la for la in grid.layers if la > grid.injection_layer]
     scores = dla_scores(model, transcoders, grid, layers=layers)

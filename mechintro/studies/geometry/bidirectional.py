@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from mechintro.behaviour.metrics import wilson_interval
+from mechintro.core import validate
 from mechintro.studies.geometry.common import Detect, as_matrix, concept_list, detect_rates
 from mechintro.studies.geometry.partitioning import Partition
 
@@ -39,8 +40,7 @@ def bidirectional_pairs(
     Returns group ("S-S" / "F-F"), a, b, cosine, projection_a, projection_b, category.
     """
     x = as_matrix(vectors, rows=len(part.concepts))
-    if not (tolerance > 0 and math.isfinite(tolerance)):
-        raise ValueError(f"tolerance must be a positive number of standard deviations, got {tolerance}")
+    tolerance = validate.positive_number("tolerance", tolerance, unit="of standard deviations")
     p = x @ part.direction
     unit = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-30)
     cos = unit @ unit.T

@@ -16,6 +16,7 @@ from jaxtyping import Float
 from sklearn.decomposition import PCA
 from torch import Tensor
 
+from mechintro.core import validate
 from mechintro.core.models import Model
 from mechintro.core.readout import unembedding
 from mechintro.studies.geometry.common import Detect, as_matrix, concept_list, detect_rates, unit_vector
@@ -60,9 +61,7 @@ def concept_pca(
     """
     x = as_matrix(vectors)
     concepts = concept_list(concepts, x.shape[0])
-    k = min(int(n_components), x.shape[0], x.shape[1])
-    if k < 1:
-        raise ValueError(f"n_components must be >= 1, got {n_components}")
+    k = min(validate.count("n_components", n_components), x.shape[0], x.shape[1])
     unit = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-30)
     pca = PCA(n_components=k).fit(unit)
     scores = pd.DataFrame(pca.transform(unit), columns=[f"pc{i + 1}" for i in range(k)])
@@ -206,8 +205,8 @@ def delta_pcs(vectors: Any, part: Partition, *, k: int = 3) -> tuple[np.ndarray,
     s = x[part.success]
     u = part.direction
     s = s - (s @ u)[:, None] * u[None, :]
-    k = int(k)
-    if not 1 <= k <= min(s.shape):
+    k = validate.count("k", k)
+    if not k <= min(s.shape):
         raise ValueError(f"k must be in 1..{min(s.shape)} (success concepts, d_model), got {k}")
     pca = PCA(n_components=k).fit(s)
     axes = pca.components_ * np.where(pca.components_ @ s.mean(axis=0) < 0, -1.0, 1.0)[:, None]
@@ -230,8 +229,7 @@ def direction_sweep(
     direction: with ``scale`` = the mean concept norm, ``m = 1`` is an injection as strong as an average
     concept's. Returns direction, multiple, norm (scale * multiple), rate.
     """
-    if not (scale > 0 and math.isfinite(scale)):
-        raise ValueError(f"scale must be a positive number, got {scale}")
+    scale = validate.positive_number("scale", scale)
     multiples = [float(m) for m in multiples]
     if not multiples or not all(math.isfinite(m) for m in multiples):
         raise ValueError(f"multiples must be finite numbers, got {multiples}")

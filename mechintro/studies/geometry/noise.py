@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mechintro.core import validate
 from mechintro.studies.geometry.common import Detect, as_matrix, concept_list, detect_rates, rerun_label
 
 __all__ = [
@@ -32,8 +33,7 @@ def noise_vectors(vectors: Any, *, kind: str = "isotropic", repeats: int = 1, se
     x = as_matrix(vectors)
     if kind not in NOISE_KINDS:
         raise ValueError(f"unknown noise kind {kind!r}; valid: {list(NOISE_KINDS)}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    repeats = validate.count("repeats", repeats)
     n, d = x.shape
     rng = np.random.default_rng(seed)
     if kind == "isotropic":
