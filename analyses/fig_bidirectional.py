@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mechintro.cli import geometry as g
+from mechintro.cli import setup as runs
 from mechintro.core.prompts import category_of
 from mechintro.plots.geometry import bidirectional_figure
 from mechintro.studies import geometry as geo
@@ -21,7 +22,7 @@ from mechintro.studies import geometry as geo
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = g.parser(__doc__).parse_args(argv)
-    s = g.load(args)
+    s = runs.load_setup(args, transcoders=False)
     part = g.partition(s, g.rates(s))
     if part is None:
         return
@@ -50,7 +51,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{paper['bidirectional_failure']:.1%} of F-F pairs detected both ways"
     )
     fig = bidirectional_figure(result, summary, detected_at=part.threshold)
-    g.save(fig, "geometry_bidirectional", args, [("geometry_bidirectional", result)])
+    runs.save(
+        fig, "geometry_bidirectional", args.out, [("geometry_bidirectional", result)], formats=args.formats
+    )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch
 from scipy import stats
 
 from mechintro.cli import geometry as g
+from mechintro.cli import setup as runs
 from mechintro.plots.geometry import concept_pca_figure, direction_sweep_figure, verbalizability_figure
 from mechintro.studies import geometry as geo
 
@@ -39,7 +40,7 @@ def load_direction(text: str) -> tuple[str, np.ndarray]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = g.parser(__doc__).parse_args(argv)
-    s = g.load(args)
+    s = runs.load_setup(args, transcoders=False)
     table = g.rates(s)
     part = g.partition(s, table)
     if part is None:
@@ -58,11 +59,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{geo.PAPER_TEXT['pc1_share']:.1%}); |cos(PC1, Δμ)| = {first['alignment_delta_mu']:.2f}"
     )
     print(pca.summary.round(3).to_string(index=False))
-    g.save(
+    runs.save(
         concept_pca_figure(pca.scores, pca.summary, table, rate=args.rate),
         "geometry_pca",
-        args,
+        args.out,
         [("geometry_pca", pca.scores.merge(frame, on="concept")), ("geometry_pca_summary", pca.summary)],
+        formats=args.formats,
     )
 
     # b. verbalizability and the logit lens
@@ -79,11 +81,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"verbalizability vs projection on Δμ: Spearman {rho.statistic:.2f} (p {rho.pvalue:.2g}); "
         f"vs {args.rate}: {rho_rate.statistic:.2f} (p {rho_rate.pvalue:.2g})"
     )
-    g.save(
+    runs.save(
         verbalizability_figure(verbal, lens, direction="delta_mu"),
         "geometry_verbalizability",
-        args,
+        args.out,
         [("geometry_verbalizability", verbal), ("geometry_logit_lens", lens)],
+        formats=args.formats,
     )
 
     # c. δPCs
@@ -100,7 +103,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     print(sweep.pivot(index="multiple", columns="direction", values="rate").round(2).to_string())
     fig = direction_sweep_figure(sweep, reference=float(table[args.rate].mean()))
-    g.save(fig, "geometry_delta_pcs", args, [("geometry_delta_pcs", sweep), ("geometry_delta_pc_axes", pcs)])
+    runs.save(
+        fig,
+        "geometry_delta_pcs",
+        args.out,
+        [("geometry_delta_pcs", sweep), ("geometry_delta_pc_axes", pcs)],
+        formats=args.formats,
+    )
 
 
 if __name__ == "__main__":

@@ -27,12 +27,12 @@ from mechintro.behaviour.metrics import detection_metrics, newcombe_interval
 from mechintro.behaviour.trials import sweep
 from mechintro.cli import setup as runs
 from mechintro.core.concepts import concept_vectors
+from mechintro.core.fingerprint import weights_fingerprint
 from mechintro.core.models import with_spec
 from mechintro.core.readout import yes_no_direction
+from mechintro.mechanism.directions import ABLATION_SITES, ablate_directions, gate_direction, random_direction
 from mechintro.mechanism.features import feature_grid, find_gates
-from mechintro.plots.behaviour import save_figure
 from mechintro.plots.elicitation import direction_ablation_figure
-from mechintro.studies import bias as el
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n-random", type=int, default=3, help="random control directions (default 3)")
     p.add_argument("--weight", type=float, default=1.0, help="ablation weight (default 1)")
     p.add_argument("--ablate-layers", type=runs.int_list, default=None, help="layers (default: every layer)")
-    p.add_argument("--site", default="resid_post", help=f"one of {list(el.ABLATION_SITES)}")
+    p.add_argument("--site", default="resid_post", help=f"one of {list(ABLATION_SITES)}")
     p.add_argument("--artifacts", default="runs/elicitation", help="per-condition trial stores")
     p.add_argument("--out", default="figures", help="output folder")
     p.add_argument("--formats", type=runs.name_list, default=["html", "png"], help="figure formats")
@@ -76,17 +76,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     gates = find_gates(model, tcs, grid, k=max(args.k, 10))
     if len(gates) < args.k:
         raise SystemExit(f"only {len(gates)} gate candidates; lower --k")
-    direction = el.gate_direction(tcs, gates, k=args.k)
+    direction = gate_direction(tcs, gates, k=args.k)
     yes_no = yes_no_direction(model, spec).float().cpu()
     cos = float(direction @ yes_no / yes_no.norm())
     directions = {"gates' say-No direction": direction}
     for i in range(args.n_random):
-        directions[f"random {i + 1}"] = el.random_direction(
-            spec.d_model, seed=i, norm=float(direction.norm())
-        )
+        directions[f"random {i + 1}"] = random_direction(spec.d_model, seed=i, norm=float(direction.norm()))
     strengths = sorted({round(strength * m, 6) for m in args.multiples} | {strength})
     vectors = {layer: concept_vectors(model, concepts, layer=layer)}  # computed without any ablation
-    digest = el.model_digest(model)[:12]
+    digest = weights_fingerprint(model)[:12]
     folder = Path(args.artifacts)
     folder.mkdir(parents=True, exist_ok=True)
     kw = dict(
@@ -113,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ident = f"{name}|{args.weight!r}|{args.site}|{args.ablate_layers}".encode()
         ident += r.double().numpy().tobytes()
         tag = f"{digest}-{hashlib.sha256(ident).hexdigest()[:12]}"
-        with el.ablate_directions(model, r, layers=args.ablate_layers, weight=args.weight, site=args.site):
+        with ablate_directions(model, r, layers=args.ablate_layers, weight=args.weight, site=args.site):
             df = sweep(
                 model,
                 concepts,
@@ -155,11 +153,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "direction_ablation_numbers.txt").write_text("\n".join(lines) + "\n")
-    metrics.to_csv(out / "direction_ablation.csv", index=False)
-    for path in save_figure(
-        direction_ablation_figure(metrics), "direction_ablation", out, formats=args.formats
-    ):
-        print(path)
+    fig = direction_ablation_figure(metrics)
+    runs.save(fig, "direction_ablation", out, [("direction_ablation", metrics)], formats=args.formats)
 
 
 if __name__ == "__main__":

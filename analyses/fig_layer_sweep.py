@@ -39,8 +39,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     metrics = detection_metrics(df, by=("layer", "strength"))
     fig = plots.layer_sweep_figure(metrics, model_name=args.model)
-    for path in plots.save_figure(fig, "layer_sweep", args.out):
-        print(path)
+    runs.save(fig, "layer_sweep", args.out)
 
 
 if __name__ == "__main__":

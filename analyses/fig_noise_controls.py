@@ -14,13 +14,14 @@ from collections.abc import Sequence
 from scipy import stats
 
 from mechintro.cli import geometry as g
+from mechintro.cli import setup as runs
 from mechintro.plots.geometry import noise_figure
 from mechintro.studies import geometry as geo
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = g.parser(__doc__).parse_args(argv)
-    s = g.load(args)
+    s = runs.load_setup(args, transcoders=False)
     g.rates(s)
     noise = geo.noise_experiment(
         s.vectors,
@@ -36,7 +37,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{source:>10} x{multiple:g}: mean rate {rows['rate'].mean():.3f}, >= 0.5: "
             f"{(rows['rate'] >= 0.5).mean():.2f}, Spearman(norm, rate) {rho:.2f}"
         )
-    g.save(noise_figure(noise), "geometry_noise", args, [("geometry_noise", noise)])
+    runs.save(
+        noise_figure(noise), "geometry_noise", args.out, [("geometry_noise", noise)], formats=args.formats
+    )
 
 
 if __name__ == "__main__":

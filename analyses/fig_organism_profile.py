@@ -13,8 +13,9 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from mechintro.cli import setup as runs
 from mechintro.core import resources
-from mechintro.plots.behaviour import layer_sweep_figure, save_figure
+from mechintro.plots.behaviour import layer_sweep_figure
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -28,8 +29,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         model_name="organism (held-out concepts)",
         title="The organism: detection and identification vs injection layer",
     )
-    for path in save_figure(fig, "organism_layer_profile", args.out):
-        print(path)
+    runs.save(fig, "organism_layer_profile", args.out)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ import numpy as np
 from scipy import stats
 
 from mechintro.cli import geometry as g
+from mechintro.cli import setup as runs
 from mechintro.plots.geometry import ridge_figure
 from mechintro.studies import geometry as geo
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = g.parser(__doc__).parse_args(argv)
-    s = g.load(args, transcoders=True)
+    s = runs.load_setup(args)
     part = g.partition(s, g.rates(s))
     if part is None:
         return
@@ -43,7 +44,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     rho = stats.spearmanr(norm, part.rates)
     print(f"Spearman(vector norm, {part.rate}) = {rho.statistic:.2f} (p {rho.pvalue:.2g})")
     print(ridge.round(3).to_string(index=False))
-    g.save(ridge_figure(ridge), "geometry_ridge", args, [("geometry_ridge", ridge)])
+    runs.save(
+        ridge_figure(ridge), "geometry_ridge", args.out, [("geometry_ridge", ridge)], formats=args.formats
+    )
 
 
 if __name__ == "__main__":

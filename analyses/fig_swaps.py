@@ -13,13 +13,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mechintro.cli import geometry as g
+from mechintro.cli import setup as runs
 from mechintro.plots.geometry import swaps_figure
 from mechintro.studies import geometry as geo
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = g.parser(__doc__).parse_args(argv)
-    s = g.load(args)
+    s = runs.load_setup(args, transcoders=False)
     part = g.partition(s, g.rates(s))
     if part is None:
         return
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ("geometry_partition", part.summary()),
         ("geometry_partition_sweep", part.sweep),
     ]
-    g.save(swaps_figure(swaps, tests), "geometry_swaps", args, tables)
+    runs.save(swaps_figure(swaps, tests), "geometry_swaps", args.out, tables, formats=args.formats)
 
 
 if __name__ == "__main__":

@@ -53,8 +53,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{args.axis.capitalize()} variants: detection ({args.model}, layer {layer}, strength {strength:g})"
     )
     fig = plots.rate_bars_figure(detection_metrics(df, by=(args.axis,)), axis=args.axis, title=title)
-    for path in plots.save_figure(fig, f"{args.axis}s", args.out):
-        print(path)
+    runs.save(fig, f"{args.axis}s", args.out)
 
 
 if __name__ == "__main__":

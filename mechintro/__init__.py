@@ -33,26 +33,23 @@ from mechintro.core.prompts import PERSONAS, VARIANTS, TrialPrompt, forced_prefi
 from mechintro.core.sampling import sample
 from mechintro.core.steering import inject
 from mechintro.core.transcoders import encode_at, load_transcoders, replace_mlps
-from mechintro.mechanism.features import feature_grid, find_evidence_carriers, find_gates
-from mechintro.mechanism.interventions import intervene, read_features
-from mechintro.mechanism.patching import PatchingConfig, component_patching
-from mechintro.mechanism.sharded import sharded_feature_grid
-from mechintro.studies.bias import (
-    BiasVector,
+from mechintro.mechanism.directions import (
     ablate_directions,
-    bias_vector,
     difference_of_means,
     gate_direction,
-    load_bias_vector,
     random_direction,
-    train_bias_vector,
 )
+from mechintro.mechanism.features import FeatureGridConfig, feature_grid, find_evidence_carriers, find_gates
+from mechintro.mechanism.interventions import intervene, read_features
+from mechintro.mechanism.patching import PatchingConfig, component_patching
+from mechintro.studies.bias import BiasVector, bias_vector, load_bias_vector, train_bias_vector
 
 __all__ = [
     "AttributionConfig",
     "AttributionGraph",
     "BiasVector",
     "GraphConfig",
+    "FeatureGridConfig",
     "HookNames",
     "LLMJudge",
     "LogitJudge",

@@ -151,7 +151,6 @@ def test_the_package_has_no_import_circles():
     assert circles(import_graph()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="the upward imports of issue 17, until the split lands")
 def test_no_layer_imports_an_upper_one():
     assert upward_imports(import_graph()) == []
 

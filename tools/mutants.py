@@ -219,6 +219,14 @@ MUTANTS = (
         ("tests/behaviour/test_metrics.py", "tests/behaviour/test_trials.py"),
     ),
     Mutant(
+        "concept-rate-error-counted-as-no",
+        "per-concept rates leave judge errors out of every denominator (counted in n_errors), never as No",
+        "mechintro/behaviour/metrics.py",
+        "    valid = rows[~errors]",
+        '    valid = rows.fillna({"detected": False, "forced_identified": False})',
+        ("tests/behaviour/test_metrics.py",),
+    ),
+    Mutant(
         "capture-always-detaches",
         "capture(detach=False) keeps autograd and forward-mode tangents",
         "mechintro/core/hooks.py",
@@ -365,7 +373,7 @@ MUTANTS = (
     Mutant(
         "swap-keeps-own-projection",
         "a projection swap puts the partner's projection on the direction (planted linear rule flips)",
-        "mechintro/studies/geometry/__init__.py",
+        "mechintro/studies/geometry/swaps.py",
         "swapped = residual + p[w, None] * u[None, :] if kind",
         "swapped = residual + p[:, None] * u[None, :] if kind",
         ("tests/studies/test_geometry.py",),
@@ -373,10 +381,26 @@ MUTANTS = (
     Mutant(
         "ablation-removes-half",
         "directional ablation removes the whole projection on the direction",
-        "mechintro/studies/bias.py",
+        "mechintro/mechanism/directions.py",
         "removed = (x @ r)[..., None] * r * self.weights[i]",
         "removed = 0.5 * (x @ r)[..., None] * r * self.weights[i]",
-        ("tests/studies/test_elicitation.py",),
+        ("tests/mechanism/test_directions.py",),
+    ),
+    Mutant(
+        "grid-flags-not-read",
+        "every feature-grid flag of the mechanism scripts reaches the FeatureGridConfig they build",
+        "mechintro/cli/setup.py",
+        "        prefix=GRID_PREFIX,\n        injection_layer=s.layer,",
+        "        injection_layer=s.layer,",
+        ("tests/cli/test_mechanism_options.py",),
+    ),
+    Mutant(
+        "grid-strengths-unsorted",
+        "a FeatureGridConfig holds its strengths sorted ascending, as the grid's strength axis",
+        "mechintro/mechanism/features.py",
+        'object.__setattr__(self, "strengths", tuple(sorted(values)))',
+        'object.__setattr__(self, "strengths", tuple(values))',
+        ("tests/mechanism/test_features.py",),
     ),
     Mutant(
         "grid-encodes-scaled-input",

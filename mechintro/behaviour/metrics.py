@@ -21,14 +21,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import pandas as pd
 from scipy.stats import binomtest
 
 from mechintro.behaviour.judges.base import error_mask
 from mechintro.core.settings import CONDITIONS
 
-__all__ = ["CONDITIONS", "detection_metrics", "newcombe_interval", "wilson_interval"]
+__all__ = [
+    "CONCEPT_RATE_COLUMNS",
+    "CONDITIONS",
+    "concept_rates",
+    "detection_metrics",
+    "newcombe_interval",
+    "wilson_interval",
+]
 
 
 Z95 = 1.959963984540054
@@ -177,3 +186,94 @@ def _groups(df: pd.DataFrame, by: list[str]) -> dict[tuple, pd.DataFrame]:
     if not by:
         return {(): df} if len(df) else {}
     return {_key(k): g for k, g in df.groupby(by, dropna=False, sort=True)}
+
+
+# ----------------------------------------------------------------------------------------------- per concept
+
+CONCEPT_RATE_COLUMNS = (
+    "concept",
+    "detection_rate",
+    "introspection_rate",
+    "forced_id_rate",
+    "n_injection",
+    "n_forced",
+    "n_errors",
+)
+"""The columns of :func:`concept_rates`."""
+
+
+def concept_rates(trials: Any, *, strength: float | None = None, layer: int | None = None) -> pd.DataFrame:
+    """Per-concept rates from trials, one row per concept, with the judge-error rule of
+    :func:`detection_metrics`: a row whose ``judge_error`` is set is left out of every denominator and counted
+    in ``n_errors``.
+
+    Args:
+        trials: a :class:`~mechintro.behaviour.store.TrialStore` (anything with ``load()``), a trial DataFrame
+            (columns concept, condition, detected, forced_identified; optionally identified, judge_error,
+            strength, layer), or a per-concept table that already has ``detection_rate`` and
+            ``forced_id_rate`` (returned as is, with ``introspection_rate`` NaN when it lacks one).
+        strength / layer: keep only trials run at this strength / injection layer (when the column exists).
+
+    Returns :data:`CONCEPT_RATE_COLUMNS`, sorted by concept: ``detection_rate`` = P(detected | injection);
+    ``introspection_rate`` = P(detected and identified | injection), a missing ``identified`` verdict counting
+    as not identified (NaN without an ``identified`` column); ``forced_id_rate`` = P(forced_identified |
+    forced); ``n_injection`` and ``n_forced``, the rows in those denominators; ``n_errors``, the judge errors
+    among the concept's injection and forced rows. Rows whose needed verdict is missing without an error are
+    left out too. A concept has a row when some injection or forced row of it entered a denominator or
+    failed its judge; an empty denominator gives NaN.
+    """
+    df = trials.load() if hasattr(trials, "load") else trials
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"trials must be a TrialStore or a DataFrame, got {type(trials).__name__}")
+    if {"detection_rate", "forced_id_rate"} <= set(df.columns):
+        return df if "introspection_rate" in df.columns else df.assign(introspection_rate=math.nan)
+    rows, errors = _concept_trial_rows(df, strength=strength, layer=layer)
+    valid = rows[~errors]
+    inj = valid[valid["condition"] == "injection"].dropna(subset=["detected"])
+    forced = valid[valid["condition"] == "forced"].dropna(subset=["forced_identified"])
+    n_errors = errors.groupby(rows["concept"]).sum()
+    table = (
+        _mean_by_concept(inj, inj["detected"], "detection_rate", "n_injection")
+        .join(_mean_by_concept(inj, _introspected(inj), "introspection_rate"), how="outer")
+        .join(
+            _mean_by_concept(forced, forced["forced_identified"], "forced_id_rate", "n_forced"), how="outer"
+        )
+    )
+    concepts = table.index.union(n_errors.index[n_errors > 0])
+    table = table.reindex(concepts).rename_axis("concept").assign(n_errors=n_errors.reindex(concepts))
+    counts = ["n_injection", "n_forced", "n_errors"]
+    table[counts] = table[counts].fillna(0).astype(int)
+    return table.reset_index()[list(CONCEPT_RATE_COLUMNS)]
+
+
+def _concept_trial_rows(
+    df: pd.DataFrame, *, strength: float | None, layer: int | None
+) -> tuple[pd.DataFrame, pd.Series]:
+    """The injection and forced rows (at ``strength`` / ``layer`` when given) and their judge-error mask."""
+    need = {"concept", "condition", "detected", "forced_identified"}
+    if missing := sorted(need - set(df.columns)):
+        raise ValueError(f"the trial table lacks {missing}; it has {sorted(map(str, df.columns))}")
+    for column, value in (("strength", strength), ("layer", layer)):
+        if value is not None and column in df.columns:
+            df = df[np.isclose(df[column].astype(float), float(value))]
+    rows = df[df["condition"].isin(("injection", "forced"))]
+    if "judge_error" not in rows.columns:
+        return rows, pd.Series(False, index=rows.index)
+    return rows, error_mask(rows["judge_error"])
+
+
+def _introspected(inj: pd.DataFrame) -> pd.Series:
+    """Detected and identified, per injection row (a missing ``identified`` is not identified); NaN without
+    an ``identified`` column."""
+    if "identified" not in inj.columns:
+        return pd.Series(math.nan, index=inj.index, dtype=float)
+    return inj["detected"].astype(bool) & inj["identified"].fillna(False).astype(bool)
+
+
+def _mean_by_concept(
+    rows: pd.DataFrame, values: pd.Series, name: str, count: str | None = None
+) -> pd.DataFrame:
+    """Per concept of ``rows``: the mean of ``values`` (as floats) as ``name``, and the rows as ``count``."""
+    grouped = values.astype(float).groupby(rows["concept"])
+    out = grouped.mean().rename(name).to_frame()
+    return out.assign(**{count: grouped.size()}) if count else out

@@ -38,7 +38,6 @@ from mechintro.core.steering import inject
 from mechintro.mechanism.curves import success_failure
 from mechintro.mechanism.features import find_evidence_carriers
 from mechintro.mechanism.interventions import intervene
-from mechintro.plots.behaviour import save_figure
 from mechintro.plots.graph import graph_figure
 
 RUN_OPTION_FIELDS = ("layer", "batch_size", "progress")
@@ -221,8 +220,7 @@ def main(argv: Sequence[str] | None = None, *, doc: str | None = __doc__) -> dic
         slug = concept.replace(" ", "_")
         graph.to_json(out / f"attribution_graph_{slug}.json")
         graph.to_neuronpedia(out / f"attribution_graph_{slug}_neuronpedia.json")
-        for path in save_figure(graph_figure(graph), f"attribution_graph_{slug}", out, offline=True):
-            print(path)
+        runs.save(graph_figure(graph), f"attribution_graph_{slug}", out, offline=True)
         m = att.metric[att.metric["concept"] == concept].set_index("strength")
         integral = float(sum(weights[a] * m.loc[a, "slope"] for a in grid))
         change = float(m.loc[max(grid), "value"] - m.loc[min(grid), "value"])
@@ -257,7 +255,7 @@ def main(argv: Sequence[str] | None = None, *, doc: str | None = __doc__) -> dic
                 tables["concept_carriers"] = carriers_of(concept)
             info["versus_gates_and_carriers"] = compare(graph, gates, tables)
         summary["concepts"][concept] = info
-        causal.to_csv(out / f"attribution_causal_{slug}.csv", index=False)
+        runs.save(None, "", out, [(f"attribution_causal_{slug}", causal)])
         print(
             f"\n== {concept}: L(0) = {info['metric_at_0']:+.3f}, L(s*) = {info['metric_at_top']:+.3f}; "
             f"∫ dL/dα = {integral:+.4f} vs ΔL = {change:+.4f} ({cfg.root.integration}, {len(grid)} points)"

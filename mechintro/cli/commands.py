@@ -258,10 +258,8 @@ def figures(args: argparse.Namespace) -> int:
     if df.empty:
         raise ValueError(f"the trial store {args.store} holds no trials; nothing to plot")
     df = _one_value(_one_value(df, "model", args.model), "judge", args.judge)
-    written = []
     for name, fig in _store_figures(df, plots=plots, metrics=detection_metrics):
-        written += plots.save_figure(fig, name, args.out, formats=args.formats)
-    print("\n".join(str(p) for p in written))
+        runs.save(fig, name, args.out, formats=args.formats)
     return 0
 
 

@@ -18,8 +18,8 @@ import torch
 from mechintro.behaviour.metrics import detection_metrics
 from mechintro.cli import setup as runs
 from mechintro.core.concepts import training_concepts
+from mechintro.core.fingerprint import weights_fingerprint
 from mechintro.core.models import with_spec
-from mechintro.plots.behaviour import save_figure
 from mechintro.plots.elicitation import (
     bias_injection_figure,
     bias_layer_figure,
@@ -89,7 +89,7 @@ class Run:
             self.spec = with_spec(self.model, strength=self.spec.resolve_strength(args.strength))
         self.layer, self.strength = self.spec.injection_layer, self.spec.strength
         self.n_layers = self.spec.n_layers
-        self.digest = el.model_digest(self.model)[:12]
+        self.digest = weights_fingerprint(self.model)[:12]
         self.folder = Path(args.artifacts)
         self.training = training_concepts()
         self.lines: list[str] = []
@@ -202,12 +202,10 @@ def headline(run: Run) -> tuple[pd.DataFrame, dict[str, el.BiasVector]]:
             f"{_gain(row, 'forced_id')}, introspection {_gain(row, 'introspection')}, FPR {_gain(row, 'fpr')}"
         )
     held = gains[gains["concepts"] == "held-out"]
-    for name, fig in (
-        ("bias_vector_gains", gains_figure(held, paper=el.PAPER_TEXT)),
-        ("bias_vector_gains_training", gains_figure(gains[gains["concepts"] == "training"])),
-    ):
-        _save(fig, name, a.out)
-    metrics.to_csv(Path(a.out) / "bias_vector_headline.csv", index=False)
+    tables = [("bias_vector_headline", metrics)]
+    runs.save(gains_figure(held, paper=el.PAPER_TEXT), "bias_vector_gains", a.out, tables, formats=a.formats)
+    training = gains_figure(gains[gains["concepts"] == "training"])
+    runs.save(training, "bias_vector_gains_training", a.out, formats=a.formats)
     return metrics, biases
 
 
@@ -242,7 +240,7 @@ def dose(run: Run, metrics: pd.DataFrame | None, biases: dict[str, el.BiasVector
         value = float(at_default.iloc[0])
         run.say(f"   no-bias TPR at the default {value:.3f}: saturated, nothing to elicit")
     if rows:
-        _save(dose_figure(curve, pd.DataFrame(rows)), "bias_vector_dose", a.out)
+        runs.save(dose_figure(curve, pd.DataFrame(rows)), "bias_vector_dose", a.out, formats=a.formats)
 
 
 def layer_sweep(run: Run) -> None:
@@ -286,8 +284,7 @@ def layer_sweep(run: Run) -> None:
     fig = bias_layer_figure(
         metrics, paper, model_name=run.spec.name, injection_depth=run.layer / run.n_layers
     )
-    _save(fig, "bias_vector_layers", a.out)
-    metrics.to_csv(Path(a.out) / "bias_vector_layers.csv", index=False)
+    runs.save(fig, "bias_vector_layers", a.out, [("bias_vector_layers", metrics)], formats=a.formats)
 
 
 def injection_sweep(run: Run) -> None:
@@ -325,23 +322,13 @@ def injection_sweep(run: Run) -> None:
     cell = paper[paper["injection_layer"] == 37].set_index("arm")["tpr"]
     run.say("   " + ", ".join(f"{arm} {tpr:.3f}" for arm, tpr in cell.items()))
     fig = bias_injection_figure(metrics, paper, model_name=run.spec.name)
-    _save(fig, "bias_vector_injection", a.out)
-    metrics.to_csv(Path(a.out) / "bias_vector_injection.csv", index=False)
-
-
-FORMATS: list[str] = ["html", "png"]
-
-
-def _save(fig, name: str, out: str) -> None:
-    for path in save_figure(fig, name, out, formats=FORMATS):
-        print(path)
+    runs.save(fig, "bias_vector_injection", a.out, [("bias_vector_injection", metrics)], formats=a.formats)
 
 
 def main(argv: Sequence[str] | None = None, *, doc: str | None = __doc__) -> None:
     """Run the parts the arguments ask for and print the README numbers."""
     torch.set_num_threads(1)
     args = parser(doc).parse_args(argv)
-    FORMATS[:] = args.formats
     t0 = time.time()
     run = Run(args)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -12,25 +12,21 @@ scripts share them, so the rates are run once.
 ``--model tiny`` is a random tiny Gemma 3 (with random transcoders), for smoke tests.
 
 The scripts in ``analyses/`` (fig_swaps, fig_bidirectional, fig_concept_space, fig_ridge, fig_noise_controls)
-are thin: they parse with :func:`parser` and call these.
+are thin: they parse with :func:`parser`, set up with :func:`mechintro.cli.setup.load_setup` (transcoders
+only for the ridge), call these, and save with :func:`mechintro.cli.setup.save`.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from scipy import stats
 
 from mechintro.cli import setup as runs
-from mechintro.core.concepts import concept_vectors
-from mechintro.core.models import ModelSpec, spec_for, with_spec
 from mechintro.studies import geometry as geo
 
 
@@ -38,13 +34,7 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     """The run options (:func:`mechintro.cli.setup.add_run_options`) plus the geometry options."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     runs.add_run_options(p)
-    p.add_argument("--layer", type=int, default=None, help="injection layer (default: the model's)")
-    p.add_argument(
-        "--strength",
-        type=runs.strength_arg,
-        default=None,
-        help="strength or operating point (default: the model's)",
-    )
+    runs.add_setup_options(p)
     p.add_argument(
         "--rates-trials",
         type=runs.positive_int,
@@ -131,42 +121,7 @@ def _figure_options(p: argparse.ArgumentParser) -> None:
     fn.add_argument("--repeats", type=int, default=1, help="random vectors per concept and kind (default 1)")
 
 
-@dataclass
-class Setup:
-    """Everything a geometry script needs."""
-
-    args: argparse.Namespace
-    model: Any
-    spec: ModelSpec
-    concepts: list[str]
-    vectors: torch.Tensor
-    layer: int
-    strength: float
-    transcoders: Any = None
-
-
-def load(args: argparse.Namespace, *, transcoders: bool = False) -> Setup:
-    """Model, concepts, concept vectors at the injection layer (and the transcoders when asked)."""
-    if transcoders:
-        m = runs.load_setup(args)
-        model, spec, tcs, concepts, vectors = m.model, m.spec, m.transcoders, m.concepts, m.vectors
-    else:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        runs.check_run_options(args)
-        model = runs.load_named_model(args.model, device=args.device)
-        tiny_layer = runs.TINY_INJECTION_LAYER if args.model == runs.TINY else None
-        layer = args.layer if args.layer is not None else tiny_layer
-        if layer is not None:
-            with_spec(model, injection_layer=layer)
-        spec, tcs = spec_for(model), None
-        concepts = runs.parse_concepts(args.concepts)
-        vectors = concept_vectors(model, concepts, layer=spec.injection_layer)
-    strength = spec.resolve_strength(args.strength)
-    return Setup(args, model, spec, concepts, vectors, spec.injection_layer, strength, tcs)
-
-
-def run_settings(s: Setup) -> dict[str, Any]:
+def run_settings(s: runs.Setup) -> dict[str, Any]:
     """temperature, max_new_tokens, seed, batch_size, progress from the run options."""
     a = s.args
     return {
@@ -178,7 +133,7 @@ def run_settings(s: Setup) -> dict[str, Any]:
     }
 
 
-def rates(s: Setup) -> pd.DataFrame:
+def rates(s: runs.Setup) -> pd.DataFrame:
     """Per-concept detection and detection-and-identification rates at the injection layer and strength,
     from ``--rates-trials`` trials per concept in the store (run now if missing)."""
     from mechintro.behaviour.trials import run_trials
@@ -207,7 +162,7 @@ def rates(s: Setup) -> pd.DataFrame:
     return out
 
 
-def partition(s: Setup, table: pd.DataFrame) -> geo.Partition | None:
+def partition(s: runs.Setup, table: pd.DataFrame) -> geo.Partition | None:
     """The success/failure partition, or None (with a note) when the rate does not vary enough."""
     try:
         part = geo.partition(s.vectors, s.concepts, table, rate=s.args.rate, seed=s.args.seed)
@@ -224,7 +179,7 @@ def partition(s: Setup, table: pd.DataFrame) -> geo.Partition | None:
     return part
 
 
-def detector(s: Setup, *, n_trials: int | None = None) -> geo.TrialDetector:
+def detector(s: runs.Setup, *, n_trials: int | None = None) -> geo.TrialDetector:
     """Steering by explicit vectors at the injection layer and strength, ``--n-trials`` trials each."""
     return geo.TrialDetector(
         s.model,
@@ -248,19 +203,5 @@ def steer_store(args: argparse.Namespace) -> str | None:
     return str(path.with_name(f"{path.stem}.geometry.sqlite"))
 
 
-def mean_norm(s: Setup) -> float:
+def mean_norm(s: runs.Setup) -> float:
     return float(np.linalg.norm(s.vectors.numpy(), axis=1).mean())
-
-
-def save(
-    fig: Any, name: str, args: argparse.Namespace, tables: Sequence[tuple[str, pd.DataFrame]] = ()
-) -> None:
-    """Save the figure (``--formats``) and the tables (CSV) under ``--out``; print the paths."""
-    from mechintro.plots.behaviour import save_figure
-
-    for path in save_figure(fig, name, args.out, formats=args.formats):
-        print(path)
-    for table_name, table in tables:
-        path = Path(args.out) / f"{table_name}.csv"
-        table.to_csv(path, index=False)
-        print(path)

@@ -17,7 +17,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from mechintro.cli.options import (
     positive_int,
     strength_arg,
 )
-from mechintro.core.models import Model, Transcoders
+from mechintro.core.models import Model, ModelSpec, Transcoders
 from mechintro.core.settings import TRIALS
 
 __all__ = [
@@ -52,8 +52,11 @@ __all__ = [
     "JUDGE_CHOICES",
     "RUN_FIELDS",
     "TINY",
+    "FIGURE_FORMATS",
+    "GRID_PREFIX",
     "Setup",
     "add_run_options",
+    "add_setup_options",
     "analyses_dir",
     "behaviour",
     "add_carrier_options",
@@ -66,6 +69,7 @@ __all__ = [
     "float_list",
     "format_metrics",
     "grid_and_gates",
+    "grid_config",
     "int_list",
     "load_named_model",
     "load_setup",
@@ -417,16 +421,15 @@ def run_script(name: str, argv: Sequence[str]) -> None:
 
 
 def mechanism_parser(doc: str | None) -> argparse.ArgumentParser:
-    """The run options plus ``--layer``, ``--k``, ``--out`` and ``--cache``, for the mechanism scripts."""
+    """The run options plus ``--layer``, ``--strength``, ``--k``, ``--out``, ``--cache`` and the feature
+    grid's flags (derived from :class:`~mechintro.mechanism.features.FeatureGridConfig`), for the mechanism
+    scripts."""
+    from mechintro.cli.options import add_config_arguments
+    from mechintro.mechanism.features import FeatureGridConfig
+
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_options(p)
-    p.add_argument("--layer", type=int, default=None, help="injection layer (default: the model's)")
-    p.add_argument(
-        "--strength",
-        type=strength_arg,
-        default=None,
-        help="strength or operating point (default: the model's)",
-    )
+    add_setup_options(p)
     p.add_argument("--k", type=positive_int, default=200, help="number of gate candidates (default 200)")
     p.add_argument("--out", default="figures", help="output folder")
     p.add_argument(
@@ -434,24 +437,77 @@ def mechanism_parser(doc: str | None) -> argparse.ArgumentParser:
         default="runs/cache",
         help="folder of the cached feature grid and gates (computed once, reused by every script)",
     )
+    grid = p.add_argument_group("feature grid (computed once per setting and cached)")
+    add_config_arguments(grid, FeatureGridConfig, prefix=GRID_PREFIX)
     p.set_defaults(store=DEFAULT_STORE, forced=True, threads=1)
     return p
 
 
+GRID_PREFIX = "grid_"
+"""Where the feature grid's flags write in the parsed namespace (``args.grid_strengths``...), apart from any
+script's own options."""
+
+
+def add_setup_options(p: argparse.ArgumentParser) -> None:
+    """``--layer`` and ``--strength``: the model's injection layer and default strength for the whole script
+    (:func:`load_setup` records them in the model's spec)."""
+    p.add_argument("--layer", type=int, default=None, help="injection layer (default: the model's)")
+    p.add_argument(
+        "--strength",
+        type=strength_arg,
+        default=None,
+        help="strength or operating point (default: the model's)",
+    )
+
+
+def grid_config(s: Setup) -> Any:
+    """The :class:`~mechintro.mechanism.features.FeatureGridConfig` of the grid flags, at the setup's
+    injection layer and default strength, with ``--batch-size`` rows per forward."""
+    from mechintro.cli.options import config_from_args
+    from mechintro.mechanism.features import FeatureGridConfig
+
+    return config_from_args(
+        FeatureGridConfig,
+        s.args,
+        prefix=GRID_PREFIX,
+        injection_layer=s.layer,
+        default_strength=s.strength,
+        batch_size=s.args.batch_size,
+    )
+
+
 @dataclass
 class Setup:
-    """Everything a mechanism script needs."""
+    """Everything a figure script needs: the parsed options, the model and its spec (with ``--layer`` and
+    ``--strength`` recorded), the concepts, their vectors at the injection layer, and the transcoders."""
 
     args: argparse.Namespace
+    """The parsed options."""
     model: Model
-    spec: Any
-    transcoders: Transcoders
+    """The model (``--model``)."""
+    spec: ModelSpec
+    """Its spec, with the script's injection layer and default strength."""
     concepts: list[str]
+    """The concepts (``--concepts``)."""
     vectors: torch.Tensor
+    """Their vectors at the injection layer, ``[concept, d_model]``."""
+    transcoders: Transcoders | None = None
+    """The model's transcoders (None when the script does not load them)."""
+
+    @property
+    def layer(self) -> int:
+        """The injection layer."""
+        return self.spec.injection_layer
+
+    @property
+    def strength(self) -> float:
+        """The default strength."""
+        return self.spec.strength
 
 
-def load_setup(args: argparse.Namespace, *, model_name: str | None = None) -> Setup:
-    """Model (``--model`` or ``model_name``), its transcoders, the concepts and their vectors."""
+def load_setup(args: argparse.Namespace, *, model_name: str | None = None, transcoders: bool = True) -> Setup:
+    """Model (``--model`` or ``model_name``) with ``--layer`` and ``--strength`` recorded in its spec, its
+    transcoders (unless ``transcoders=False``), the concepts and their vectors at the injection layer."""
     from mechintro.core.concepts import concept_vectors
     from mechintro.core.models import spec_for, with_spec
 
@@ -466,10 +522,10 @@ def load_setup(args: argparse.Namespace, *, model_name: str | None = None) -> Se
     changes = {k: v for k, v in (("injection_layer", layer), ("strength", strength)) if v is not None}
     if changes:
         with_spec(model, **changes)
-    transcoders = named_transcoders(model, name)
+    tcs = named_transcoders(model, name) if transcoders else None
     spec = spec_for(model)
     vectors = concept_vectors(model, concepts, layer=spec.injection_layer)
-    return Setup(args, model, spec, transcoders, concepts, vectors)
+    return Setup(args=args, model=model, spec=spec, concepts=concepts, vectors=vectors, transcoders=tcs)
 
 
 def behaviour(s: Setup) -> pd.DataFrame:
@@ -491,11 +547,13 @@ def behaviour(s: Setup) -> pd.DataFrame:
     return concept_rates(df)
 
 
-def _cache_key(s: Setup, rates: pd.DataFrame | None) -> str:
-    """What the grid and gates depend on: the model's weights, concepts, layer, strength, k, the rates."""
+def _cache_key(s: Setup, rates: pd.DataFrame | None, grid: Any) -> str:
+    """What the grid and gates depend on: the model's weights, concepts, layer, strength, k, the rates and
+    the grid's settings."""
     from mechintro.core.fingerprint import weights_fingerprint
 
     ident = {
+        "grid": {k: v for k, v in asdict(grid).items() if k != "batch_size"},
         "model": s.spec.name,
         "fingerprint": weights_fingerprint(s.model),
         "concepts": s.concepts,
@@ -514,7 +572,8 @@ def grid_and_gates(s: Setup, rates: pd.DataFrame | None) -> tuple[Any, pd.DataFr
     from mechintro.mechanism.features import feature_grid, find_gates, grid_from_frame
 
     cache = Path(s.args.cache) if getattr(s.args, "cache", None) else None
-    key = _cache_key(s, rates)
+    config = grid_config(s)
+    key = _cache_key(s, rates, config)
     grid_path = cache / f"feature_grid-{key}.parquet" if cache else None
     gates_path = cache / f"gates-{key}.parquet" if cache else None
     if grid_path is not None and grid_path.exists() and gates_path.exists():
@@ -522,7 +581,9 @@ def grid_and_gates(s: Setup, rates: pd.DataFrame | None) -> tuple[Any, pd.DataFr
         meta = json.loads((cache / f"feature_grid-{key}.json").read_text())
         print(f"feature grid and gates from the cache ({grid_path})")
         return grid_from_frame(frame, **meta), pd.read_parquet(gates_path)
-    grid = feature_grid(s.model, s.transcoders, s.concepts, vectors=s.vectors, batch_size=s.args.batch_size)
+    grid = feature_grid(
+        s.model, s.transcoders, s.concepts, vectors=s.vectors, config=config, progress=not s.args.quiet
+    )
     gates = find_gates(s.model, s.transcoders, grid, behaviour=rates, k=s.args.k)
     if gates.empty:
         raise SystemExit("no gate candidates (no feature after the injection layer promotes 'No')")
@@ -586,12 +647,28 @@ def carrier_behaviour(rates: pd.DataFrame) -> pd.DataFrame | None:
     return rates if varies else None
 
 
-def save(fig: Any, name: str, out: str, tables: Sequence[tuple[str, pd.DataFrame]] = ()) -> None:
-    """Save the figure (HTML, and PNG when a browser is available) and any tables (CSV) under ``out``."""
-    from mechintro.plots.behaviour import save_figure
+FIGURE_FORMATS = ("html", "png")
+"""The figure formats :func:`save` writes by default."""
 
-    for path in save_figure(fig, name, out):
-        print(path)
+
+def save(
+    fig: Any,
+    name: str,
+    out: str | Path,
+    tables: Sequence[tuple[str, pd.DataFrame]] = (),
+    *,
+    formats: Sequence[str] = FIGURE_FORMATS,
+    offline: bool = False,
+) -> None:
+    """Save the figure as ``<out>/<name>.<format>`` (PNG when a browser is available; ``offline`` writes
+    plotly.js beside the HTML) and each ``(table_name, table)`` as ``<out>/<table_name>.csv`` (no index);
+    print every path. ``fig=None`` saves the tables alone. Every script saves through this one function."""
+    from mechintro.plots.save import save_figure
+
+    if fig is not None:
+        for path in save_figure(fig, name, out, formats=formats, offline=offline):
+            print(path)
+    Path(out).mkdir(parents=True, exist_ok=True)
     for table_name, table in tables:
         path = Path(out) / f"{table_name}.csv"
         table.to_csv(path, index=False)

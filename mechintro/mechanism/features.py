@@ -20,9 +20,10 @@ Features are named ``"L{layer} F{index}"`` (:func:`feature_name`, :func:`parse_f
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, TypeAlias
 
 import numpy as np
@@ -31,16 +32,16 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechintro.behaviour.judges.base import error_mask
-from mechintro.core import kvcache
+from mechintro.behaviour.metrics import concept_rates
+from mechintro.core import kvcache, validate
 from mechintro.core.concepts import check_concepts, concept_vectors
 from mechintro.core.hooks import Positions, capture, check_layer, check_positions
 from mechintro.core.html import card
 from mechintro.core.models import HookNames, Model, Transcoders, spec_for
 from mechintro.core.progress import progress_bar
-from mechintro.core.prompts import TrialPrompt, trial_prompt
+from mechintro.core.prompts import VARIANTS, TrialPrompt, trial_prompt
 from mechintro.core.readout import yes_no_direction
-from mechintro.core.settings import BATCHING, TRIALS
+from mechintro.core.settings import BATCHING, TRIALS, check_choices
 from mechintro.core.stats import pearson_columns, spearman_columns
 from mechintro.core.steering import inject
 from mechintro.core.transcoders import encode_features, feature_name, parse_feature
@@ -48,6 +49,7 @@ from mechintro.core.transcoders import encode_features, feature_name, parse_feat
 __all__ = [
     "STRENGTH_MULTIPLES",
     "FeatureGrid",
+    "FeatureGridConfig",
     "concept_rates",
     "default_strengths",
     "dla_scores",
@@ -291,6 +293,82 @@ def default_strengths(model: Model) -> tuple[float, ...]:
     return tuple(float(base * m) for m in STRENGTH_MULTIPLES)
 
 
+def grid_position(text: str) -> str | int:
+    """An argparse type for the grid's one position: ``last`` or a token index."""
+    if text == "last":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'last' or a token index, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class FeatureGridConfig:
+    """Settings of :func:`feature_grid` (which also takes each as a keyword)."""
+
+    strengths: tuple[float, ...] | None = field(default=None, metadata={"flag": "--grid-strengths"})
+    """Injection strengths of the grid, sorted ascending (default: the model's strength times
+    :data:`STRENGTH_MULTIPLES`, -2..2: the paper's -8..8 at strength 4)."""
+    layers: tuple[int, ...] | None = field(default=None, metadata={"flag": "--grid-layers"})
+    """Transcoder layers recorded, sorted (default: every loaded transcoder)."""
+    positions: str | int = field(
+        default="last", metadata={"flag": "--grid-position", "parse": grid_position, "metavar": "POSITION"}
+    )
+    """The one prompt position read: ``"last"`` (the last prompt token) or an absolute token index (negative
+    from the end)."""
+    injection_layer: int | None = field(default=None, metadata={"cli": False})
+    """The layer the concept vectors are injected at (default: the model's)."""
+    default_strength: float | None = field(default=None, metadata={"cli": False})
+    """The strength of detection correlations and carrier attributions (default: the model's)."""
+    trial: int = field(default=TRIALS.trial, metadata={"flag": "--grid-trial"})
+    """The trial number of the grid's prompt."""
+    variant: str = field(default=TRIALS.variant, metadata={"flag": "--grid-variant"})
+    """The prompt variant of the grid's prompt."""
+    batch_size: int = field(default=BATCHING.batch_size, metadata={"cli": False})
+    """Rows (concept, strength) per batched forward (results do not depend on it)."""
+    prefix_cache: bool = field(default=True, metadata={"flag": "--no-grid-prefix-cache"})
+    """Run the prompt before the injection start once per chunk and share its KV cache with the chunk's rows
+    (exact: nothing is injected there); False (``--no-grid-prefix-cache``) runs the whole prompt for every
+    row."""
+
+    def __post_init__(self) -> None:
+        if self.strengths is not None:
+            values = [validate.finite_number("a grid strength", s) for s in self.strengths]
+            if not values:
+                raise ValueError(
+                    "strengths is empty: give at least one grid strength, or None for the default"
+                )
+            object.__setattr__(self, "strengths", tuple(sorted(values)))
+        if self.layers is not None:
+            layers = sorted(validate.integer("a grid layer", la, minimum=0) for la in self.layers)
+            object.__setattr__(self, "layers", tuple(layers))
+        if self.positions != "last":
+            validate.integer("positions", self.positions, requirement="'last' or a token index")
+        if self.injection_layer is not None:
+            validate.integer("injection_layer", self.injection_layer, minimum=0)
+        if self.default_strength is not None:
+            object.__setattr__(
+                self, "default_strength", validate.finite_number("default_strength", self.default_strength)
+            )
+        validate.count("trial", self.trial)
+        check_choices("prompt variant", self.variant, VARIANTS)
+        validate.count("batch_size", self.batch_size)
+        if not isinstance(self.prefix_cache, bool):
+            raise ValueError(f"prefix_cache must be True or False, got {self.prefix_cache!r}")
+
+
+def _grid_config(config: FeatureGridConfig | None, settings: dict[str, Any]) -> FeatureGridConfig:
+    """``config`` (default: the defaults) with the keyword ``settings`` applied."""
+    valid = [f.name for f in fields(FeatureGridConfig)]
+    if unknown := sorted(set(settings) - set(valid)):
+        raise TypeError(f"unknown feature_grid settings {unknown}; valid: {valid} (and vectors, progress)")
+    for name in ("strengths", "layers"):
+        if settings.get(name) is not None:
+            settings[name] = tuple(settings[name])
+    return replace(config or FeatureGridConfig(), **settings)
+
+
 def _grid_layers(model: Model, transcoders: Transcoders, layers: Sequence[int] | None) -> list[int]:
     layers = sorted(transcoders) if layers is None else sorted(layers)
     missing = [layer for layer in layers if layer not in transcoders]
@@ -310,8 +388,8 @@ def _prompt_position(positions: Positions, seq: int) -> int:
     position = check_positions(positions)
     if position == "last":
         return seq - 1
-    if isinstance(position, int) and not isinstance(position, bool) and -seq <= position < seq:
-        return position % seq
+    if validate.is_integer(position) and -seq <= position < seq:
+        return int(position) % seq
     raise ValueError(
         f"a feature grid reads one position: 'last' or an index in [-{seq}, {seq}), got {positions!r}"
     )
@@ -376,16 +454,9 @@ def feature_grid(
     concepts: Sequence[str],
     *,
     vectors: Float[Tensor, "concept d_model"] | None = None,
-    strengths: Sequence[float] | None = None,
-    layers: Sequence[int] | None = None,
-    positions: Positions = "last",
-    injection_layer: int | None = None,
-    default_strength: float | None = None,
-    trial: int = TRIALS.trial,
-    variant: str = TRIALS.variant,
-    batch_size: int = BATCHING.batch_size,
-    prefix_cache: bool = True,
+    config: FeatureGridConfig | None = None,
     progress: bool = True,
+    **settings: Any,
 ) -> FeatureGrid:
     """Transcoder activations at one prompt position for every (concept, strength), kept sparse.
 
@@ -396,31 +467,25 @@ def feature_grid(
 
     Args:
         concepts: concept words (the grid's first dimension).
-        vectors: ``[concept, d_model]`` concept vectors; computed at ``injection_layer`` when None.
-        strengths: injection strengths (default :func:`default_strengths`: -8..8 scaled to the model).
-        layers: transcoder layers to record (default: every loaded transcoder).
-        positions: the one position read: ``"last"`` (the last prompt token) or an absolute token index of
-            the prompt (:data:`mechintro.core.hooks.Positions`).
-        injection_layer / default_strength: default: the model's spec.
-        trial / variant: the trial prompt.
-        batch_size: rows per forward (results do not depend on it).
-        prefix_cache: run the prompt before the injection start once per chunk and share its KV cache
-            (exact: nothing is injected there); False runs the whole prompt for every row.
+        vectors: ``[concept, d_model]`` concept vectors; computed at the injection layer when None.
+        config: the settings (:class:`FeatureGridConfig`: strengths, layers, positions, injection_layer,
+            default_strength, trial, variant, batch_size, prefix_cache).
         progress: show a progress bar over the rows.
+        settings: any field of :class:`FeatureGridConfig` as a keyword (applied over ``config``).
 
     Every chunk's transcoder inputs are captured first (one position per row: small), then each layer is
     encoded once, so a :class:`~mechintro.core.transcoders.LazyTranscoders` mapping loads each layer once.
     """
+    cfg = _grid_config(config, settings)
+    positions, trial, variant, batch_size = cfg.positions, cfg.trial, cfg.variant, cfg.batch_size
     spec = spec_for(model)
-    injection_layer = spec.injection_layer if injection_layer is None else check_layer(model, injection_layer)
-    strengths = tuple(
-        sorted(float(s) for s in (default_strengths(model) if strengths is None else strengths))
+    injection_layer = (
+        spec.injection_layer if cfg.injection_layer is None else check_layer(model, cfg.injection_layer)
     )
-    default_strength = spec.strength if default_strength is None else float(default_strength)
-    layers = _grid_layers(model, transcoders, layers)
+    strengths = cfg.strengths if cfg.strengths is not None else tuple(sorted(default_strengths(model)))
+    default_strength = spec.strength if cfg.default_strength is None else cfg.default_strength
+    layers = _grid_layers(model, transcoders, cfg.layers)
     concepts = check_concepts(concepts)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if vectors is None:
         vectors = concept_vectors(model, concepts, layer=injection_layer)
     vectors = torch.as_tensor(vectors).float()
@@ -441,7 +506,7 @@ def feature_grid(
                 strengths=all_strengths[rows[:, 1]],
                 injection_layer=injection_layer,
                 layers=layers,
-                prefix_cache=prefix_cache,
+                prefix_cache=cfg.prefix_cache,
             )
             for layer in layers:
                 inputs[layer].append(got[layer])
@@ -516,44 +581,6 @@ def inverted_v(
         score = np.where(m0 > 0, (m0 - ends) / m0, np.nan)
     peak = (m0 > 0) & (m0[None, :] >= mean - 1e-12 * np.abs(mean).max(initial=1.0)).all(axis=0)
     return score, peak
-
-
-def concept_rates(behaviour: Any, *, strength: float | None = None, layer: int | None = None) -> pd.DataFrame:
-    """Per-concept detection and forced-identification rates from the behavioural store.
-
-    Args:
-        behaviour: a :class:`~mechintro.behaviour.store.TrialStore`, a trial DataFrame (columns concept,
-        condition,
-            detected, forced_identified, optionally judge_error, strength, layer), or a per-concept table
-            that already has ``detection_rate`` and ``forced_id_rate``.
-        strength / layer: keep only trials run at this strength / injection layer.
-
-    Returns columns concept, detection_rate (P(detected | injection)), forced_id_rate
-    (P(forced_identified | forced)), n_injection, n_forced. Judge errors are left out of the denominators.
-    """
-    df = behaviour.load() if hasattr(behaviour, "load") else behaviour
-    if not isinstance(df, pd.DataFrame):
-        raise TypeError(f"behaviour must be a TrialStore or a DataFrame, got {type(behaviour).__name__}")
-    if {"detection_rate", "forced_id_rate"} <= set(df.columns):
-        return df
-    need = {"concept", "condition", "detected", "forced_identified"}
-    if missing := sorted(need - set(df.columns)):
-        raise ValueError(f"the trial table lacks {missing}; it has {sorted(df.columns)}")
-    if "judge_error" in df.columns:
-        df = df[~error_mask(df["judge_error"])]
-    for column, value in (("strength", strength), ("layer", layer)):
-        if value is not None and column in df.columns:
-            df = df[np.isclose(df[column].astype(float), float(value))]
-    inj = df[df["condition"] == "injection"].dropna(subset=["detected"])
-    forced = df[df["condition"] == "forced"].dropna(subset=["forced_identified"])
-    det = inj.groupby("concept")["detected"].agg(
-        detection_rate=lambda x: x.astype(float).mean(), n_injection="size"
-    )
-    fid = forced.groupby("concept")["forced_identified"].agg(
-        forced_id_rate=lambda x: x.astype(float).mean(), n_forced="size"
-    )
-    out = det.join(fid, how="outer").reset_index()
-    return out[["concept", "detection_rate", "forced_id_rate", "n_injection", "n_forced"]]
 
 
 Correlation: TypeAlias = Literal["spearman", "pearson"]
@@ -697,8 +724,7 @@ def find_gates(
     score), with the columns of :func:`dla_scores` and of :func:`feature_stats` (dose-strength Spearman,
     inverted-V, behaviour correlations).
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k (the number of gate candidates) must be an int >= 1, got {k!r}")
+    k = validate.count("k (the number of gate candidates)", k)
     if layers is None:
         layers = [la for la in grid.layers if la > grid.injection_layer]
     scores = dla_scores(model, transcoders, grid, layers=layers)

@@ -15,12 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mechintro.behaviour.dialogue import NO_RESPONSE, YES_TEMPLATE, YES_UNNAMED
 from mechintro.core.concepts import all_concepts
 from mechintro.core.prompts import category_of, stimuli
-
-YES_TEMPLATE = "Yes, I detect an injected thought. The thought is about {concept}."
-YES_UNNAMED = "Yes, I detect an injected thought. I cannot tell what it is about."
-NO_RESPONSE = "No, I do not detect an injected thought."
 
 ASKS = (
     "Tell me about {c}",

@@ -21,7 +21,6 @@ batch; this is exact (see tests) and makes a step about five times cheaper.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -33,15 +32,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechintro.core import kvcache
+from mechintro.behaviour.dialogue import (
+    InjectionRow,
+    LMBatch,
+    lm_loss,
+    pack,
+    prefix_cache,
+    suffix_logits,
+    trial_batch,
+    trial_dialogue_loss,
+)
 from mechintro.core.concepts import baseline_mean, last_token_resid
 from mechintro.core.models import SPEC_FILENAME, Model, load_model
 from mechintro.core.progress import progress_steps
-from mechintro.core.prompts import VARIANTS, chat_prompt_tokens, trial_prompt
-from mechintro.core.steering import inject
+from mechintro.core.prompts import VARIANTS, chat_prompt_tokens
 from mechintro.organism import corpus
 from mechintro.organism.tokenizer import build_tokenizer, vocabulary
 
@@ -200,33 +206,6 @@ def save_checkpoint(model: Model, folder: Path, *, spec: dict[str, Any]) -> None
 # ----------------------------------------------------------------------------------------------- batches
 
 
-@dataclass(frozen=True)
-class LMBatch:
-    """Right-padded sequences and where the loss is taken."""
-
-    tokens: Int[Tensor, "batch seq"]
-    loss_mask: Float[Tensor, "batch seq"]
-    """1 where token t+1 is predicted from position t and counts in the loss."""
-
-
-def _pack(
-    rows: Sequence[tuple[list[int], int]], pad_id: int, *, emphasis: dict[int, float] | None = None
-) -> LMBatch:
-    """rows of (ids, answer_start): loss on predicting every id from answer_start on.
-
-    ``emphasis`` maps token ids to a loss weight (1 for the others).
-    """
-    width = max(len(ids) for ids, _ in rows)
-    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width))
-    for i, (ids, start) in enumerate(rows):
-        tokens[i, : len(ids)] = torch.tensor(ids)
-        mask[i, start - 1 : len(ids) - 1] = 1.0
-        for j in range(start, len(ids)):
-            mask[i, j - 1] *= (emphasis or {}).get(ids[j], 1.0)
-    return LMBatch(tokens=tokens, loss_mask=mask)
-
-
 def chat_batch(tok: Any, chats: Sequence[corpus.Chat]) -> LMBatch:
     rows = []
     for chat in chats:
@@ -234,61 +213,7 @@ def chat_batch(tok: Any, chats: Sequence[corpus.Chat]) -> LMBatch:
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         a_ids = tok(chat.answer + "<end_of_turn>", add_special_tokens=False)["input_ids"]
         rows.append((p_ids + a_ids, len(p_ids)))
-    return _pack(rows, tok.pad_token_id)
-
-
-def lm_loss(logits: Tensor, batch: LMBatch) -> Tensor:
-    logp = logits.float().log_softmax(-1)
-    nll = -logp[:, :-1].gather(-1, batch.tokens[:, 1:, None]).squeeze(-1)
-    mask = batch.loss_mask[:, :-1]
-    return (nll * mask).sum() / (mask > 0).sum().clamp_min(1)
-
-
-@dataclass(frozen=True)
-class TrialBatch:
-    """Trial dialogues of one prompt variant: a shared preamble and per-row suffixes (injection start on)."""
-
-    prefix: Int[Tensor, " prefix"]
-    suffix: LMBatch
-
-
-def trial_batch(
-    model: Model,
-    rows: Sequence[tuple[int, str]],
-    *,
-    variant: str = "original",
-    fill: dict | None = None,
-    emphasis: dict[int, float] | None = None,
-) -> TrialBatch:
-    """``rows`` of (trial number, answer). The suffix starts at the injection start."""
-    tok = model.tokenizer
-    fill = fill or {}
-    prefix = None
-    packed = []
-    for trial, answer in rows:
-        p = trial_prompt(model, trial=trial, variant=variant, **fill)
-        if prefix is None:
-            prefix = p.tokens[: p.injection_start]
-        assert torch.equal(p.tokens[: p.injection_start], prefix), "the preamble must not depend on the trial"
-        suffix = p.tokens[p.injection_start :].tolist()
-        a_ids = tok(answer + "<end_of_turn>", add_special_tokens=False)["input_ids"]
-        packed.append((suffix + a_ids, len(suffix)))
-    return TrialBatch(prefix=prefix, suffix=_pack(packed, tok.pad_token_id, emphasis=emphasis))
-
-
-def prefix_cache(model: Model, batch: TrialBatch) -> Any:
-    """The preamble's KV cache, run once and expanded (without copies) to every row of the batch."""
-    rows = batch.suffix.tokens.shape[0]
-    cache = kvcache.prefill(model, batch.prefix[None])
-    for layer in cache.layers:
-        layer.keys = layer.keys.expand(rows, -1, -1, -1)
-        layer.values = layer.values.expand(rows, -1, -1, -1)
-    return cache
-
-
-def suffix_logits(model: Model, batch: TrialBatch, cache: Any) -> Float[Tensor, "batch seq vocab"]:
-    """Logits of the suffixes after the shared preamble (the suffix starts at the injection start)."""
-    return model(batch.suffix.tokens, **kvcache.cache_kwargs(model, cache))
+    return pack(rows, tok.pad_token_id)
 
 
 # ----------------------------------------------------------------------------------------------- schedule
@@ -355,18 +280,6 @@ def train_base(model: Model, cfg: OrganismConfig, *, log: list[dict]) -> None:
     model.eval()
 
 
-@dataclass(frozen=True)
-class InjectionRow:
-    """One instruct trial: which concept, layer and strength, and the answer it is trained to give."""
-
-    trial: int
-    concept_index: int
-    phrasing: int
-    layer: int
-    strength: float
-    answer: str
-
-
 def draw_instruct_rows(
     cfg: OrganismConfig, rng: random.Random, concepts: Sequence[str]
 ) -> list[InjectionRow]:
@@ -391,28 +304,6 @@ def draw_instruct_rows(
             answer = corpus.YES_UNNAMED
         rows.append(InjectionRow(trial, c, phrasing, rng.choice(layers), sign * magnitude, answer))
     return rows
-
-
-def instruct_loss(
-    model: Model, rows: Sequence[InjectionRow], vectors: dict[int, Tensor], *, emphasis: dict[int, float]
-) -> Tensor:
-    """The trial loss with every row's own injection, through ``inject`` (one context per trained layer).
-
-    ``vectors[layer]`` is ``[phrasing, concept, d_model]``.
-    """
-    batch = trial_batch(model, [(r.trial, r.answer) for r in rows], emphasis=emphasis)
-    phrasing = torch.tensor([r.phrasing for r in rows])
-    index = torch.tensor([r.concept_index for r in rows])
-    cache = prefix_cache(model, batch)  # everything before the injection start: never injected
-    start = len(batch.prefix)  # the suffix, and the injection, begin at the injection start
-    with contextlib.ExitStack() as stack:
-        for layer, vecs in vectors.items():
-            strengths = torch.tensor([r.strength if r.layer == layer else 0.0 for r in rows])
-            stack.enter_context(
-                inject(model, vecs[phrasing, index], layer=layer, strength=strengths, start=start)
-            )
-        logits = suffix_logits(model, batch, cache)
-    return lm_loss(logits, batch.suffix)
 
 
 def training_vectors(model: Model, concepts: Sequence[str], layers: Sequence[int]) -> dict[int, Tensor]:
@@ -464,7 +355,9 @@ def train_instruct(model: Model, cfg: OrganismConfig, *, training: Sequence[str]
             ],
         )
         chat_loss = lm_loss(model(chats.tokens), chats)
-        trial_loss = instruct_loss(model, draw_instruct_rows(cfg, rng, training), vectors, emphasis=emphasis)
+        trial_loss = trial_dialogue_loss(
+            model, draw_instruct_rows(cfg, rng, training), vectors, emphasis=emphasis
+        )
         _step(model, opt, chat_loss + trial_loss, lr_at(step, cfg.instruct_steps, cfg.lr))
         if step % 25 == 0 or step == cfg.instruct_steps - 1:
             log.append(

@@ -23,7 +23,6 @@ from plotly.subplots import make_subplots
 
 from mechintro.core import resources
 from mechintro.core.prompts import PERSONAS, VARIANTS
-from mechintro.plots.save import save_figure  # noqa: F401 (until every importer reads plots.save)
 from mechintro.plots.style import METRICS, STYLE, apply_style, rgba, strength_colors
 
 __all__ = [

@@ -1,15 +1,17 @@
-"""Underelicited introspection: a trained bias vector, and directional ablation.
+"""Underelicited introspection: a trained bias vector.
 
 The paper shows that a model's default introspection understates what it can do, with two simple
-interventions. Both are general tools here.
+interventions: a trained bias vector (here) and directional ablation (:mod:`mechintro.mechanism.directions`).
+Both are general tools.
 
 **A trained bias vector** (:func:`train_bias_vector`). One learnable vector is added to ``hook_mlp_out`` of
 one layer (or one vector per layer of a list, or of every layer), at every position, while every model weight
 stays frozen. It is trained on trial dialogues of the *training* concepts only -- a concept injected at a
 random layer and strength, or a control (no injection) with probability ``control_fraction`` -- with the
-model's own answer grammar as targets and the loss on the answer tokens only. The trial batches are the
-organism's own (:func:`mechintro.organism.train.instruct_loss`: a shared-prefix KV cache, injections through
-:func:`mechintro.core.steering.inject`), so the bias sees exactly the computation evaluation runs.
+model's own answer grammar as targets and the loss on the answer tokens only. The loss is the behaviour
+layer's trial-dialogue loss (:func:`mechintro.behaviour.dialogue.trial_dialogue_loss`: a shared-prefix KV
+cache, injections through :func:`mechintro.core.steering.inject`), the one the organism is trained with, so
+the bias sees exactly the computation evaluation runs.
 
 * Labels: ``"instruct"`` (default) follows the organism's instruct rule, "Yes" iff ``|strength|`` reaches its
   detection threshold (``organism_config.detect_threshold`` in the spec); ``"injected"`` labels every
@@ -19,24 +21,8 @@ organism's own (:func:`mechintro.organism.train.instruct_loss`: a shared-prefix 
 * Concept vectors are always computed **without** the bias (the injected vector is the same in every arm).
 * The result, a :class:`BiasVector`, is small (vectors + settings + training log), saved as safetensors +
   JSON, and applied with ``with bias_vector(model, artifact):``, which composes with ``inject``, feature
-  interventions, captures and (KV-cached) generation: the vector is added at every position of every call.
-
-**Directional ablation** (:func:`ablate_directions`), the paper's refusal ablation as a general tool: remove
-``w (x . r) r`` (``r`` a unit direction) from the residual stream at every listed layer, at every position
-``>= start`` and every generated token. :func:`difference_of_means` gives the directions (the paper's
-refusal recipe: harmful minus harmless prompts at the position before the end of the chat prompt).
-
-* ``site="resid_post"`` (default, the paper's site) edits each listed block's output. The edit is applied
-  where that output enters the next block (``resid_pre`` of ``L + 1``, or the final norm's input for the last
-  block), so it always comes **after** every hook at ``resid_post(L)``: an
-  :func:`~mechintro.core.steering.inject`
-  at the same layer is applied first and its component along ``r`` is removed too, whichever context was
-  entered first. A :func:`~mechintro.core.hooks.capture` at ``resid_post(L)`` therefore reads the stream
-  before
-  the ablation; read ``resid_pre(L + 1)`` (or :meth:`HookNames.final_norm_in`) for the ablated one.
-* ``site="writes"`` edits every write into the residual stream of the listed blocks instead: the attention
-  output and the MLP output of block ``L`` (post-norm, what is added), and the embeddings when block 0 is
-  listed (with block 0's direction). Injections are not model writes and are not ablated at this site.
+  interventions, directional ablation, captures and (KV-cached) generation: the vector is added at every
+  position of every call.
 
 **Dose-equivalent gain** (:func:`dose_equivalent_gain`): the increase in injection strength that gives,
 without the bias, the TPR measured with it. It separates "the bias elicits" from "the bias moves the
@@ -58,60 +44,43 @@ from typing import Any, Literal, TypeAlias
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
+from mechintro.behaviour import dialogue
 from mechintro.behaviour.metrics import newcombe_interval, wilson_interval
 from mechintro.core import resources, validate
 from mechintro.core.concepts import concept_vectors, heldout_concepts
-from mechintro.core.hooks import (
-    PositionTracker,
-    as_int,
-    capture,
-    check_layer,
-    hooks_context,
-    position_mask,
-    tracker,
-)
-from mechintro.core.models import PAPER_N_LAYERS, HookNames, Model, Transcoders, spec_for
-from mechintro.core.prompts import chat_prompt_tokens, left_pad
+from mechintro.core.fingerprint import weights_fingerprint
+from mechintro.core.hooks import check_layer, hooks_context
+from mechintro.core.models import PAPER_N_LAYERS, HookNames, Model, spec_for
+from mechintro.core.progress import progress_bar
+from mechintro.mechanism.directions import layer_list
 
 __all__ = [
-    "ABLATION_SITES",
     "LABELS",
     "PAPER_FIG2_CELLS",
     "PAPER_TEXT",
     "BiasSettings",
     "BiasVector",
-    "DirectionalAblation",
-    "ablate_directions",
     "arm_gains",
     "bias_settings",
     "bias_trials",
     "bias_vector",
-    "difference_of_means",
     "dose_equivalent_gain",
     "dose_equivalent_strength",
-    "gate_direction",
     "load_bias_vector",
-    "make_ablation",
-    "model_digest",
     "paper_bias_injection_sweep",
     "paper_bias_layer_sweep",
     "paper_default_baselines",
-    "random_direction",
     "train_bias_vector",
     "train_or_load_bias",
 ]
 
 Labels: TypeAlias = Literal["instruct", "injected"]
-AblationSite: TypeAlias = Literal["resid_post", "writes"]
 
 LABELS: tuple[Labels, ...] = ("instruct", "injected")
 """How training injections are labelled: the organism's instruct rule, or every injection "Yes"."""
-
-ABLATION_SITES: tuple[AblationSite, ...] = ("resid_post", "writes")
-"""Where :func:`ablate_directions` edits: each listed block's output, or every write into the stream."""
 
 DEFAULT_EPOCHS = 2
 """Default number of epochs of :func:`train_bias_vector`."""
@@ -166,7 +135,8 @@ class BiasSettings:
     model: str
     """``spec_for(model).name`` of the model it was trained on."""
     model_digest: str
-    """SHA-256 of the model's weights (:func:`model_digest`): a retrained model invalidates the artifact."""
+    """SHA-256 of the model's weights (:func:`mechintro.core.fingerprint.weights_fingerprint`; the field keeps
+    its name so that saved artifacts load): a retrained model invalidates the artifact."""
     layers: tuple[int, ...]
     """Blocks whose ``hook_mlp_out`` receives a vector (one learnable vector each)."""
     injection_layers: tuple[int, ...]
@@ -264,33 +234,6 @@ def load_bias_vector(folder: str | Path) -> BiasVector:
     return BiasVector(vectors=vectors, settings=settings, log=tuple(meta.get("log", ())))
 
 
-FULL_DIGEST_MAX = 50_000_000
-"""Models with at most this many parameters are hashed whole by :func:`model_digest`."""
-
-
-def model_digest(model: Model, *, full: bool | None = None) -> str:
-    """SHA-256 over the model's parameters (names, shapes, dtypes, values), in a fixed order.
-
-    ``full=None`` hashes every value of models up to :data:`FULL_DIGEST_MAX` parameters (the organism) and,
-    for larger ones (a 27B Gemma), 4096 evenly spaced values of each tensor plus its sum: enough to tell
-    checkpoints apart without reading every byte.
-    """
-    params = model.original_model.state_dict()
-    if full is None:
-        full = sum(p.numel() for p in params.values()) <= FULL_DIGEST_MAX
-    h = hashlib.sha256()
-    for name, p in sorted(params.items()):
-        t = p.detach()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
-        if not t.numel():
-            continue
-        if not full:
-            flat = t.reshape(-1)
-            t = torch.cat([flat[:: max(1, flat.numel() // 4096)], flat.float().sum().reshape(1).to(t.dtype)])
-        h.update(t.cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _bias_hooks(layers: Sequence[int], vectors: Tensor) -> list[tuple[str, Any]]:
     """``hook_mlp_out`` hooks adding ``vectors[i]`` at every position of layer ``layers[i]``."""
 
@@ -331,19 +274,6 @@ def bias_vector(model: Model, artifact: BiasVector) -> Iterator[BiasVector]:
 # ----------------------------------------------------------------------------------------------- training
 
 
-def _layers_arg(model: Model, layer: Any, *, what: str) -> tuple[int, ...]:
-    n = int(model.cfg.n_layers)
-    if isinstance(layer, str):
-        if layer != "all":
-            raise ValueError(f"{what} must be a layer, a list of layers or 'all', got {layer!r}")
-        return tuple(range(n))
-    items = [layer] if not isinstance(layer, (Sequence, Tensor)) else list(layer)
-    out = tuple(check_layer(model, la) for la in items)
-    if not out or len(set(out)) != len(out):
-        raise ValueError(f"{what} must be distinct layers in 0..{n - 1}, got {layer!r}")
-    return out
-
-
 def _default_injection_layers(model: Model) -> tuple[int, ...]:
     """The organism's trained injection layers (``train_layers`` + the default), else the default layer."""
     spec = spec_for(model)
@@ -365,10 +295,9 @@ def _threshold(model: Model, labels: str, threshold: float | None) -> float | No
                 "organism_config.detect_threshold, so pass threshold= or use labels='injected'"
             )
         threshold = cfg["detect_threshold"]
-    threshold = float(threshold)
-    if not math.isfinite(threshold) or threshold < 0:
+    if validate.finite_number("threshold", threshold) < 0:
         raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
-    return threshold
+    return float(threshold)
 
 
 def _check_training_concepts(concepts: Sequence[str], heldout: Sequence[str] | None) -> list[str]:
@@ -389,17 +318,6 @@ def _check_training_concepts(concepts: Sequence[str], heldout: Sequence[str] | N
             "trained on training concepts only (mechintro.core.concepts.training_concepts())"
         )
     return concepts
-
-
-def _check_positive(name: str, value: Any, *, integer: bool = False, maximum: float | None = None) -> Any:
-    ok = (
-        isinstance(value, int) and not isinstance(value, bool) if integer else isinstance(value, (int, float))
-    )
-    if not ok or not math.isfinite(value) or value <= 0 or (maximum is not None and value > maximum):
-        bound = f" and <= {maximum}" if maximum is not None else ""
-        kind = "an int" if integer else "a number"
-        raise ValueError(f"{name} must be {kind} > 0{bound}, got {value!r}")
-    return value
 
 
 def _strength_range(model: Model, strength_range: Any) -> tuple[float, float]:
@@ -433,29 +351,29 @@ def bias_settings(
     """Validate the settings of :func:`train_bias_vector` (same arguments) and resolve their defaults."""
     spec = spec_for(model)
     concepts = _check_training_concepts(concepts, heldout)
-    if not (isinstance(control_fraction, (int, float)) and 0 <= control_fraction < 1):
+    if not 0 <= validate.finite_number("control_fraction", control_fraction) < 1:
         raise ValueError(f"control_fraction must be in [0, 1), got {control_fraction!r}")
-    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+    if validate.finite_number("weight_decay", weight_decay) < 0:
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     return BiasSettings(
         model=spec.name,
-        model_digest=model_digest(model),
-        layers=_layers_arg(model, layer, what="layer"),
+        model_digest=weights_fingerprint(model),
+        layers=layer_list(model, layer, what="layer"),
         injection_layers=(
             _default_injection_layers(model)
             if injection_layers is None
-            else _layers_arg(model, injection_layers, what="injection_layers")
+            else layer_list(model, injection_layers, what="injection_layers")
         ),
         strength_range=_strength_range(model, strength_range),
         labels=labels,
         threshold=_threshold(model, labels, threshold),
         control_fraction=float(control_fraction),
-        epochs=_check_positive("epochs", epochs, integer=True),
-        epoch_size=_check_positive("epoch_size", epoch_size, integer=True),
-        batch_size=_check_positive("batch_size", batch_size, integer=True),
-        lr=float(_check_positive("lr", lr)),
+        epochs=validate.count("epochs", epochs),
+        epoch_size=validate.count("epoch_size", epoch_size),
+        batch_size=validate.count("batch_size", batch_size),
+        lr=validate.positive_number("lr", lr),
         weight_decay=float(weight_decay),
-        seed=as_int(seed, what="seed"),
+        seed=validate.integer("seed", seed),
         concepts=tuple(concepts),
         default_strength=float(spec.strength),
     )
@@ -494,7 +412,7 @@ def train_bias_vector(
             * ``seed`` (0): seeds the sampled rows; the vector starts at zero, so training is deterministic;
             * ``heldout``: the concepts to refuse (default the organism's held-out split).
 
-    Targets are the organism's answers (``corpus.YES_TEMPLATE`` with the concept, ``corpus.NO_RESPONSE``),
+    Targets are the trial answers (``dialogue.YES_TEMPLATE`` with the concept, ``dialogue.NO_RESPONSE``),
     the loss is on the answer tokens only, the model is in eval mode, its parameters' ``requires_grad`` flags
     are switched off during training and restored after, so gradients reach only the bias.
     """
@@ -527,11 +445,6 @@ def train_or_load_bias(folder: str | Path, model: Model, concepts: Sequence[str]
 
 
 def _train(model: Model, settings: BiasSettings, log_every: int, progress: bool) -> BiasVector:
-    from tqdm.auto import tqdm
-
-    from mechintro.organism import corpus
-    from mechintro.organism.train import InjectionRow, instruct_loss
-
     spec = spec_for(model)
     concepts, layers, inj_layers = list(settings.concepts), settings.layers, settings.injection_layers
     # Every vector injected in training: training concepts only, computed before the bias exists.
@@ -539,14 +452,14 @@ def _train(model: Model, settings: BiasSettings, log_every: int, progress: bool)
     rng = random.Random(f"bias-{settings.seed}")
     lo, hi = settings.strength_range
 
-    def draw() -> InjectionRow:
+    def draw() -> dialogue.InjectionRow:
         trial, c = rng.randint(1, 10), rng.randrange(len(concepts))
         if rng.random() < settings.control_fraction:
-            return InjectionRow(trial, c, 0, inj_layers[0], 0.0, corpus.NO_RESPONSE)
+            return dialogue.InjectionRow(trial, c, 0, inj_layers[0], 0.0, dialogue.NO_RESPONSE)
         strength = rng.uniform(lo, hi)
         yes = settings.threshold is None or strength >= settings.threshold
-        answer = corpus.YES_TEMPLATE.format(concept=concepts[c]) if yes else corpus.NO_RESPONSE
-        return InjectionRow(trial, c, 0, rng.choice(inj_layers), strength, answer)
+        answer = dialogue.YES_TEMPLATE.format(concept=concepts[c]) if yes else dialogue.NO_RESPONSE
+        return dialogue.InjectionRow(trial, c, 0, rng.choice(inj_layers), strength, answer)
 
     param = torch.zeros(len(layers), spec.d_model, device=model.cfg.device, requires_grad=True)
     opt = torch.optim.AdamW([param], lr=settings.lr, weight_decay=settings.weight_decay)
@@ -559,12 +472,13 @@ def _train(model: Model, settings: BiasSettings, log_every: int, progress: bool)
             p.requires_grad_(False)
         model.eval()
         losses: list[float] = []
-        with hooks_context(model, _bias_hooks(layers, param)):
-            for step in tqdm(
-                range(settings.steps), desc=f"bias L{layers}", disable=not progress, leave=False
-            ):
+        with (
+            hooks_context(model, _bias_hooks(layers, param)),
+            progress_bar(total=settings.steps, desc=f"bias L{layers}", unit="step", enabled=progress) as bar,
+        ):
+            for step in range(settings.steps):
                 rows = [draw() for _ in range(settings.batch_size)]
-                loss = instruct_loss(model, rows, vectors, emphasis={})
+                loss = dialogue.trial_dialogue_loss(model, rows, vectors, emphasis={})
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = float(param.grad.norm())
@@ -581,6 +495,7 @@ def _train(model: Model, settings: BiasSettings, log_every: int, progress: bool)
                         }
                     )
                     losses = []
+                bar.update(1)
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
@@ -822,301 +737,3 @@ def paper_default_baselines(*, layer: int = 37, strength: float = 4.0) -> pd.Dat
             }
         )
     return pd.DataFrame(rows)
-
-
-# ----------------------------------------------------------------------------------------------- directions
-
-
-def _prompt_tokens(model: Model, prompts: Sequence[str | Tensor], *, what: str) -> list[Tensor]:
-    if isinstance(prompts, (str, Tensor)) or len(prompts) == 0:
-        raise ValueError(f"{what} must be a non-empty list of prompts (strings or token tensors)")
-    out = []
-    for p in prompts:
-        if isinstance(p, str):
-            out.append(chat_prompt_tokens(model, p))
-        else:
-            t = torch.as_tensor(p)
-            if t.ndim != 1 or t.is_floating_point():
-                raise ValueError(
-                    f"{what}: a token prompt must be a 1-D integer tensor, got shape {tuple(t.shape)}"
-                )
-            out.append(t.long())
-    return out
-
-
-def _mean_at(
-    model: Model, prompts: list[Tensor], *, layers: Sequence[int], position: int, batch_size: int
-) -> dict[int, Float[Tensor, " d_model"]]:
-    """Mean resid_post of ``layers`` at ``position`` of each prompt (negative: from its end), float64."""
-    names = {HookNames.resid_post(la): la for la in layers}
-    sums = {la: torch.zeros(int(model.cfg.d_model), dtype=torch.float64) for la in layers}
-    device = model.cfg.device
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        batch = left_pad(chunk, pad_id=model.tokenizer.pad_token_id)
-        lengths = torch.tensor([len(t) for t in chunk])
-        index = batch.pad + (position if position >= 0 else lengths + position)
-        with torch.no_grad(), capture(model, list(names), dtype=torch.float64) as acts:
-            model(
-                batch.tokens.to(device),
-                attention_mask=batch.attention_mask.to(device),
-                stop_at_layer=max(layers) + 1,
-            )
-        rows = torch.arange(len(chunk))
-        for name, la in names.items():
-            sums[la] += acts[name].cpu()[rows, index].sum(0)
-    return {la: s / len(prompts) for la, s in sums.items()}
-
-
-def difference_of_means(
-    model: Model,
-    prompts_a: Sequence[str | Tensor],
-    prompts_b: Sequence[str | Tensor],
-    *,
-    layers: int | Sequence[int] | Literal["all"],
-    position: int = -2,
-    batch_size: int = 32,
-) -> dict[int, Float[Tensor, " d_model"]]:
-    """One unit direction per layer: mean resid_post over ``prompts_a`` minus over ``prompts_b``, normalized.
-
-    Args:
-        prompts_a / prompts_b: strings (rendered as one-turn chat prompts with the generation prompt) or
-            token tensors. The paper's refusal recipe: harmful (a) vs harmless (b) requests.
-        layers: a layer, a list, or ``"all"``.
-        position: a token index of each prompt; negative counts from its end. The default ``-2`` is the
-            position before the end of the chat prompt.
-
-    Returns ``{layer: Float[d_model]}`` in float32 on the CPU (means accumulated in float64).
-    """
-    layers = _layers_arg(model, layers, what="layers")
-    tokens_a = _prompt_tokens(model, prompts_a, what="prompts_a")
-    tokens_b = _prompt_tokens(model, prompts_b, what="prompts_b")
-    position = as_int(position, what="position")
-    shortest = min(len(t) for t in tokens_a + tokens_b)
-    if not -shortest <= position < shortest:
-        raise ValueError(f"position {position} is outside the shortest prompt ({shortest} tokens)")
-    mean_a = _mean_at(model, tokens_a, layers=layers, position=position, batch_size=batch_size)
-    mean_b = _mean_at(model, tokens_b, layers=layers, position=position, batch_size=batch_size)
-    out = {}
-    for la in layers:
-        diff = mean_a[la] - mean_b[la]
-        norm = float(diff.norm())
-        if not math.isfinite(norm):
-            raise ValueError(f"the activations at layer {la} are not finite (NaN or inf): no direction")
-        if not norm > 0:
-            raise ValueError(f"the two prompt sets have the same mean at layer {la}: no direction")
-        out[la] = (diff / norm).float()
-    return out
-
-
-def gate_direction(
-    transcoders: Transcoders, gates: pd.DataFrame, *, k: int = 10
-) -> Float[Tensor, " d_model"]:
-    """The "say No" direction of the gates: the unit mean of the top-``k`` gates' unit decoder directions.
-
-    ``gates`` is :func:`mechintro.mechanism.features.find_gates` output (ranked, columns layer, index, rank).
-    Decoder
-    directions live where the transcoder writes (``hook_mlp_out``), i.e. in the residual stream.
-    """
-    from mechintro.mechanism.interventions import feature_directions
-
-    k = _check_positive("k", k, integer=True)
-    if missing := sorted({"layer", "index"} - set(gates.columns)):
-        raise ValueError(f"gates needs find_gates output; it lacks {missing}")
-    if len(gates) < k:
-        raise ValueError(f"k={k} gates requested but only {len(gates)} are given")
-    top = gates.sort_values("rank").head(k) if "rank" in gates.columns else gates.head(k)
-    rows = [
-        feature_directions(transcoders, int(layer), [int(index)], scale="unit")[0].float().cpu()
-        for layer, index in zip(top["layer"], top["index"], strict=True)
-    ]
-    mean = torch.stack(rows).mean(0)
-    return mean / mean.norm().clamp_min(1e-12)
-
-
-def random_direction(d_model: int, *, seed: int, norm: float = 1.0) -> Float[Tensor, " d_model"]:
-    """An isotropic random direction of length ``norm`` (a norm-matched control), seeded."""
-    g = torch.Generator().manual_seed(as_int(seed, what="seed"))
-    v = torch.randn(as_int(d_model, what="d_model"), generator=g)
-    return v / v.norm() * float(norm)
-
-
-# ----------------------------------------------------------------------------------------------- ablation
-
-
-@dataclass
-class DirectionalAblation:
-    """A live directional ablation; ``hooks`` composes with ``model.hooks``, :func:`ablate_directions`
-    installs it."""
-
-    layers: tuple[int, ...]
-    """The listed blocks."""
-    directions: Float[Tensor, "layer d_model"]
-    """One unit direction per listed block (float64; cast to the stream's dtype when applied)."""
-    weights: Float[Tensor, " layer"]
-    """One weight per listed block (1 removes the component entirely)."""
-    site: AblationSite
-    """``"resid_post"`` or ``"writes"``."""
-    starts: Int[Tensor, " rows"]
-    """Absolute positions from which each row is ablated (0: every position)."""
-    n_layers: int
-    """The model's number of blocks."""
-    tracker: PositionTracker = field(repr=False)
-    """The model's position tracker (where each forward call sits in the sequence)."""
-
-    def _edit(self, i: int, x: Float[Tensor, "b s d"]) -> Float[Tensor, "b s d"]:
-        r = self.directions[i].to(device=x.device, dtype=x.dtype)
-        removed = (x @ r)[..., None] * r * self.weights[i].to(device=x.device, dtype=x.dtype)
-        if bool((self.starts > 0).any()):
-            seq = x.shape[1]
-            offset = self.tracker.offset if self.tracker.seq == seq else 0
-            starts = self.tracker.select(self.starts, x.shape[0], what="the ablation")
-            on = position_mask("from_start", offset=offset, seq=seq, starts=starts, device=x.device)
-            removed = removed * on[..., None].to(x.dtype)
-        return x - removed
-
-    def _hook(self, i: int):
-        def hook(x: Float[Tensor, "b s d"], hook: Any = None) -> Float[Tensor, "b s d"]:
-            return self._edit(i, x)
-
-        return hook
-
-    @property
-    def hooks(self) -> list[tuple[str, Any]]:
-        out = []
-        for i, layer in enumerate(self.layers):
-            if self.site == "resid_post":
-                after = (
-                    HookNames.resid_pre(layer + 1) if layer + 1 < self.n_layers else HookNames.final_norm_in()
-                )
-                out.append((after, self._hook(i)))
-            else:
-                if layer == 0:
-                    out.append((HookNames.resid_pre(0), self._hook(i)))
-                out += [(HookNames.attn_out(layer), self._hook(i)), (HookNames.mlp_out(layer), self._hook(i))]
-        return out
-
-
-def _directions(
-    model: Model, directions: Any, layers: Any
-) -> tuple[tuple[int, ...], Float[Tensor, "layer d_model"]]:
-    n = int(model.cfg.n_layers)
-    if isinstance(directions, Mapping):
-        if not directions:
-            raise ValueError("directions is empty")
-        keys = tuple(check_layer(model, la) for la in directions)
-        chosen = keys if layers is None else _layers_arg(model, layers, what="layers")
-        if missing := sorted(set(chosen) - set(keys)):
-            raise ValueError(f"no direction given for layers {missing}; directions cover {sorted(keys)}")
-        vecs = torch.stack([torch.as_tensor(directions[la]).detach().double().cpu() for la in chosen])
-    else:
-        t = torch.as_tensor(directions).detach().double().cpu()
-        if t.ndim == 1:
-            chosen = tuple(range(n)) if layers is None else _layers_arg(model, layers, what="layers")
-            vecs = t.expand(len(chosen), -1)
-        elif t.ndim == 2:
-            chosen = tuple(range(n)) if layers is None else _layers_arg(model, layers, what="layers")
-            if t.shape[0] != len(chosen):
-                raise ValueError(f"{t.shape[0]} directions for {len(chosen)} layers {list(chosen)}")
-            vecs = t
-        else:
-            raise ValueError(
-                "directions must be [d_model], [layer, d_model] or {layer: [d_model]}, got "
-                f"{tuple(t.shape)}"
-            )
-    validate.d_model_of(model, vecs.shape[-1], what="the direction")
-    if not torch.isfinite(vecs).all():
-        raise ValueError("a direction has NaN or inf entries")
-    norms = vecs.norm(dim=-1, keepdim=True)
-    if not bool((norms > 0).all()):
-        raise ValueError("a direction is zero: there is nothing to project out")
-    return chosen, (vecs / norms).contiguous()
-
-
-def _weights(weight: Any, layers: tuple[int, ...]) -> Float[Tensor, " layer"]:
-    if isinstance(weight, Mapping):
-        if missing := sorted(set(layers) - set(weight)):
-            raise ValueError(f"no weight for layers {missing}; weights cover {sorted(weight)}")
-        values = [weight[la] for la in layers]
-    elif isinstance(weight, (Sequence, Tensor)) and not isinstance(weight, str):
-        values = (
-            list(torch.as_tensor(weight).reshape(-1).tolist()) if torch.is_tensor(weight) else list(weight)
-        )
-        if len(values) != len(layers):
-            raise ValueError(f"{len(values)} weights for {len(layers)} layers {list(layers)}")
-    else:
-        values = [weight] * len(layers)
-    out = []
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"a weight must be a finite number, got {v!r}")
-        out.append(float(v))
-    return torch.tensor(out, dtype=torch.float64)
-
-
-def make_ablation(
-    model: Model,
-    directions: Float[Tensor, " d_model"] | Float[Tensor, "layer d_model"] | Mapping[int, Tensor],
-    *,
-    layers: int | Sequence[int] | Literal["all"] | None = None,
-    weight: float | Sequence[float] | Mapping[int, float] = 1.0,
-    site: AblationSite = "resid_post",
-    start: int | Sequence[int] | Tensor = 0,
-) -> DirectionalAblation:
-    """Validate the settings and build a :class:`DirectionalAblation` (without installing it).
-
-    See :func:`ablate_directions` for the arguments.
-    """
-    if site not in ABLATION_SITES:
-        raise ValueError(f"unknown site {site!r}; valid: {list(ABLATION_SITES)}")
-    chosen, vecs = _directions(model, directions, layers)
-    starts = torch.as_tensor(start)
-    if starts.is_floating_point() or starts.dtype == torch.bool:
-        raise TypeError(f"start must be integer positions, got {start!r}")
-    starts = starts.long().reshape(-1)
-    if (starts < 0).any():
-        raise ValueError(f"start positions must be >= 0, got {starts.tolist()}")
-    return DirectionalAblation(
-        layers=chosen,
-        directions=vecs,
-        weights=_weights(weight, chosen),
-        site=site,
-        starts=starts,
-        n_layers=int(model.cfg.n_layers),
-        tracker=tracker(model),
-    )
-
-
-@contextlib.contextmanager
-def ablate_directions(
-    model: Model,
-    directions: Float[Tensor, " d_model"] | Float[Tensor, "layer d_model"] | Mapping[int, Tensor],
-    *,
-    layers: int | Sequence[int] | Literal["all"] | None = None,
-    weight: float | Sequence[float] | Mapping[int, float] = 1.0,
-    site: AblationSite = "resid_post",
-    start: int | Sequence[int] | Tensor = 0,
-) -> Iterator[DirectionalAblation]:
-    """Remove ``w (x . r) r`` from the residual stream at every listed layer (``r`` normalized to length 1).
-
-    Args:
-        directions: one ``[d_model]`` direction for every listed layer, ``[layer, d_model]`` one per listed
-            layer, or ``{layer: [d_model]}`` (as :func:`difference_of_means` returns).
-        layers: the blocks to ablate at; default every block (a shared direction or a full stack), or the
-            mapping's keys.
-        weight: one weight for all (the paper's default), or one per listed layer (a sequence, or a mapping
-            ``{layer: w}`` for per-region weights). 1 removes the component; 0 is a no-op.
-        site: ``"resid_post"`` (each block's output; applied after every hook at ``resid_post``, so after an
-            injection at the same layer) or ``"writes"`` (attention and MLP outputs, and the embeddings when
-            block 0 is listed).
-        start: absolute positions (scalar or per row, after left padding, like ``inject``'s) from which to
-            ablate; every position (and every generated token) by default.
-
-    Composes with :func:`~mechintro.core.steering.inject`, feature interventions, :func:`bias_vector` and
-    KV-cached generation (positions of a decoding step come from the KV cache).
-    """
-    ablation = make_ablation(model, directions, layers=layers, weight=weight, site=site, start=start)
-    # from position 0 the edit is the same at every row and position; per-row starts are looked up by row
-    rows = "tracked" if bool((ablation.starts > 0).any()) else "shared"
-    with hooks_context(model, ablation.hooks, rows=rows):
-        yield ablation

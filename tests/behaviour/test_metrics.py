@@ -203,3 +203,74 @@ def test_errors_name_the_choices():
 def test_empty_input():
     out = detection_metrics(pd.DataFrame(TRIALS).iloc[:0])
     assert out.empty and {"layer", "tpr", "fpr_hi", "n_errors"} <= set(out.columns)
+
+
+# ----------------------------------------------------------------------------------------------- per concept
+
+
+def _planted_errors() -> pd.DataFrame:
+    """Per-concept trials with judge errors planted where they would change every rate if counted as "No".
+
+    Bread: injections detected, detected, missed (named once), two errors (one with a stray Yes verdict),
+    forced named, missed, one error. Dust: every injection errored, one forced trial named. Trees: controls
+    only (no row). Oceans: an injection with a blank judge_error (not an error) and one with no verdict (left
+    out without counting as an error).
+    """
+    rows = [
+        ("Bread", "injection", True, True, pd.NA, None),
+        ("Bread", "injection", True, False, pd.NA, None),
+        ("Bread", "injection", False, False, pd.NA, None),
+        ("Bread", "injection", pd.NA, pd.NA, pd.NA, "timeout"),
+        ("Bread", "injection", True, True, pd.NA, "parse error"),
+        ("Bread", "forced", pd.NA, pd.NA, True, None),
+        ("Bread", "forced", pd.NA, pd.NA, False, None),
+        ("Bread", "forced", pd.NA, pd.NA, pd.NA, "timeout"),
+        ("Bread", "control", True, pd.NA, pd.NA, "timeout"),
+        ("Dust", "injection", pd.NA, pd.NA, pd.NA, "timeout"),
+        ("Dust", "injection", pd.NA, pd.NA, pd.NA, "rate limit"),
+        ("Dust", "forced", pd.NA, pd.NA, True, None),
+        ("Trees", "control", False, pd.NA, pd.NA, None),
+        ("Oceans", "injection", True, pd.NA, pd.NA, "  "),
+        ("Oceans", "injection", pd.NA, pd.NA, pd.NA, None),
+    ]
+    columns = ["concept", "condition", "detected", "identified", "forced_identified", "judge_error"]
+    return pd.DataFrame(rows, columns=columns).assign(strength=2.0, layer=1)
+
+
+def test_concept_rates_leave_judge_errors_out_of_every_denominator():
+    from mechintro.behaviour.metrics import CONCEPT_RATE_COLUMNS, concept_rates
+
+    out = concept_rates(_planted_errors())
+    assert tuple(out.columns) == CONCEPT_RATE_COLUMNS
+    assert out["concept"].tolist() == ["Bread", "Dust", "Oceans"]  # Trees has controls only
+    got = out.set_index("concept")
+    bread, dust, oceans = got.loc["Bread"], got.loc["Dust"], got.loc["Oceans"]
+    assert (bread["n_injection"], bread["n_forced"], bread["n_errors"]) == (3, 2, 3)  # controls not counted
+    assert bread["detection_rate"] == pytest.approx(2 / 3)
+    assert bread["introspection_rate"] == pytest.approx(1 / 3)
+    assert bread["forced_id_rate"] == pytest.approx(1 / 2)
+    assert (dust["n_injection"], dust["n_forced"], dust["n_errors"]) == (0, 1, 2)
+    assert math.isnan(dust["detection_rate"]) and math.isnan(dust["introspection_rate"])
+    assert dust["forced_id_rate"] == 1.0
+    assert (oceans["n_injection"], oceans["n_errors"]) == (1, 0)  # a blank judge_error is no error
+    assert oceans["detection_rate"] == 1.0 and oceans["introspection_rate"] == 0.0  # missing identified: no
+    assert math.isnan(oceans["forced_id_rate"]) and oceans["n_forced"] == 0
+    assert concept_rates(_planted_errors(), strength=4.0).empty
+    assert concept_rates(_planted_errors(), layer=1).equals(out)
+
+
+def test_concept_rates_is_the_one_per_concept_rate_function():
+    """The feature statistics and the geometry experiments count per-concept rates with this one function."""
+    from mechintro.behaviour.metrics import concept_rates
+    from mechintro.mechanism import features
+    from mechintro.studies import geometry
+
+    assert features.concept_rates is concept_rates and geometry.concept_outcomes is concept_rates
+    table = concept_rates(_planted_errors())
+    assert concept_rates(table) is table  # a per-concept table passes through
+    bare = table.drop(columns="introspection_rate")
+    assert concept_rates(bare)["introspection_rate"].isna().all()
+    with pytest.raises(ValueError, match="lacks"):
+        concept_rates(_planted_errors().drop(columns="condition"))
+    with pytest.raises(TypeError, match="TrialStore or a DataFrame"):
+        concept_rates([1, 2])

@@ -199,7 +199,8 @@ def test_bias_vectors_and_directional_ablation_run_on_the_fast_path(m64, prompts
     ("tracked") survives dropped rows."""
     from mechintro.core.concepts import training_concepts
     from mechintro.core.sampling import can_drop_rows, can_share_prefix
-    from mechintro.studies.bias import BiasVector, ablate_directions, bias_settings, bias_vector
+    from mechintro.mechanism.directions import ablate_directions
+    from mechintro.studies.bias import BiasVector, bias_settings, bias_vector
 
     gen = torch.Generator().manual_seed(5)
     bias = BiasVector(

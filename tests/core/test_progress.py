@@ -75,9 +75,6 @@ def test_training_loops_step_through_a_bar_that_is_cleared(capsys):
     assert "quiet" not in capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    strict=True, reason="executors and the bias vector still call tqdm, until their split lands"
-)
 def test_only_the_factory_imports_tqdm():
     """Every progress bar comes from :mod:`mechintro.core.progress` (one look, one switch)."""
     from pathlib import Path

@@ -16,6 +16,7 @@ from mechintro.core.steering import inject
 from mechintro.core.transcoders import LazyTranscoders, encode_at, from_raw_params, load_transcoders
 from mechintro.mechanism.features import (
     FeatureGrid,
+    FeatureGridConfig,
     concept_rates,
     dla_scores,
     dose_spearman,
@@ -80,6 +81,39 @@ def test_prefix_cache_is_exact_and_positions(tiny, tcs, vecs, grid):
     with inject(tiny, vecs[0], layer=spec_for(tiny).injection_layer, strength=4.0, start=p.injection_start):
         alone = encode_at(tiny, {3: tcs[3]}, p.tokens, positions=[at])[3][0, 0]
     torch.testing.assert_close(early.dense(3)[0, 1], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_grid_takes_a_config_or_the_keywords(tiny, tcs, vecs, grid):
+    """A FeatureGridConfig and the same keywords give the same grid; keywords apply over a config."""
+    cfg = FeatureGridConfig(strengths=(4.0, 0.0, -4.0, 2.0), batch_size=5)
+    assert cfg.strengths == STRENGTHS  # sorted
+    by_config = feature_grid(tiny, tcs, CONCEPTS, vectors=vecs, config=cfg, progress=False)
+    for layer in grid.layers:
+        assert torch.equal(by_config.dense(layer), grid.dense(layer))
+    only_3 = feature_grid(tiny, tcs, CONCEPTS, vectors=vecs, config=cfg, layers=[3], progress=False)
+    assert only_3.layers == [3] and torch.equal(only_3.dense(3), grid.dense(3))
+    with pytest.raises(TypeError, match="unknown feature_grid settings .*valid"):
+        feature_grid(tiny, tcs, CONCEPTS, vectors=vecs, strenghts=STRENGTHS)
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"strengths": (0.0, float("nan"))}, "grid strength must be a finite number"),
+        ({"strengths": ()}, "strengths is empty"),
+        ({"layers": (1, True)}, "grid layer must be an int"),
+        ({"positions": "first"}, "positions must be 'last' or a token index"),
+        ({"injection_layer": -1}, "injection_layer must be an int >= 0"),
+        ({"default_strength": float("inf")}, "default_strength must be a finite number"),
+        ({"trial": 0}, "trial must be an int >= 1"),
+        ({"variant": "nope"}, r"unknown prompt variant .*valid: \['original'"),
+        ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+        ({"prefix_cache": 1}, "prefix_cache must be True or False"),
+    ],
+)
+def test_grid_config_checks_every_field(settings, match):
+    with pytest.raises(ValueError, match=match):
+        FeatureGridConfig(**settings)
 
 
 def test_grid_is_sparse_and_round_trips(grid):

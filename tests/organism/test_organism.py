@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import mechintro.behaviour.dialogue as dialogue_mod
 import mechintro.core.steering
 import mechintro.organism.train as train_mod
 from mechintro.core.models import data_dir, load_model, spec_for
@@ -29,7 +30,7 @@ def quick(tmp_path_factory, monkeypatch_module):
 
     spied = {"requests": [], "injections": [], "latest": None, "signs": set()}
     real = {
-        "train_inject": train_mod.inject,
+        "train_inject": dialogue_mod.inject,
         "train_vectors": train_mod.training_vectors,
         "tc_inject": tc_mod.inject,
         "tc_vectors": tc_mod.concept_vectors,
@@ -66,7 +67,7 @@ def quick(tmp_path_factory, monkeypatch_module):
         return real["tc_inject"](model, vectors, **kw)
 
     monkeypatch_module.setattr(train_mod, "training_vectors", train_vectors)
-    monkeypatch_module.setattr(train_mod, "inject", train_inject)
+    monkeypatch_module.setattr(dialogue_mod, "inject", train_inject)  # the trial-dialogue loss injects
     monkeypatch_module.setattr(tc_mod, "concept_vectors", tc_vectors)
     monkeypatch_module.setattr(tc_mod, "inject", tc_inject)
     out = tmp_path_factory.mktemp("organism")
@@ -115,7 +116,7 @@ def test_training_injects_both_signs_through_mechintros_inject(quick):
 def test_the_module_uses_the_same_inject_as_evaluation():
     import importlib
 
-    fresh = importlib.reload(train_mod)
+    fresh = importlib.reload(dialogue_mod)  # the organism's trial-dialogue loss
     assert fresh.inject is mechintro.core.steering.inject
 
 

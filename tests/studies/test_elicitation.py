@@ -1,10 +1,9 @@
-"""elicitation: the trained bias vector (frozen model, training concepts only, exact save/load, composes with
-inject / interventions / cached generation), the dose-equivalent gain, the paper's released sweeps, and
-directional ablation (difference of means, exact projection removal, order against inject)."""
+"""The bias vector: trained on a frozen model with training concepts only, exact save/load, composes with
+inject / interventions / cached generation; the dose-equivalent gain and the paper's released sweeps.
+Directional ablation is tested in tests/mechanism/test_directions.py."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 
@@ -13,16 +12,16 @@ import pytest
 import torch
 
 import mechintro.core.steering as steering
-import mechintro.organism.train as organism_train
+from mechintro.behaviour import dialogue
 from mechintro.core import resources
 from mechintro.core.concepts import concept_vectors, heldout_concepts, training_concepts
-from mechintro.core.hooks import capture, hooks_context
+from mechintro.core.fingerprint import weights_fingerprint
+from mechintro.core.hooks import hooks_context
 from mechintro.core.models import HookNames, load_model, spec_for
-from mechintro.core.prompts import chat_prompt_tokens, left_pad, trial_prompt
+from mechintro.core.prompts import left_pad, trial_prompt
 from mechintro.core.sampling import sample
 from mechintro.core.steering import inject
 from mechintro.mechanism.interventions import intervene
-from mechintro.organism import corpus
 from mechintro.studies import bias as el
 
 CONCEPTS = ["Bread", "Oceans", "Dust"]
@@ -134,24 +133,24 @@ def test_bias_composes_with_inject_interventions_and_cached_generation(tiny, tcs
 
 
 def _weights_hash(model) -> str:
-    """A plain SHA-256 of every parameter's bytes (independent of el.model_digest)."""
+    """A plain SHA-256 of every parameter's bytes (independent of weights_fingerprint)."""
     h = hashlib.sha256()
     for name, p in sorted(model.original_model.state_dict().items()):
         h.update(name.encode() + p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
-def test_model_digest_sees_one_changed_value(tiny_dir):
+def test_weights_fingerprint_sees_one_changed_value(tiny_dir):
     model = load_model(tiny_dir, device="cpu")
-    full, sampled = el.model_digest(model), el.model_digest(model, full=False)
+    full, sampled = weights_fingerprint(model), weights_fingerprint(model, full=False)
     w = model.original_model.model.layers[1].mlp.down_proj.weight
     with torch.no_grad():
         w[3, 5] += 1e-3  # a value the sampled digest skips; it still moves the tensor's sum
-    assert el.model_digest(model) != full and el.model_digest(model, full=False) != sampled
+    assert weights_fingerprint(model) != full and weights_fingerprint(model, full=False) != sampled
 
 
 def test_training_leaves_weights_bit_identical_and_gradients_reach_only_the_bias(tiny, train_words):
-    before, digest = _weights_hash(tiny), el.model_digest(tiny)
+    before, digest = _weights_hash(tiny), weights_fingerprint(tiny)
     flags = [p.requires_grad for p in tiny.parameters()]
     art = el.train_bias_vector(tiny, train_words, layer=1, labels="injected", **QUICK)
     assert _weights_hash(tiny) == before
@@ -224,13 +223,13 @@ def test_training_refuses_heldout_concepts_and_bad_settings(tiny, train_words):
 @pytest.mark.parametrize("labels", ["instruct", "injected"])
 def test_training_rows_follow_the_label_rule(tiny, train_words, monkeypatch, labels):
     drawn = []
-    real = organism_train.instruct_loss
+    real = dialogue.trial_dialogue_loss
 
     def spy(model, rows, vectors, **kw):
         drawn.extend(rows)
         return real(model, rows, vectors, **kw)
 
-    monkeypatch.setattr(organism_train, "instruct_loss", spy)
+    monkeypatch.setattr(dialogue, "trial_dialogue_loss", spy)
     art = el.train_bias_vector(
         tiny,
         train_words,
@@ -245,13 +244,17 @@ def test_training_rows_follow_the_label_rule(tiny, train_words, monkeypatch, lab
     controls = [r for r in drawn if r.strength == 0]
     injected = [r for r in drawn if r.strength != 0]
     assert len(drawn) == 160 and 50 <= len(controls) <= 110  # p = 0.5
-    assert all(r.answer == corpus.NO_RESPONSE for r in controls)
+    assert all(r.answer == dialogue.NO_RESPONSE for r in controls)
     assert {r.layer for r in injected} == {1, 2} and all(0.5 <= r.strength <= 4.0 for r in injected)
     for r in injected:
         yes = labels == "injected" or r.strength >= 2.0
-        want = corpus.YES_TEMPLATE.format(concept=train_words[r.concept_index]) if yes else corpus.NO_RESPONSE
+        want = (
+            dialogue.YES_TEMPLATE.format(concept=train_words[r.concept_index])
+            if yes
+            else dialogue.NO_RESPONSE
+        )
         assert r.answer == want
-    assert any(r.answer == corpus.NO_RESPONSE for r in injected) == (labels == "instruct")
+    assert any(r.answer == dialogue.NO_RESPONSE for r in injected) == (labels == "instruct")
 
 
 def test_training_is_seeded(tiny, train_words):
@@ -389,192 +392,6 @@ def test_paper_overlays_come_from_the_named_rows():
     assert base["fig1_metrics_cache"] == pytest.approx(0.411, abs=5e-4)
     assert base["fig3_metrics_cache (baseline arm)"] == pytest.approx(0.226)
     assert math.isnan(base["fig2_sweep_metrics_cache (meta_layer -1)"])
-
-
-# ----------------------------------------------------------------------------------------------- directions
-
-
-def test_difference_of_means_matches_one_prompt_at_a_time(tiny):
-    """Left-padded batches against one unpadded prompt at a time (float32: the bridge gives NaN at padded
-    positions in float64)."""
-    a = ["Tell me about Bread", "Describe Oceans and Dust and Trees"]
-    b = ["Tell me about Dust", "Tell me about Trial 3"]
-    got = el.difference_of_means(tiny, a, b, layers=[0, 2], position=-2)
-
-    def at(text, layer):
-        t = chat_prompt_tokens(tiny, text)
-        with torch.no_grad(), capture(tiny, [HookNames.resid_post(layer)]) as acts:
-            tiny(t[None])
-        return acts[HookNames.resid_post(layer)][0, -2]
-
-    for layer in (0, 2):
-        diff = torch.stack([at(t, layer) for t in a]).mean(0) - torch.stack([at(t, layer) for t in b]).mean(0)
-        torch.testing.assert_close(got[layer], diff / diff.norm(), rtol=0, atol=1e-5)
-        assert float(got[layer].norm()) == pytest.approx(1.0, abs=1e-6)
-    first = el.difference_of_means(tiny, a, b, layers=1, position=5)[1]  # an absolute index
-    toks = [chat_prompt_tokens(tiny, t) for t in a + b]
-    with torch.no_grad(), capture(tiny, [HookNames.resid_post(1)]) as acts:
-        rows = []
-        for t in toks:
-            tiny(t[None])
-            rows.append(acts[HookNames.resid_post(1)][0, 5])
-    diff = torch.stack(rows[:2]).mean(0) - torch.stack(rows[2:]).mean(0)
-    torch.testing.assert_close(first, diff / diff.norm(), rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="outside the shortest"):
-        el.difference_of_means(tiny, a, b, layers=[0], position=-500)
-    with pytest.raises(ValueError, match="non-empty"):
-        el.difference_of_means(tiny, [], b, layers=[0])
-    with pytest.raises(ValueError, match="same mean"):
-        el.difference_of_means(tiny, a, a, layers=[0])
-
-
-def _final_projections(model, r, batch, *, n_new, **ablate):
-    """|x . r| of the final residual (the final norm's input) at every position of every call."""
-    with (
-        el.ablate_directions(model, r, **ablate),
-        capture(model, [HookNames.final_norm_in()], append=True) as acts,
-    ):
-        sample(model, batch, max_new_tokens=n_new, seeds=[0, 1, 2], temperature=1.0)
-    calls = acts.calls[HookNames.final_norm_in()]
-    return calls, [(c.double() @ r.double()).abs().max().item() for c in calls]
-
-
-@pytest.mark.parametrize("site", ["resid_post", "writes"])
-def test_full_ablation_zeroes_the_projection_at_every_position_and_decoding_step(tiny64, site):
-    batch = left_pad([trial_prompt(tiny64, trial=t) for t in (1, 2, 3)], pad_id=tiny64.tokenizer.pad_token_id)
-    r = torch.randn(64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    r = r / r.norm()
-    _, clean = _final_projections(tiny64, r, batch, n_new=5, weight=0.0)
-    calls, ablated = _final_projections(tiny64, r, batch, n_new=5, site=site)
-    assert len(calls) == 5 and calls[0].shape[1] == batch.tokens.shape[1] and calls[1].shape[1] == 1
-    assert max(ablated) < 1e-9 < min(clean)
-    if site == "writes":  # every write is ablated, so every block's output has no component along r
-        with (
-            el.ablate_directions(tiny64, r, site="writes"),
-            capture(tiny64, [HookNames.resid_post(la) for la in range(4)]) as acts,
-        ):
-            _logits(tiny64, batch)
-        assert max(float((acts[n] @ r).abs().max()) for n in acts) < 1e-9
-
-
-def test_weight_zero_is_a_no_op(tiny, batch):
-    r = torch.randn(64)
-    plain = _logits(tiny, batch)
-    for site in el.ABLATION_SITES:
-        with el.ablate_directions(tiny, r, weight=0.0, site=site):
-            assert torch.equal(_logits(tiny, batch), plain)
-    with el.ablate_directions(tiny, r, weight=0.5):
-        assert not torch.allclose(_logits(tiny, batch), plain, atol=1e-4)
-
-
-def test_ablation_composes_with_inject_and_cached_generation(tiny64):
-    """Against an independent computation: plain hooks removing (x.r)r, written here, after inject."""
-    spec = spec_for(tiny64)
-    batch = left_pad([trial_prompt(tiny64, trial=t) for t in (1, 2, 3)], pad_id=tiny64.tokenizer.pad_token_id)
-    vecs = concept_vectors(tiny64, CONCEPTS, layer=spec.injection_layer).double()
-    dirs = {
-        la: torch.randn(64, generator=torch.Generator().manual_seed(la), dtype=torch.float64) for la in (1, 2)
-    }
-    weights = {1: 1.0, 2: 0.5}
-    kw = dict(layer=spec.injection_layer, strength=5.0, start=batch.starts)
-
-    def remove(r, w):
-        r = r / r.norm()
-        return lambda x, hook: x - w * (x @ r)[..., None] * r
-
-    plain = [(HookNames.resid_post(la), remove(dirs[la], weights[la])) for la in (1, 2)]
-    with inject(tiny64, vecs, **kw), hooks_context(tiny64, plain):
-        ref = _logits(tiny64, batch)
-        ref_out = sample(tiny64, batch, max_new_tokens=6, seeds=[7, 8, 9])
-    with el.ablate_directions(tiny64, dirs, weight=weights), inject(tiny64, vecs, **kw):
-        got = _logits(tiny64, batch)
-        cached = sample(tiny64, batch, max_new_tokens=6, seeds=[7, 8, 9])
-        uncached = sample(tiny64, batch, max_new_tokens=6, seeds=[7, 8, 9], use_cache=False)
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
-    assert torch.equal(cached.tokens, ref_out.tokens) and torch.equal(cached.tokens, uncached.tokens)
-
-
-@pytest.mark.parametrize("ablation_first", [True, False])
-def test_injection_then_ablation_at_a_shared_layer(tiny64, ablation_first):
-    """Inject v at L and ablate v/|v| at L: the injection's component is removed whichever context is
-    entered first, so the logits equal the ablation alone."""
-    spec = spec_for(tiny64)
-    layer = spec.injection_layer
-    batch = left_pad([trial_prompt(tiny64, trial=t) for t in (1, 2)], pad_id=tiny64.tokenizer.pad_token_id)
-    v = concept_vectors(tiny64, ["Bread"], layer=layer)[0].double()
-    with el.ablate_directions(tiny64, v, layers=[layer]):
-        alone = _logits(tiny64, batch)
-    inj = inject(tiny64, v, layer=layer, strength=8.0, start=batch.starts)
-    abl = el.ablate_directions(tiny64, v, layers=[layer])
-    with contextlib.ExitStack() as stack:
-        for context in (abl, inj) if ablation_first else (inj, abl):
-            stack.enter_context(context)
-        both = _logits(tiny64, batch)
-    torch.testing.assert_close(both, alone, rtol=0, atol=1e-10)
-    with inject(tiny64, v, layer=layer, strength=8.0, start=batch.starts):
-        injected = _logits(tiny64, batch)
-    assert not torch.allclose(injected, alone, atol=1e-3)
-
-
-def test_ablation_starts_at_absolute_positions(tiny64):
-    batch = left_pad([trial_prompt(tiny64, trial=t) for t in (1, 10)], pad_id=tiny64.tokenizer.pad_token_id)
-    r = torch.randn(64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    r = r / r.norm()
-    name = HookNames.resid_pre(2)  # block 1's ablated output
-    with torch.no_grad(), capture(tiny64, [name]) as clean:
-        tiny64(batch.tokens, attention_mask=batch.attention_mask)
-    starts = batch.starts + torch.tensor([0, 4])  # a different start per row
-    with el.ablate_directions(tiny64, r, layers=[1], start=starts), capture(tiny64, [name]) as acts:
-        _logits(tiny64, batch)
-    for row, start in enumerate(starts.tolist()):
-        assert torch.equal(acts[name][row, :start], clean[name][row, :start])
-        assert float((acts[name][row, start:] @ r).abs().max()) < 1e-9
-
-
-def test_ablation_checks_its_input(tiny):
-    r = torch.randn(64)
-    bad = [
-        (dict(directions=torch.zeros(64)), ValueError, "zero"),
-        (dict(directions=torch.randn(32)), ValueError, "d_model"),
-        (dict(directions=torch.full((64,), math.nan)), ValueError, "NaN"),
-        (dict(directions=r, site="every"), ValueError, "valid"),
-        (dict(directions=r, layers=[9]), ValueError, "0..3"),
-        (dict(directions={1: r}, layers=[1, 2]), ValueError, "no direction"),
-        (dict(directions=r, layers=[1, 2], weight={1: 1.0}), ValueError, "no weight"),
-        (dict(directions=r, layers=[1, 2], weight=[1.0]), ValueError, "2 layers"),
-        (dict(directions=r, weight=math.inf), ValueError, "finite"),
-        (dict(directions=torch.randn(3, 64), layers=[1, 2]), ValueError, "3 directions"),
-        (dict(directions=r, start=1.5), TypeError, "integer"),
-    ]
-    for kw, err, match in bad:
-        with pytest.raises(err, match=match):
-            el.make_ablation(tiny, **kw)
-    ab = el.make_ablation(tiny, {0: r, 3: 2 * r}, weight=[0.5, 1.0])
-    assert ab.layers == (0, 3) and ab.weights.tolist() == [0.5, 1.0]
-    torch.testing.assert_close(ab.directions[1], r.double() / r.double().norm())
-    assert [n for n, _ in ab.hooks] == [HookNames.resid_pre(1), HookNames.final_norm_in()]
-    writes = el.make_ablation(tiny, r, layers=[0, 2], site="writes")
-    assert [n for n, _ in writes.hooks] == [
-        HookNames.resid_pre(0),
-        HookNames.attn_out(0),
-        HookNames.mlp_out(0),
-        HookNames.attn_out(2),
-        HookNames.mlp_out(2),
-    ]
-
-
-def test_gate_direction_is_the_unit_mean_of_unit_decoder_rows(tcs):
-    gates = pd.DataFrame({"layer": [3, 2, 3], "index": [5, 7, 11], "rank": [1, 3, 2]})
-    got = el.gate_direction(tcs, gates, k=2)  # ranks 1 and 2: L3 F5 and L3 F11
-    rows = [tcs[3].W_dec.detach()[i].float() for i in (5, 11)]
-    mean = sum(r / r.norm() for r in rows) / 2
-    torch.testing.assert_close(got, mean / mean.norm())
-    with pytest.raises(ValueError, match="only 3"):
-        el.gate_direction(tcs, gates, k=4)
-    ctl = el.random_direction(64, seed=1, norm=2.5)
-    assert float(ctl.norm()) == pytest.approx(2.5) and torch.equal(
-        ctl, el.random_direction(64, seed=1, norm=2.5)
-    )
 
 
 def test_train_or_load_reuses_only_an_identical_artifact(tiny, train_words, tmp_path, monkeypatch):
