@@ -458,11 +458,10 @@ def attribution_graph(
     """The steering-attribution graph of one concept: injection -> features -> metric, hop by hop.
 
     Args:
-        transcoders / saes / strengths / metric / integration / layer / trial / variant / batch_size /
-            prefix_cache / progress: as :func:`mechintro.attribution.passes.steering_attribution` (which runs
-            first,
-            for
-            ``concept`` alone, unless ``attribution`` is given).
+        Other arguments: ``transcoders``, ``saes``, ``strengths``, ``metric``, ``integration``, ``layer``,
+            ``trial``, ``variant``, ``batch_size``, ``prefix_cache`` and ``progress`` are those of
+            :func:`mechintro.attribution.passes.steering_attribution` (which runs first, for ``concept``
+            alone, unless ``attribution`` is given).
         concept: the injected concept.
         depth: hops beyond hop 0.
         vector: the concept vector (default: computed at the injection layer).

@@ -1059,8 +1059,7 @@ def steering_attribution(
 
     Args:
         transcoders: ``{layer: transcoder}`` (as :func:`mechintro.core.transcoders.load_transcoders` returns;
-        a
-            ``lazy=True`` mapping is read one layer at a time), or None with ``saes`` only.
+            a ``lazy=True`` mapping is read one layer at a time), or None with ``saes`` only.
         concepts: concept words (one row block each).
         strengths: the grid, strictly increasing (default :func:`strength_grid`: 21 points from 0 to the
             model's strength ``s*``); kept exactly as given.
@@ -1071,7 +1070,7 @@ def steering_attribution(
         integration: ``"trapezoid"`` or ``"simpson"`` (:func:`quadrature_weights`).
         layer: the injection layer (default: the model's); dictionaries before it are skipped.
         vectors: ``[concept, d_model]`` concept vectors (default:
-        :func:`mechintro.core.concepts.concept_vectors`).
+            :func:`mechintro.core.concepts.concept_vectors`).
         trial / variant: the trial prompt.
         batch_size: (concept, strength) rows per pass (results do not depend on it).
         prefix_cache: share the un-injected prefix's KV cache across rows (exact).

@@ -523,9 +523,8 @@ def concept_rates(behaviour: Any, *, strength: float | None = None, layer: int |
 
     Args:
         behaviour: a :class:`~mechintro.behaviour.store.TrialStore`, a trial DataFrame (columns concept,
-        condition,
-            detected, forced_identified, optionally judge_error, strength, layer), or a per-concept table
-            that already has ``detection_rate`` and ``forced_id_rate``.
+            condition, detected, forced_identified, optionally judge_error, strength, layer), or a per-concept
+            table that already has ``detection_rate`` and ``forced_id_rate``.
         strength / layer: keep only trials run at this strength / injection layer.
 
     Returns columns concept, detection_rate (P(detected | injection)), forced_id_rate
