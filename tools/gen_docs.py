@@ -12,12 +12,16 @@ Nothing here imports mechintro: griffe reads the sources, as mkdocstrings does.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import griffe
 import mkdocs_gen_files
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from docs_roles import SphinxRoles  # noqa: E402  (tools/ is not a package)
+
 PACKAGE = ROOT / "mechintro"
 FIGURES = ROOT / "figures"
 # The layer order, lowest first (ARCHITECTURE.md; tests/test_layers.py checks it). A sub-package that is not
@@ -74,7 +78,8 @@ def public_api(package: griffe.Module) -> str:
         module = target.module.path
         # objects with a docstring get their own anchor on their module's page; others link the module
         link = target.path if target.docstring else module
-        rows.append(f"| [`mi.{name}`][{link}] | [`{module}`][{module}] | {first_line(target)} |")
+        where = f"(in [`{module}`][{module}])"
+        rows.append(f"| [`mi.{name}`][{link}] | {' '.join(filter(None, [first_line(target), where]))} |")
     intro = (package.docstring.value.split("\n\n")[0] + "\n\n") if package.docstring else ""
     return (
         "# Public API\n\n"
@@ -82,7 +87,7 @@ def public_api(package: griffe.Module) -> str:
         + "`import mechintro as mi` gives these names (`mechintro.__all__`); their import path stays stable "
         "when modules move. Each links to its documentation on its module's page; the modules are listed by "
         "layer in the navigation.\n\n"
-        "| name | defined in | what it is |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+        "| name | what it is |\n|---|---|\n" + "\n".join(rows) + "\n"
     )
 
 
@@ -93,8 +98,13 @@ def write_reference() -> None:
     pages = {name: page_of(name, packages) for name in names if name != "mechintro"}
     for name, page in pages.items():
         with mkdocs_gen_files.open(f"reference/{page}", "w") as f:
-            f.write(f"# `{name}`\n\n::: {name}\n")
-    package = griffe.load("mechintro", search_paths=[str(ROOT)], docstring_parser="google")
+            f.write(f"::: {name}\n")  # the module's own heading is the page's title
+    package = griffe.load(
+        "mechintro",
+        search_paths=[str(ROOT)],
+        docstring_parser="google",
+        extensions=griffe.load_extensions(SphinxRoles),
+    )
     with mkdocs_gen_files.open("reference/index.md", "w") as f:
         f.write(public_api(package))
     nav = ["* [Public API](index.md)"]
