@@ -16,9 +16,12 @@ export TOKENIZERS_PARALLELISM := false
 # One resolution, for Python 3.11 on x86-64 Linux (the machines CI and the lock are for).
 COMPILE := $(UV) pip compile pyproject.toml --extra dev --python-version 3.11 \
 	--python-platform x86_64-unknown-linux-gnu --find-links $(FIND_LINKS) --quiet
+# The lock also holds the docs extra (mkdocs and its plugins), so `make docs` builds from the same .venv;
+# test-newest and test-oldest do not install it (they run the suite only).
+LOCK_EXTRAS := --extra docs
 
 .PHONY: setup browser test test-newest test-oldest lock wheel wheel-smoke test-slow lint format reproduce \
-	reproduce-quick figures bench mutants clean
+	reproduce-quick figures bench mutants docs clean
 
 $(UV): requirements/uv.txt
 	rm -rf .uv && $(PYTHON) -m venv .uv
@@ -57,7 +60,7 @@ test: lint
 
 # Refresh the lock: today's newest versions the ranges allow, torch held at its CPU build.
 lock: | $(UV)
-	$(COMPILE) --upgrade --generate-hashes --override $(TORCH) -o $(LOCK)
+	$(COMPILE) $(LOCK_EXTRAS) --upgrade --generate-hashes --override $(TORCH) -o $(LOCK)
 
 # The suite on the newest versions pyproject.toml allows (resolved now, not from the lock), torch held at the
 # lock's CPU build: torch's upper end is tested only there.
@@ -103,5 +106,11 @@ bench: $(STAMP)
 mutants: $(STAMP)
 	$(PY) tools/mutants.py
 
+# The documentation site into site/: mkdocs.yml, the pages in docs/, and the API reference that
+# docs/gen_reference.py generates at build time by walking the package. --strict: a broken reference or
+# link fails the build. The two variables silence the theme's and a plugin's notices about MkDocs 2.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(PY) -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf .venv .venv-newest .venv-newest.d .venv-oldest .venv-oldest.d .uv dist
+	rm -rf site .venv .venv-newest .venv-newest.d .venv-oldest .venv-oldest.d .uv dist

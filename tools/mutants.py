@@ -410,6 +410,14 @@ MUTANTS = (
         "acts = tc.encode(1.01 * x.to(tc.W_enc.device, tc.W_enc.dtype)).float().cpu()",
         ("tests/mechanism/test_features.py",),
     ),
+    Mutant(
+        "readme-tour-stale",
+        "the README's API tour runs as written (a tour left behind by an API change fails)",
+        "README.md",
+        "gates = mi.find_gates(model, tcs, grid)",
+        "gates = mi.find_gates(model, grid)",
+        ("tests/test_readme.py",),
+    ),
 )
 
 

@@ -186,9 +186,9 @@ def trial_prompt(
         trial: the trial number written into "Trial {trial}".
         variant: one of :data:`VARIANTS` (the paper's 7 and 3 supplementary), rendered with the chat template.
         persona: one of :data:`PERSONAS`; everything but ``standard_assistant`` is raw text (original
-        variant).
+            variant).
         prefill: text appended after the generation prompt (forced identification uses
-        :func:`forced_prefill`).
+            :func:`forced_prefill`).
         category: the anti-reward category (see :func:`category_of`).
         thoughts: the concept for the ``thoughts_in_context`` system prompt.
     """

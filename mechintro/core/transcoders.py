@@ -311,7 +311,7 @@ def load_transcoders(
             one sub-folder per layer named by ``id_pattern`` (each in sae-lens format or Google's raw
             ``params.safetensors``). Default: the model's own (the organism's, or Gemma Scope 2 for Gemma 3).
         id_pattern: id / sub-folder pattern with ``{layer}``, e.g.
-        ``"layer_{layer}_width_16k_l0_small_affine"``.
+            ``"layer_{layer}_width_16k_l0_small_affine"``.
         lazy: return a :class:`LazyTranscoders` that loads each layer on first use, holding at most ``keep``.
 
     Every transcoder is checked against the model (:func:`check_transcoder`): width, recorded layer,

@@ -204,8 +204,8 @@ def gate_curves_logit(
     """Gate curves scored from logits: Yes-vs-No gap (ablation, patching) or P(concept) (forced_ablation).
 
     Args:
-        gates: ranked gates (a :func:`~mechintro.mechanism.features.find_gates` table, names, or pairs); the
-        top ``k``.
+        gates: ranked gates (a :func:`~mechintro.mechanism.features.find_gates` table, names, or pairs);
+            the top ``k``.
         ks: numbers of gates (default :func:`default_ks`).
         experiments: from :data:`GATE_EXPERIMENTS`.
         positions / scale: of the feature intervention (:func:`mechintro.mechanism.interventions.intervene`).

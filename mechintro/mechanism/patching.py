@@ -314,9 +314,8 @@ def component_patching(
         concepts: concept words.
         vectors: ``[concept, d_model]`` concept vectors (computed at the injection layer when None).
         config: the settings (:class:`PatchingConfig`).
-        detection: the weights of ``metric="log_odds"`` (:func:`mechintro.core.readout.detection_weights` of
-        judged
-            trials); default: Yes tokens weigh 1 and No tokens 0.
+        detection: the weights of ``metric="log_odds"`` (:func:`mechintro.core.readout.detection_weights`
+            of judged trials); default: Yes tokens weigh 1 and No tokens 0.
         progress: show a progress bar over the intervention rows.
 
     Returns a tidy DataFrame: experiment, kind (``"intervention"``, or the baselines ``"steered"`` and
