@@ -42,6 +42,7 @@ from mechintro.mechanism.directions import (
 from mechintro.mechanism.features import FeatureGridConfig, feature_grid, find_evidence_carriers, find_gates
 from mechintro.mechanism.interventions import intervene, read_features
 from mechintro.mechanism.patching import PatchingConfig, component_patching
+from mechintro.mechanism.sharded import sharded_feature_grid
 from mechintro.studies.bias import BiasVector, bias_vector, load_bias_vector, train_bias_vector
 
 __all__ = [

@@ -54,8 +54,8 @@ def sharded_steering_attribution(
         transcoders: a ``{layer: transcoder}`` mapping (local executor only), or where the workers load them
             from (a sae-lens release or folder, or None for the model's own), lazily, one layer at a time.
         shards: how many concept chunks (at least one concept each).
-        Other arguments: those of :func:`~mechintro.attribution.passes.steering_attribution` (``saes`` must be
-        picklable to travel to Ray actors).
+        Other arguments: those of :func:`~mechintro.attribution.passes.steering_attribution` (``saes``
+            must be picklable to travel to Ray actors).
     """
     executor = resolve_executor(executor)
     concepts = check_concepts([concepts] if isinstance(concepts, str) else concepts)
