@@ -35,6 +35,27 @@ class Mutant:
 
 MUTANTS = (
     Mutant(
+        "deferred-upward-import",
+        "no layer imports an upper one, not even inside a function (the layer test walks every import)",
+        "mechintro/core/readout.py",
+        '''    """logsumexp(logits[Yes ids]) - logsumexp(logits[No ids])."""''',
+        '''    """logsumexp(logits[Yes ids]) - logsumexp(logits[No ids])."""
+    from mechintro.behaviour import metrics  # noqa: F401''',
+        ("tests/test_layers.py",),
+    ),
+    Mutant(
+        "deferred-import-circle",
+        "the package has no import circles, including ones hidden in function bodies",
+        "mechintro/behaviour/store.py",
+        """def _match(a: str, b: str) -> str:""",
+        """def _circle() -> None:
+    from mechintro.behaviour.leases import ClaimQueue  # noqa: F401
+
+
+def _match(a: str, b: str) -> str:""",
+        ("tests/test_layers.py::test_the_package_has_no_import_circles",),
+    ),
+    Mutant(
         "bridge-cache-shim-off",
         "through the bridge a prefill fills the KV cache on transformers >= 5.24 (cache=) as on 5.23",
         "mechintro/core/kvcache.py",
