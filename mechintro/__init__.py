@@ -1,8 +1,20 @@
 """mechintro: concept injection, introspection trials and circuit analysis (arXiv 2603.21396).
 
-The public API is re-exported here; see README.md for a tour. Modules: models, hooks, prompts, concepts,
-steering, sampling, readout, transcoders, trials, store, judges, metrics, patching, features, interventions,
-curves, attribution, graphs, geometry, elicitation, plots*.
+The public API is re-exported here (see README.md for a tour and docs/ for the reference). The package is
+layered, lowest first; a layer imports only the ones below it:
+
+* :mod:`mechintro.core`: models and hook names, prompts, concepts, injection, sampling, the fast path,
+  readouts, transcoders, argument checks, the weights fingerprint, settings;
+* :mod:`mechintro.behaviour`: trial plans and batches, run_trials and sweep, executors, leases, the trial
+  store, judges, metrics, the trial-dialogue loss;
+* :mod:`mechintro.mechanism`: patching, feature scores, gates and carriers, interventions, directions, curves;
+* :mod:`mechintro.attribution`: sites, metric, passes, result, graph, Neuronpedia export;
+* :mod:`mechintro.studies`: the geometry experiments and the bias vector;
+* :mod:`mechintro.organism`: the model organism's tokenizer, corpus, training, transcoders and evaluation;
+* :mod:`mechintro.plots`: one builder per figure, one style, one save;
+* :mod:`mechintro.cli`: the ``mechintro`` command and what the ``analyses/`` scripts share.
+
+:mod:`mechintro.testing` (tiny random models for your own tests) is imported by tests and users only.
 """
 
 from mechintro.attribution.config import AttributionConfig, GraphConfig
