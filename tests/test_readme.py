@@ -41,6 +41,19 @@ def test_tour_runs_on_the_organism(tmp_path, monkeypatch):
     assert namespace["logits"].shape[-2] == namespace["prompt"].tokens.shape[-1]  # a logit row per token
     assert set(namespace["df"]["concept"]) == set(namespace["concepts"])
     assert (tmp_path / "runs" / "trials.sqlite").is_file()
+    cfg = namespace["cfg"]  # "or those keywords": the keyword call reads the same stored rows
+    keywords = mi.run_trials(
+        model,
+        namespace["concepts"],
+        layer=cfg.layer,
+        strength=cfg.strength,
+        n_trials=2,
+        forced=True,
+        judge=mi.RuleJudge(),
+        store="runs/trials.sqlite",
+        progress=False,
+    )
+    assert keywords.drop(columns="created_at").equals(namespace["df"].drop(columns="created_at"))
     acts = namespace["acts"][mi.HookNames.resid_post(3)]
     assert acts.shape == (1, 1, d_model)  # [batch, 1, d_model]
     assert len(namespace["gates"]) > 0
