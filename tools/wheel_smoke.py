@@ -30,6 +30,9 @@ rows = mi.run_trials(
 )
 assert len(rows) == 2 * 2 * 2, rows  # 2 concepts x 2 trials, injected and control
 assert Path("trials.sqlite").is_file()
+config = mi.TrialConfig(n_trials=2, max_new_tokens=8, progress=False)  # the same settings as a config
+again = mi.run_trials(model, concepts, config, judge=mi.RuleJudge(), store="trials.sqlite")
+assert again.drop(columns="created_at").equals(rows.drop(columns="created_at"))
 print(f"trials on the organism: {len(rows)} rows, strength {spec.strength}, layer {spec.injection_layer}")
 
 tcs = mi.load_transcoders(model, [0, spec.injection_layer])
