@@ -10,8 +10,9 @@ faster way to run it.
 
 **Sites.** A hook point ``<component>.hook_in`` / ``<component>.hook_out`` of the bridge is the input / output
 of the Hugging Face module that the component wraps. :data:`SITE_KINDS` lists the components replayed on the
-fast path (the residual stream and the norms and MLP of each block, the embedding and the final norm); in
-:class:`~mechintro.core.models.HookNames` terms:
+fast path (the residual stream and the norms and MLP of each block, the embedding and the final norm). Which
+Hugging Face module each :class:`~mechintro.core.models.HookNames` site is, per family, is written in
+:mod:`mechintro.core.families` (:attr:`~mechintro.core.families.Family.sites`); for Gemma 3:
 
 * ``resid_pre(L)`` / ``resid_post(L)``: input / output of ``layers[L]``;
 * ``attn_out(L)``: output of ``layers[L].post_attention_layernorm``;
@@ -20,19 +21,22 @@ fast path (the residual stream and the norms and MLP of each block, the embeddin
 * ``mlp_out(L)`` / ``transcoder_out(L)``: output of ``layers[L].post_feedforward_layernorm``;
 * ``final_norm_out()`` and ``ln_final.hook_in``: output / input of the final norm.
 
+The site is found from the bridge's own component tree, so it is right for every family's adapter.
+
 Every mechintro intervention (``inject``, feature interventions, MLP replacement, captures, bias vectors,
 directional ablation) installs its hooks with :func:`mechintro.core.hooks.hooks_context`, which records them
 (:func:`mechintro.core.hooks.active_hooks`); their Hugging Face equivalent is the same function on the mapped
 module, called with the bridge's own hook point as ``hook``. An intervention with a hook anywhere else
 (attention patterns, per-head results, ...) sends generation through the bridge.
 
-**Choosing** (:func:`choose_path`): the fast path (``"hf"``) is taken when the model is a Gemma 3 causal LM
-run without TransformerLens's compatibility processing, every hook on the bridge's modules was installed by
-mechintro, and every one of them sits on a mapped site. Anything else, in particular an outer
+**Choosing** (:func:`choose_path`): the fast path (``"hf"``) is taken when the model is a causal LM of a
+supported family run without TransformerLens's compatibility processing, every hook on the bridge's modules
+was installed by mechintro, and every one of them sits on a mapped site. Anything else, in particular an outer
 ``model.hooks(...)`` from the user, runs the bridge (``"bridge"``); the reason is returned.
 
 Both paths take the same explicit inputs from :class:`Runner`: token ids, RoPE position ids, and one 4D
-additive attention mask per attention kind (:func:`attention_masks`), built from each token's position in its
+additive attention mask per attention kind (:func:`attention_masks`; one mask when the config has no
+``layer_types``), built from each token's position in its
 own prompt. So a sliding-window layer sees the window of the unpadded prompt even when pads sit in the middle
 of a row (after a shared prefix), and a KV cache that never crops (:func:`new_cache`) holds every column.
 """
@@ -52,6 +56,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechintro.core import kvcache
+from mechintro.core.families import FAMILIES
 from mechintro.core.hooks import active_hooks, tracker
 from mechintro.core.kvcache import (
     new_cache,
@@ -77,8 +82,8 @@ PATHS: tuple[Path, ...] = ("auto", "hf", "bridge")
 """``"auto"`` (the fast path when it applies), ``"hf"`` (the fast path, or an error saying why not),
 ``"bridge"``."""
 
-SUPPORTED = ("Gemma3ForCausalLM",)
-"""Hugging Face classes the fast path runs (others use the bridge)."""
+SUPPORTED = tuple(arch for fam in FAMILIES for arch in fam.architectures)
+"""Hugging Face classes the fast path runs (others use the bridge): every supported family's."""
 
 SITE_KINDS = (
     r"blocks\.\d+\.hook_(in|out)",
@@ -296,8 +301,11 @@ def attention_masks(
     positions: Int[Tensor, "batch key"],
     queries: int,
     dtype: torch.dtype,
-) -> dict[str, Float[Tensor, "batch 1 query key"]]:
+) -> dict[str, Float[Tensor, "batch 1 query key"]] | Float[Tensor, "batch 1 query key"]:
     """Additive 4D masks (0 or the dtype's minimum) for the last ``queries`` columns, one per attention kind.
+
+    A dict ``{kind: mask}`` when the config names ``layer_types`` (Gemma 3 / 4, Qwen3, OLMo 3); one mask
+    otherwise (Llama, OLMo 2), since only models with ``layer_types`` accept a dict.
 
     Key ``k`` is visible to query ``q`` when ``k`` is a real token at or before ``q``'s column and, on
     sliding-window layers, ``positions[q] - positions[k] < sliding_window`` (positions in each row's own
@@ -314,7 +322,8 @@ def attention_masks(
     zero = torch.zeros((), dtype=dtype, device=real.device)
     floor = torch.full((), low, dtype=dtype, device=real.device)
     out = {}
-    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    layer_types = getattr(config, "layer_types", None)
+    kinds = set(layer_types or ["full_attention"])
     for kind in kinds:
         allowed = visible
         if kind == "sliding_attention":
@@ -322,7 +331,7 @@ def attention_masks(
             gap = positions[:, keys - queries :, None] - positions[:, None, :]
             allowed = visible & ((gap < window) | own[None])
         out[kind] = torch.where(allowed, zero, floor)[:, None]
-    return out
+    return out if layer_types else out["full_attention"]
 
 
 @dataclass
@@ -340,7 +349,7 @@ class Runner:
         ids: Int[Tensor, "batch seq"],
         *,
         positions: Int[Tensor, "batch seq"],
-        masks: dict[str, Tensor],
+        masks: dict[str, Tensor] | Tensor,
         cache: Any,
         last: bool = True,
     ) -> Float[Tensor, "batch vocab"] | Float[Tensor, "batch seq vocab"]:

@@ -17,6 +17,14 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 
+from mechintro.core.families import (
+    Family,
+    UnsupportedArchitectureError,
+    family_by_name,
+    family_of,
+    mechanism_problem,
+)
+
 if TYPE_CHECKING:
     from sae_lens import SAE
     from transformer_lens.model_bridge import TransformerBridge
@@ -45,83 +53,137 @@ def data_dir() -> Path:
     return resources.organism_root() or resources.package_data()
 
 
-class HookNames:
-    """Hook-point names of a Gemma 3 TransformerBridge. The only place these strings are built.
+class _by_family:
+    """A :class:`HookNames` method: called on an instance, it reads that instance's family; called on the
+    class (``HookNames.resid_post(3)``), it reads Gemma 3's (the organism's), the layout mechintro began
+    with."""
 
-    For Gemma 3 the transcoder input is the *pre-feedforward-norm output* (``ln2.hook_out``) and its output is
-    the *post-feedforward-norm output* (``hook_mlp_out``). ``hook_mlp_in`` (what sae-lens's Gemma Scope 2
-    metadata names) is the residual before that norm, so it is deliberately not the transcoder input.
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.__doc__ = fn.__doc__
+        self.__name__ = fn.__name__
+
+    def __get__(self, obj: Any, owner: type) -> Any:
+        return self.fn.__get__(obj if obj is not None else owner.of_family("gemma3"), owner)
+
+
+class HookNames:
+    """Hook-point names of a TransformerBridge, built from its family's description
+    (:class:`mechintro.core.families.Family`). The only place these strings are built.
+
+    ``hook_names(model)`` gives the names of ``model``'s family; ``HookNames.resid_post(3)`` on the class
+    gives Gemma 3's (the organism's). The residual stream, ``hook_attn_out`` / ``hook_mlp_out`` (the
+    sublayers' updates of the residual), the heads entering ``o_proj`` and the final norm have the same names
+    in every family; the transcoder input does not. For Gemma 3 it is the *pre-feedforward-norm output*
+    (``ln2.hook_out``) and its output is the *post-feedforward-norm output* (``hook_mlp_out``);
+    ``hook_mlp_in`` (what sae-lens's Gemma Scope 2 metadata names) is the residual before that norm, so it is
+    deliberately not the transcoder input. For OLMo 2 / 3 (norms on the sublayer outputs) it is the MLP's own
+    input (``mlp.hook_in``): there the bridge's ``ln2`` is the post-feedforward norm.
     """
 
-    @staticmethod
-    def resid_pre(layer: int) -> str:
-        return f"blocks.{layer}.hook_resid_pre"
+    _cache: dict[str, HookNames] = {}
 
-    @staticmethod
-    def resid_mid(layer: int) -> str:
-        return f"blocks.{layer}.hook_resid_mid"
+    def __init__(self, family: Any) -> None:
+        self.family = family
 
-    @staticmethod
-    def resid_post(layer: int) -> str:
-        return f"blocks.{layer}.hook_resid_post"
+    @classmethod
+    def of_family(cls, name: str) -> HookNames:
+        """The names of the family called ``name`` (one instance per family)."""
+        if name not in cls._cache:
+            from mechintro.core.families import family_by_name
 
-    @staticmethod
-    def attn_out(layer: int) -> str:
-        return f"blocks.{layer}.hook_attn_out"
+            cls._cache[name] = cls(family_by_name(name))
+        return cls._cache[name]
 
-    @staticmethod
-    def mlp_out(layer: int) -> str:
-        return f"blocks.{layer}.hook_mlp_out"
+    def __repr__(self) -> str:
+        return f"HookNames({self.family.title})"
 
-    @staticmethod
-    def attn_z(layer: int) -> str:
+    @_by_family
+    def site(self, name: str, layer: int | None = None) -> str:
+        """The hook point of the family's site ``name`` (:attr:`~mechintro.core.families.Family.sites`)."""
+        return self.family.site(name).hook_name(layer)
+
+    @_by_family
+    def resid_pre(self, layer: int) -> str:
+        return self.site("resid_pre", layer)
+
+    @_by_family
+    def resid_mid(self, layer: int) -> str:
+        return self.site("resid_mid", layer)
+
+    @_by_family
+    def resid_post(self, layer: int) -> str:
+        return self.site("resid_post", layer)
+
+    @_by_family
+    def attn_out(self, layer: int) -> str:
+        """The attention sublayer's update of the residual (after any post-attention norm)."""
+        return self.site("attn_out", layer)
+
+    @_by_family
+    def o_proj_out(self, layer: int) -> str:
+        """The attention output: what ``o_proj`` returns, before any post-attention norm."""
+        return self.site("o_proj_out", layer)
+
+    @_by_family
+    def mlp_out(self, layer: int) -> str:
+        """The MLP sublayer's update of the residual (after any post-feedforward norm)."""
+        return self.site("mlp_out", layer)
+
+    @_by_family
+    def attn_z(self, layer: int) -> str:
         """The concatenated head outputs entering the attention output projection (``o_proj``).
 
         The bridge's own hook point; ``blocks.L.attn.hook_z`` (the name sae-lens attention SAEs record) is
         TransformerLens's alias for the same point. It carries ``[batch, pos, n_heads, d_head]``. Not
         ``hook_attn_out``: in Gemma 3 that is the post-attention-norm output, after ``o_proj``.
         """
-        return f"blocks.{layer}.attn.o.hook_in"
+        return self.site("o_proj_in", layer)
 
-    @staticmethod
-    def mlp_in_prenorm(layer: int) -> str:
+    @_by_family
+    def mlp_in_prenorm(self, layer: int) -> str:
         """The residual entering the feed-forward norm: what sae-lens's ``hook_mlp_in`` means in TL.
 
-        (``hook_mlp_in`` itself is gated off in the bridge; ``ln2.hook_in`` is the same tensor.)
+        (``hook_mlp_in`` itself is gated off in the bridge; ``ln2.hook_in`` is the same tensor.) Families with
+        no norm before the MLP (OLMo 2 / 3) have no such site.
         """
-        return f"blocks.{layer}.ln2.hook_in"
+        return self.site("mlp_in_prenorm", layer)
 
     @staticmethod
     def sae_lens_mlp_in(layer: int) -> str:
         """The input name sae-lens's Gemma Scope 2 configs give (``hook_mlp_in``); recorded, never hooked."""
         return f"blocks.{layer}.hook_mlp_in"
 
-    @staticmethod
-    def transcoder_in(layer: int) -> str:
-        return f"blocks.{layer}.ln2.hook_out"
+    @_by_family
+    def transcoder_in(self, layer: int) -> str:
+        """The MLP's input (what a transcoder reads)."""
+        self.family.require_mechanism("a transcoder site")
+        return self.site("mlp_in", layer)
 
-    @staticmethod
-    def transcoder_out(layer: int) -> str:
-        return f"blocks.{layer}.hook_mlp_out"
+    @_by_family
+    def transcoder_out(self, layer: int) -> str:
+        """The MLP sublayer's update of the residual (what a transcoder predicts)."""
+        self.family.require_mechanism("a transcoder site")
+        return self.site("mlp_out", layer)
 
-    @staticmethod
-    def final_norm_in() -> str:
+    @_by_family
+    def final_norm_in(self) -> str:
         """The residual stream entering the final norm (the last block's output, after its hooks)."""
-        return "ln_final.hook_in"
+        return self.site("final_norm_in")
 
-    @staticmethod
-    def final_norm_out() -> str:
-        return "ln_final.hook_out"
+    @_by_family
+    def final_norm_out(self) -> str:
+        return self.site("final_norm_out")
 
-    @staticmethod
-    def component(kind: str, layer: int) -> str:
+    @_by_family
+    def component(self, kind: str, layer: int) -> str:
         """``kind`` in {"attn", "mlp", "resid_pre", "resid_mid", "resid_post"}."""
         table = {
-            "attn": HookNames.attn_out,
-            "mlp": HookNames.mlp_out,
-            "resid_pre": HookNames.resid_pre,
-            "resid_mid": HookNames.resid_mid,
-            "resid_post": HookNames.resid_post,
+            "attn": self.attn_out,
+            "mlp": self.mlp_out,
+            "resid_pre": self.resid_pre,
+            "resid_mid": self.resid_mid,
+            "resid_post": self.resid_post,
         }
         if kind not in table:
             raise ValueError(f"unknown component {kind!r}; valid: {sorted(table)}")
@@ -165,6 +227,10 @@ class ModelSpec:
     """Role word after ``turn_start`` for the assistant."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     """Anything else recorded with the model (for the organism: training settings)."""
+    family: str = "gemma3"
+    """The model's family (:attr:`mechintro.core.families.Family.name`): where its sites sit."""
+    mechanism_problem: str | None = None
+    """Why this model has no mechanism support (dictionaries, patching, attribution); None when it has."""
 
     def valid_layers(self) -> range:
         return range(self.n_layers)
@@ -330,6 +396,7 @@ def load_model(
     name, folder = _resolve(name_or_path)
     if folder is None:
         folder = _hub_snapshot(name)
+    family_of(hf_model.config if hf_model is not None else folder)  # an unsupported family: a clear error
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = TransformerBridge.boot_transformers(
         str(folder), device=device, dtype=dtype or torch.float32, hf_model=hf_model
@@ -366,9 +433,12 @@ def _build_spec(model: Model, *, name: str, folder: Path) -> ModelSpec:
     ):  # the organism records a folder beside its weights
         release = str(folder / release)
     tok = model.tokenizer
-    yes_ids, no_ids = _token_ids(tok, YES_WORDS), _token_ids(tok, NO_WORDS)
+    family = family_of(model.original_model.config)
+    yes_ids, no_ids = _token_ids(tok, family.yes_words), _token_ids(tok, family.no_words)
     if not yes_ids or not no_ids:
-        raise ValueError(f"{name}: the tokenizer has no single-token Yes/No ({YES_WORDS}, {NO_WORDS})")
+        raise ValueError(
+            f"{name}: the tokenizer has no single-token Yes/No ({family.yes_words}, {family.no_words})"
+        )
     spec = ModelSpec(
         name=name,
         n_layers=n_layers,
@@ -388,6 +458,8 @@ def _build_spec(model: Model, *, name: str, folder: Path) -> ModelSpec:
             for k, v in recorded.items()
             if k not in {"injection_layer", "strength", "strength_sweep", "operating_points"}
         },
+        family=family.name,
+        mechanism_problem=mechanism_problem(family, model.original_model.config),
     )
     spec.check_layer(spec.injection_layer)
     return spec
@@ -399,6 +471,24 @@ def spec_for(model: Model) -> ModelSpec:
         return _SPECS[model]
     except (KeyError, TypeError):
         raise ValueError("spec_for() needs a model loaded with mechintro.load_model") from None
+
+
+def hook_names(model: Model) -> HookNames:
+    """The :class:`HookNames` of ``model``'s family."""
+    return HookNames.of_family(spec_for(model).family)
+
+
+def family(model: Model) -> Family:
+    """The architecture description of ``model``'s family."""
+    return family_by_name(spec_for(model).family)
+
+
+def require_mechanism(model: Model, what: str = "this analysis") -> None:
+    """Raise :class:`~mechintro.core.families.UnsupportedArchitectureError` unless ``model`` has mechanism
+    support (dictionaries, patching, attribution)."""
+    problem = spec_for(model).mechanism_problem
+    if problem is not None:
+        raise UnsupportedArchitectureError(f"{what} is not available: {problem}")
 
 
 def with_spec(model: Model, **changes: Any) -> ModelSpec:
@@ -419,4 +509,8 @@ def chat_text(
     tok = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
     if getattr(tok, "chat_template", None) is None:
         raise ValueError("this tokenizer has no chat template; use a raw-text persona variant instead")
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    spec = _SPECS.get(model_or_tokenizer) if hasattr(model_or_tokenizer, "tokenizer") else None
+    extra = dict(family_by_name(spec.family).chat_template_kwargs) if spec is not None else {}
+    return tok.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
+    )

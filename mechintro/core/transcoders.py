@@ -1,8 +1,10 @@
 """Transcoders: Gemma Scope 2 (sae-lens releases or Google's raw files), sae-lens folders, the organism's.
 
-Every transcoder returned here is a sae-lens object whose metadata is re-wired to mechintro's hook names:
-input ``blocks.L.ln2.hook_out`` (the pre-feedforward-norm output) and output ``blocks.L.hook_mlp_out`` (the
-post-feedforward-norm output). sae-lens's Gemma Scope 2 configs name ``hook_mlp_in``, which in
+Every transcoder returned here is a sae-lens object whose metadata is re-wired to mechintro's hook names of
+the model's family (:func:`mechintro.core.models.hook_names`): input the MLP's input (Gemma 3:
+``blocks.L.ln2.hook_out``, the pre-feedforward-norm output; OLMo 2 / 3: ``blocks.L.mlp.hook_in``) and output
+``blocks.L.hook_mlp_out`` (the MLP sublayer's update of the residual: for Gemma 3, the post-feedforward-norm
+output). sae-lens's Gemma Scope 2 configs name ``hook_mlp_in``, which in
 TransformerLens is the residual *before* that norm; the name it gave is kept as ``metadata.source_hook_name``.
 """
 
@@ -22,7 +24,15 @@ from torch import Tensor
 
 from mechintro.core.fingerprint import weights_fingerprint
 from mechintro.core.hooks import Positions, capture, check_layer, hooks_context
-from mechintro.core.models import GEMMA3_LAYERS, HookNames, Model, Transcoders, spec_for
+from mechintro.core.models import (
+    GEMMA3_LAYERS,
+    HookNames,
+    Model,
+    Transcoders,
+    hook_names,
+    require_mechanism,
+    spec_for,
+)
 
 __all__ = [
     "LazyTranscoders",
@@ -63,8 +73,14 @@ def _recorded_layer(tc: Any) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _wire(tc: Any, *, layer: int, model_name: str | None = None, where: str = "") -> Any:
-    """Point a transcoder's metadata at mechintro's hook names for ``layer`` (refusing another layer's)."""
+def _wire(
+    tc: Any, *, layer: int, model_name: str | None = None, where: str = "", names: HookNames | None = None
+) -> Any:
+    """Point a transcoder's metadata at mechintro's hook names for ``layer`` (refusing another layer's).
+
+    ``names``: the model family's (:func:`~mechintro.core.models.hook_names`); default Gemma 3's.
+    """
+    names = names or HookNames.of_family("gemma3")
     meta = tc.cfg.metadata
     recorded = _recorded_layer(tc)
     if recorded is not None and recorded != layer:
@@ -74,8 +90,8 @@ def _wire(tc: Any, *, layer: int, model_name: str | None = None, where: str = ""
         )
     if "source_hook_name" not in meta:
         meta.source_hook_name = meta.hook_name
-    meta.hook_name = HookNames.transcoder_in(layer)
-    meta.hook_name_out = HookNames.transcoder_out(layer)
+    meta.hook_name = names.transcoder_in(layer)
+    meta.hook_name_out = names.transcoder_out(layer)
     meta.layer = layer
     if model_name is not None:
         meta.model_name = model_name
@@ -92,7 +108,12 @@ def transcoder_layer(tc: Any) -> int:
 
 
 def from_raw_params(
-    params: dict[str, Tensor], *, layer: int, model_name: str | None = None, device: str = "cpu"
+    params: dict[str, Tensor],
+    *,
+    layer: int,
+    model_name: str | None = None,
+    device: str = "cpu",
+    names: HookNames | None = None,
 ) -> Any:
     """A sae-lens JumpReLU (skip) transcoder from Google's raw Gemma Scope 2 tensors.
 
@@ -129,18 +150,24 @@ def from_raw_params(
         state["W_skip"] = params["affine_skip_connection"].T.contiguous()
     tc = SAE.from_dict(cfg)
     tc.load_state_dict({k: v.float().to(device) for k, v in state.items()})
-    return _wire(tc, layer=layer, model_name=model_name)
+    return _wire(tc, layer=layer, model_name=model_name, names=names)
 
 
-def load_folder(folder: str | Path, *, layer: int, device: str = "cpu") -> Any:
-    """One transcoder from a local folder: sae-lens format (cfg.json) or Google's raw params.safetensors."""
+def load_folder(
+    folder: str | Path, *, layer: int, device: str = "cpu", names: HookNames | None = None
+) -> Any:
+    """One transcoder from a local folder: sae-lens format (cfg.json) or Google's raw params.safetensors.
+
+    ``names``: the hook names of the model family it is wired to (default Gemma 3's).
+    """
     from sae_lens import SAE
 
     folder = Path(folder)
     if (folder / SAE_LENS_CFG).exists():
-        return _wire(SAE.load_from_disk(folder, device=device), layer=layer, where=f" in {folder}")
+        tc = SAE.load_from_disk(folder, device=device)
+        return _wire(tc, layer=layer, where=f" in {folder}", names=names)
     if (folder / RAW_PARAMS).exists():
-        return from_raw_params(load_file(folder / RAW_PARAMS), layer=layer, device=device)
+        return from_raw_params(load_file(folder / RAW_PARAMS), layer=layer, device=device, names=names)
     raise FileNotFoundError(f"{folder} holds neither a sae-lens transcoder ({SAE_LENS_CFG}) nor {RAW_PARAMS}")
 
 
@@ -151,7 +178,9 @@ def save_transcoder(tc: Any, folder: str | Path) -> Path:
     return folder
 
 
-def _from_release(release: str, sae_id: str, *, layer: int, device: str) -> Any:
+def _from_release(
+    release: str, sae_id: str, *, layer: int, device: str, names: HookNames | None = None
+) -> Any:
     """Gemma Scope 2 through sae-lens's release directory; Hub files are read from the local cache first."""
     from huggingface_hub import hf_hub_download
     from sae_lens import SAE
@@ -167,7 +196,10 @@ def _from_release(release: str, sae_id: str, *, layer: int, device: str) -> Any:
         raise ValueError(f"{release} has no id {sae_id!r}; ids for layer {layer}: {same_layer}")
     if lookup.conversion_func != "gemma_3":
         return _wire(
-            SAE.from_pretrained(release, sae_id, device=device), layer=layer, model_name=lookup.model
+            SAE.from_pretrained(release, sae_id, device=device),
+            layer=layer,
+            model_name=lookup.model,
+            names=names,
         )
     try:
         path = hf_hub_download(lookup.repo_id, f"{lookup.saes_map[sae_id]}/{RAW_PARAMS}")
@@ -177,7 +209,7 @@ def _from_release(release: str, sae_id: str, *, layer: int, device: str) -> Any:
             f"Face cache and the hub is unreachable ({type(err).__name__}). Download it first, or pass "
             "source= a local folder."
         ) from err
-    return from_raw_params(load_file(path), layer=layer, model_name=lookup.model, device=device)
+    return from_raw_params(load_file(path), layer=layer, model_name=lookup.model, device=device, names=names)
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -226,7 +258,9 @@ def _layer_loader(
     model: Model, *, source: str | Path | None, id_pattern: str | None, device: str | None
 ) -> Callable[[int], Any]:
     """A function loading (and checking) the transcoder of one layer."""
+    require_mechanism(model, "loading transcoders")
     spec = spec_for(model)
+    names = hook_names(model)
     source = source if source is not None else spec.transcoder_release
     if source is None:
         raise ValueError(
@@ -241,9 +275,11 @@ def _layer_loader(
 
     def load(layer: int) -> Any:
         if is_folder:
-            tc = load_folder(local / pattern.format(layer=layer), layer=layer, device=device)
+            tc = load_folder(local / pattern.format(layer=layer), layer=layer, device=device, names=names)
         else:
-            tc = _from_release(str(source), pattern.format(layer=layer), layer=layer, device=device)
+            tc = _from_release(
+                str(source), pattern.format(layer=layer), layer=layer, device=device, names=names
+            )
         check_transcoder(model, tc, layer=layer)
         return tc
 
@@ -355,10 +391,12 @@ def transcoder_inputs(
     positions: Positions = "last",
     attention_mask: Tensor | None = None,
 ) -> dict[int, Float[Tensor, "batch pos d_model"]]:
-    """The transcoder inputs (``ln2.hook_out``) of ``layers`` at ``positions``, from one forward pass."""
+    """The transcoder inputs (the MLP's input: Gemma 3's ``ln2.hook_out``) of ``layers`` at ``positions``,
+    from one forward pass."""
     tokens = _check_tokens(tokens)
     layers = [check_layer(model, layer) for layer in layers]
-    names = {HookNames.transcoder_in(layer): layer for layer in layers}
+    hooks = hook_names(model)
+    names = {hooks.transcoder_in(layer): layer for layer in layers}
     device = model.cfg.device
     mask = None if attention_mask is None else attention_mask.to(device)
     with torch.no_grad(), capture(model, list(names), positions=positions) as acts:
@@ -400,8 +438,9 @@ def encode_at(
 def mlp_replacement_hooks(model: Model, transcoders: Transcoders) -> list[tuple[str, Any]]:
     """Hooks that replace each layer's MLP output by its transcoder's prediction from the MLP input.
 
-    The transcoder reads ``ln2.hook_out`` and its output overwrites ``hook_mlp_out`` of the same layer in the
-    same call, so the replacement also holds position by position during KV-cached generation.
+    The transcoder reads the MLP's input (Gemma 3's ``ln2.hook_out``) and its output overwrites
+    ``hook_mlp_out`` of the same layer in the same call, so the replacement also holds position by position
+    during KV-cached generation.
     """
     layers = _check_transcoders(transcoders)
     for layer in layers:
@@ -423,8 +462,9 @@ def mlp_replacement_hooks(model: Model, transcoders: Transcoders) -> list[tuple[
 
         return hook
 
-    hooks = [(HookNames.transcoder_in(layer), read(layer)) for layer in layers]
-    return hooks + [(HookNames.transcoder_out(layer), write(layer)) for layer in layers]
+    names = hook_names(model)
+    hooks = [(names.transcoder_in(layer), read(layer)) for layer in layers]
+    return hooks + [(names.transcoder_out(layer), write(layer)) for layer in layers]
 
 
 def replace_mlps(model: Model, transcoders: Transcoders) -> Any:

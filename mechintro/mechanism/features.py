@@ -37,7 +37,7 @@ from mechintro.core import kvcache, validate
 from mechintro.core.concepts import check_concepts, concept_vectors
 from mechintro.core.hooks import Positions, capture, check_layer, check_positions
 from mechintro.core.html import card
-from mechintro.core.models import HookNames, Model, Transcoders, spec_for
+from mechintro.core.models import Model, Transcoders, hook_names, spec_for
 from mechintro.core.progress import progress_bar
 from mechintro.core.prompts import VARIANTS, TrialPrompt, trial_prompt
 from mechintro.core.readout import yes_no_direction
@@ -438,7 +438,7 @@ def _grid_chunk(
         cache.batch_repeat_interleave(n)
         kw = kvcache.cache_kwargs(model, cache)
     tokens = prompt.tokens[None, split:].expand(n, -1).to(device)
-    names = {HookNames.transcoder_in(layer): layer for layer in layers}
+    names = {hook_names(model).transcoder_in(layer): layer for layer in layers}
     with (
         inject(model, vectors, layer=injection_layer, strength=strengths, start=prompt.injection_start),
         capture(model, list(names), positions=[pos]) as acts,

@@ -54,7 +54,7 @@ from mechintro.core.hooks import (
     position_mask,
     tracker,
 )
-from mechintro.core.models import HookNames, Model, Transcoders
+from mechintro.core.models import HookNames, Model, Transcoders, hook_names
 from mechintro.core.transcoders import encode_features, parse_features
 
 __all__ = [
@@ -344,7 +344,7 @@ def read_features(
     tokens = torch.as_tensor(tokens)
     tokens = tokens[None] if tokens.ndim == 1 else tokens
     layers = sorted({la for la, _ in feats})
-    names = {HookNames.transcoder_in(layer): layer for layer in layers}
+    names = {hook_names(model).transcoder_in(layer): layer for layer in layers}
     device = model.cfg.device
     mask = None if attention_mask is None else attention_mask.to(device)
     with capture(model, list(names), positions=positions) as acts:

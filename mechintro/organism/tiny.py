@@ -116,6 +116,119 @@ def save_tiny_gemma3(
     return folder
 
 
+TINY_FAMILIES = ("gemma3", "gemma4_text", "qwen3", "qwen3_moe", "llama", "olmo2", "olmo3")
+"""Families :func:`save_tiny` writes (the names of :data:`mechintro.core.families.FAMILIES`)."""
+
+
+def _family_config(
+    family: str,
+    tok: Any,
+    *,
+    n_layers: int,
+    d_model: int,
+    n_heads: int,
+    n_kv_heads: int,
+    d_mlp: int,
+    sliding_window: int,
+) -> Any:
+    """A tiny random config of ``family`` whose special tokens are ``tok``'s."""
+    import transformers as tf
+
+    common = {
+        "vocab_size": len(tok),
+        "hidden_size": d_model,
+        "intermediate_size": d_mlp,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv_heads,
+        "max_position_embeddings": 1024,
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")],
+        "tie_word_embeddings": False,
+    }
+    mixed = ["full_attention" if i % 2 == 1 else "sliding_attention" for i in range(n_layers)]
+    head_dim = d_model // n_heads
+    if family == "gemma4_text":
+        return tf.Gemma4TextConfig(
+            **common,
+            head_dim=head_dim,
+            sliding_window=sliding_window,
+            layer_types=mixed,
+            hidden_size_per_layer_input=0,
+            enable_moe_block=False,
+            num_kv_shared_layers=0,
+            global_head_dim=head_dim,
+        )
+    if family == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=head_dim)
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(
+            **common,
+            head_dim=head_dim,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=d_mlp // 2,
+            decoder_sparse_step=1,
+        )
+    if family == "llama":
+        return tf.LlamaConfig(**common, head_dim=head_dim)
+    if family == "olmo2":
+        return tf.Olmo2Config(**common)
+    if family == "olmo3":
+        return tf.Olmo3Config(**common, sliding_window=sliding_window, layer_types=mixed)
+    raise ValueError(f"unknown family {family!r}; valid: {list(TINY_FAMILIES)}")
+
+
+def save_tiny(
+    family: str,
+    folder: str | Path,
+    *,
+    n_layers: int = 4,
+    d_model: int = 64,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    d_mlp: int = 128,
+    sliding_window: int = 16,
+    seed: int = 0,
+) -> Path:
+    """Save a random tiny causal LM of ``family`` (one of :data:`TINY_FAMILIES`) + the word tokenizer with
+    ``save_pretrained`` and return the folder.
+
+    ``"gemma3"`` is :func:`save_tiny_gemma3`. The others use the same word-level tokenizer (one token per
+    stimulus word, Gemma-style turn markers); their norms get random weights so every norm site is
+    distinguishable, and their embeddings are untied so the unembedding is its own tensor.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; valid: {list(TINY_FAMILIES)}")
+    sizes = {
+        "n_layers": n_layers,
+        "d_model": d_model,
+        "n_heads": n_heads,
+        "n_kv_heads": n_kv_heads,
+        "d_mlp": d_mlp,
+        "sliding_window": sliding_window,
+    }
+    if family == "gemma3":
+        return save_tiny_gemma3(folder, seed=seed, **sizes)
+    folder = Path(folder)
+    tok = build_tokenizer(vocabulary(stimuli_texts(), extra_words=stimuli_words()))
+    cfg = _family_config(family, tok, **sizes)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.5)
+            elif p.ndim == 1:
+                p.normal_(0.0, 0.1)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def save_random_transcoders(
     folder: str | Path,
     *,

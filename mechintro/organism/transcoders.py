@@ -27,7 +27,7 @@ from torch import Tensor
 
 from mechintro.core.concepts import concept_vectors
 from mechintro.core.hooks import capture
-from mechintro.core.models import HookNames, Model
+from mechintro.core.models import Model, hook_names
 from mechintro.core.progress import progress_steps
 from mechintro.core.prompts import left_pad, trial_prompt
 from mechintro.core.steering import inject
@@ -76,8 +76,9 @@ def _run_and_capture(
     """Append the transcoder input and output of every layer at the ``keep`` positions (default: real
     tokens)."""
     keep = (mask.bool() if keep is None else keep).reshape(-1)
-    names = [HookNames.transcoder_in(layer) for layer in layers] + [
-        HookNames.transcoder_out(layer) for layer in layers
+    hooks = hook_names(model)
+    names = [hooks.transcoder_in(layer) for layer in layers] + [
+        hooks.transcoder_out(layer) for layer in layers
     ]
     with torch.no_grad(), capture(model, names) as acts:
         model(tokens, attention_mask=mask)
@@ -136,8 +137,8 @@ def collect_activations(
             _run_and_capture(model, b.tokens, b.attention_mask, layers, store, keep=b.real & near)
     out = {}
     for layer in layers:
-        x = torch.cat(store[HookNames.transcoder_in(layer)]).float()
-        y = torch.cat(store[HookNames.transcoder_out(layer)]).float()
+        x = torch.cat(store[hook_names(model).transcoder_in(layer)]).float()
+        y = torch.cat(store[hook_names(model).transcoder_out(layer)]).float()
         out[layer] = (x, y)
     return out
 
