@@ -34,7 +34,7 @@ __all__ = [
     "FAMILIES",
     "GEMMA4_MECHANISM",
     "Family",
-    "Site",
+    "BridgeSite",
     "UnsupportedArchitectureError",
     "family_by_name",
     "family_of",
@@ -49,7 +49,7 @@ class UnsupportedArchitectureError(ValueError):
 
 
 @dataclass(frozen=True)
-class Site:
+class BridgeSite:
     """One named tensor: a bridge hook point and the Hugging Face module input or output that is the same."""
 
     hook: str
@@ -72,11 +72,11 @@ class Site:
 LAYER = "model.layers.{layer}"
 
 
-def _site(hook: str, module: str, side: Side) -> Site:
-    return Site(hook=hook, module=module, side=side)
+def _site(hook: str, module: str, side: Side) -> BridgeSite:
+    return BridgeSite(hook=hook, module=module, side=side)
 
 
-def _common_sites() -> dict[str, Site]:
+def _common_sites() -> dict[str, BridgeSite]:
     """The sites every family has at the same place (residual stream, attention, final norm)."""
     return {
         "resid_pre": _site("blocks.{layer}.hook_resid_pre", LAYER, "input"),
@@ -89,7 +89,7 @@ def _common_sites() -> dict[str, Site]:
     }
 
 
-def _sandwich_sites() -> dict[str, Site]:
+def _sandwich_sites() -> dict[str, BridgeSite]:
     """Gemma 3 / 4: norms before and after attention and the MLP."""
     return _common_sites() | {
         "resid_mid": _site("blocks.{layer}.hook_resid_mid", LAYER + ".pre_feedforward_layernorm", "input"),
@@ -100,7 +100,7 @@ def _sandwich_sites() -> dict[str, Site]:
     }
 
 
-def _prenorm_sites() -> dict[str, Site]:
+def _prenorm_sites() -> dict[str, BridgeSite]:
     """Qwen3 / Llama: one pre-norm per sublayer (``post_attention_layernorm`` is the MLP's pre-norm)."""
     return _common_sites() | {
         "resid_mid": _site("blocks.{layer}.hook_resid_mid", LAYER + ".post_attention_layernorm", "input"),
@@ -111,7 +111,7 @@ def _prenorm_sites() -> dict[str, Site]:
     }
 
 
-def _postnorm_sites() -> dict[str, Site]:
+def _postnorm_sites() -> dict[str, BridgeSite]:
     """OLMo 2 / 3: norms on the sublayer outputs; the MLP reads the residual directly.
 
     The bridge's adapters map ``ln2`` to ``post_feedforward_layernorm`` here, so ``ln2.hook_out`` is the MLP's
@@ -145,7 +145,7 @@ class Family:
     (``"post"``)."""
     qk_norm: bool
     """Whether attention normalizes queries and keys."""
-    sites: Mapping[str, Site]
+    sites: Mapping[str, BridgeSite]
     """Named sites: ``resid_pre``, ``resid_mid``, ``resid_post`` (the residual stream); ``attn_out`` (the
     attention sublayer's update of the residual, after any post-attention norm); ``o_proj_in`` /
     ``o_proj_out`` (the heads entering and the attention output leaving ``o_proj``, before any
@@ -177,7 +177,7 @@ class Family:
     relative_depth: float = 37 / 62
     """The paper's injection depth relative to the number of layers (Gemma3-27B-IT: layer 37 of 62)."""
 
-    def site(self, name: str) -> Site:
+    def site(self, name: str) -> BridgeSite:
         """The site called ``name``, or an error naming this family's sites."""
         if name not in self.sites:
             raise KeyError(f"{self.title} has no site {name!r}; its sites: {sorted(self.sites)}")
