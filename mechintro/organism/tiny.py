@@ -62,6 +62,34 @@ def build_subword_tokenizer(*, vocab_size: int = 600) -> Any:
     return gemma_style(core)
 
 
+def _word_tokenizer() -> Any:
+    """The word-level tokenizer covering every stimulus (one token per word, Gemma-style turn markers)."""
+    return build_tokenizer(vocabulary(stimuli_texts(), extra_words=stimuli_words()))
+
+
+def _shared_config(
+    tok: Any, *, n_layers: int, d_model: int, n_heads: int, n_kv_heads: int, d_mlp: int
+) -> dict[str, Any]:
+    """The config fields every tiny family shares: sizes, and special tokens from ``tok``."""
+    return {
+        "vocab_size": len(tok),
+        "hidden_size": d_model,
+        "intermediate_size": d_mlp,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv_heads,
+        "max_position_embeddings": 1024,
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")],
+    }
+
+
+def _layer_types(n_layers: int) -> list[str]:
+    """Both attention kinds: sliding-window layers and (every other layer here) global layers."""
+    return ["full_attention" if i % 2 == 1 else "sliding_attention" for i in range(n_layers)]
+
+
 def save_tiny_gemma3(
     folder: str | Path,
     *,
@@ -84,25 +112,19 @@ def save_tiny_gemma3(
     folder = Path(folder)
     if tokenizer not in ("word", "subword"):
         raise ValueError(f"unknown tokenizer {tokenizer!r}; valid: ['word', 'subword']")
-    if tokenizer == "word":
-        tok = build_tokenizer(vocabulary(stimuli_texts(), extra_words=stimuli_words()))
-    else:
-        tok = build_subword_tokenizer()
+    tok = _word_tokenizer() if tokenizer == "word" else build_subword_tokenizer()
+    sizes = {
+        "n_layers": n_layers,
+        "d_model": d_model,
+        "n_heads": n_heads,
+        "n_kv_heads": n_kv_heads,
+        "d_mlp": d_mlp,
+    }
     cfg = Gemma3TextConfig(
-        vocab_size=len(tok),
-        hidden_size=d_model,
-        intermediate_size=d_mlp,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv_heads,
+        **_shared_config(tok, **sizes),
         head_dim=d_model // n_heads,
-        max_position_embeddings=1024,
         sliding_window=sliding_window,
-        # both attention kinds of Gemma 3: sliding-window layers and (every other layer here) global layers
-        layer_types=["full_attention" if i % 2 == 1 else "sliding_attention" for i in range(n_layers)],
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")],
+        layer_types=_layer_types(n_layers),
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
@@ -134,20 +156,10 @@ def _family_config(
     """A tiny random config of ``family`` whose special tokens are ``tok``'s."""
     import transformers as tf
 
-    common = {
-        "vocab_size": len(tok),
-        "hidden_size": d_model,
-        "intermediate_size": d_mlp,
-        "num_hidden_layers": n_layers,
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv_heads,
-        "max_position_embeddings": 1024,
-        "pad_token_id": tok.pad_token_id,
-        "bos_token_id": tok.bos_token_id,
-        "eos_token_id": [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")],
-        "tie_word_embeddings": False,
-    }
-    mixed = ["full_attention" if i % 2 == 1 else "sliding_attention" for i in range(n_layers)]
+    common = _shared_config(
+        tok, n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, d_mlp=d_mlp
+    ) | {"tie_word_embeddings": False}
+    mixed = _layer_types(n_layers)
     head_dim = d_model // n_heads
     if family == "gemma4_text":
         return tf.Gemma4TextConfig(
@@ -214,7 +226,7 @@ def save_tiny(
     if family == "gemma3":
         return save_tiny_gemma3(folder, seed=seed, **sizes)
     folder = Path(folder)
-    tok = build_tokenizer(vocabulary(stimuli_texts(), extra_words=stimuli_words()))
+    tok = _word_tokenizer()
     cfg = _family_config(family, tok, **sizes)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).eval()
