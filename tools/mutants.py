@@ -35,6 +35,38 @@ class Mutant:
 
 MUTANTS = (
     Mutant(
+        "api-name-not-exported",
+        "every name in mechintro.__all__ resolves (a merge once dropped one)",
+        "mechintro/__init__.py",
+        "from mechintro.mechanism.sharded import sharded_feature_grid\n",
+        "",
+        ("tests/test_api.py",),
+    ),
+    Mutant(
+        "fingerprint-skips-values",
+        "the weights fingerprint changes when one row of one matrix changes",
+        "mechintro/core/fingerprint.py",
+        "            digest.update(t.cpu().contiguous().view(torch.uint8).numpy().tobytes())",
+        "            pass",
+        ("tests/core/test_fingerprint.py",),
+    ),
+    Mutant(
+        "fingerprint-sample-without-sum",
+        "a sampled fingerprint still sees a change between the sampled values (through each tensor's sum)",
+        "mechintro/core/fingerprint.py",
+        "t = torch.cat([flat[::step], flat.float().sum().reshape(1).to(t.dtype)])",
+        "t = flat[::step]",
+        ("tests/core/test_fingerprint.py",),
+    ),
+    Mutant(
+        "validate-accepts-bools",
+        "an integer argument is never a bool",
+        "mechintro/core/validate.py",
+        "    if isinstance(value, bool) or (torch.is_tensor(value) and value.dtype == torch.bool):",
+        "    if False:",
+        ("tests/core/test_validate.py",),
+    ),
+    Mutant(
         "deferred-upward-import",
         "no layer imports an upper one, not even inside a function (the layer test walks every import)",
         "mechintro/core/readout.py",
