@@ -41,6 +41,7 @@ from mechintro.core.concepts import (
 )
 from mechintro.core.hooks import capture
 from mechintro.core.models import HookNames, ModelSpec, load_model, spec_for
+from mechintro.core.paper_models import PAPER_MODELS, PaperModel, paper_model
 from mechintro.core.prompts import PERSONAS, VARIANTS, TrialPrompt, forced_prefill, left_pad, trial_prompt
 from mechintro.core.sampling import sample
 from mechintro.core.steering import inject
@@ -67,7 +68,9 @@ __all__ = [
     "LLMJudge",
     "LogitJudge",
     "ModelSpec",
+    "PAPER_MODELS",
     "PERSONAS",
+    "PaperModel",
     "PatchingConfig",
     "RayExecutor",
     "RuleJudge",
@@ -101,6 +104,7 @@ __all__ = [
     "left_pad",
     "load_bias_vector",
     "load_model",
+    "paper_model",
     "load_transcoders",
     "merge_attributions",
     "new_concepts",

@@ -35,6 +35,22 @@ class Mutant:
 
 MUTANTS = (
     Mutant(
+        "paper-fraction-rounded",
+        "the released code's layer is int(fraction x n_layers), truncated (Qwen3-235B: 57, not 57.34 rounded)",
+        "mechintro/core/paper_models.py",
+        "max(0, min(int(n_layers * fraction), n_layers - 1))",
+        "max(0, min(round(n_layers * fraction), n_layers - 1))",
+        ("tests/core/test_paper_models.py",),
+    ),
+    Mutant(
+        "relative-depth-called-calibrated",
+        "a model neither the paper nor its folder calibrates says its point is only a default",
+        "mechintro/core/models.py",
+        "return paper_layer(n_layers), PAPER_STRENGTH, False, RELATIVE_DEPTH",
+        "return paper_layer(n_layers), PAPER_STRENGTH, True, RELATIVE_DEPTH",
+        ("tests/core/test_paper_models.py",),
+    ),
+    Mutant(
         "api-name-not-exported",
         "every name in mechintro.__all__ resolves (a merge once dropped one)",
         "mechintro/__init__.py",

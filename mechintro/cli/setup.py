@@ -524,6 +524,8 @@ def load_setup(args: argparse.Namespace, *, model_name: str | None = None, trans
         with_spec(model, **changes)
     tcs = named_transcoders(model, name) if transcoders else None
     spec = spec_for(model)
+    if not spec.calibrated and not changes:
+        print(f"note: {spec.describe()}", file=sys.stderr)
     vectors = concept_vectors(model, concepts, layer=spec.injection_layer)
     return Setup(args=args, model=model, spec=spec, concepts=concepts, vectors=vectors, transcoders=tcs)
 

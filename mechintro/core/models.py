@@ -231,9 +231,23 @@ class ModelSpec:
     """The model's family (:attr:`mechintro.core.families.Family.name`): where its sites sit."""
     mechanism_problem: str | None = None
     """Why this model has no mechanism support (dictionaries, patching, attribution); None when it has."""
+    calibrated: bool = False
+    """Whether the injection point was chosen from a measured sweep (the paper's Gemma3-27B-IT point, the
+    organism's calibration); False for a default (the paper's relative depth, or the released code's
+    fallback)."""
+    provenance: str = ""
+    """Where :attr:`injection_layer` and :attr:`strength` come from, in words (see :meth:`describe`)."""
 
     def valid_layers(self) -> range:
         return range(self.n_layers)
+
+    def describe(self) -> str:
+        """One line: the injection point and where it comes from (says when it is only a default)."""
+        kind = "calibrated point" if self.calibrated else "default, not a calibrated point"
+        return (
+            f"{self.name}: inject at layer {self.injection_layer} of {self.n_layers}, strength "
+            f"{self.strength:g} ({kind}: {self.provenance})"
+        )
 
     def resolve_strength(self, strength: float | str | None) -> float:
         """A strength given as a number, as the name of an operating point (``"default"``,
@@ -270,6 +284,14 @@ def paper_layer(n_layers: int) -> int:
     return min(n_layers - 1, round(PAPER_INJECTION_LAYER / PAPER_N_LAYERS * n_layers))
 
 
+RELATIVE_DEPTH = (
+    f"the paper's layer {PAPER_INJECTION_LAYER} of {PAPER_N_LAYERS} at the same relative depth, strength "
+    f"{PAPER_STRENGTH:g}: a default, not a calibrated point; sweep layers and strengths (mi.sweep) to find "
+    "this model's"
+)
+"""The provenance of the injection point of a model neither the paper names nor records its own."""
+
+
 def _gemma_scope_release(hf_id: str) -> str | None:
     if hf_id not in GEMMA3_LAYERS:
         return None
@@ -300,6 +322,11 @@ def _resolve(name_or_path: str | os.PathLike) -> tuple[str, Path | None]:
                 "train it with `mechintro organism train`"
             )
         return name, root / name
+    from mechintro.core.paper_models import paper_model
+
+    record = paper_model(name)
+    if record is not None and name == record.key:  # the released code's short name, e.g. "olmo_dpo"
+        return record.hf_id, None
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -308,7 +335,8 @@ def _resolve(name_or_path: str | os.PathLike) -> tuple[str, Path | None]:
     if name.count("/") != 1 or name.startswith((".", "/")):
         raise ValueError(
             f"{name!r} is neither a registered name {ORGANISM_NAMES}, an existing folder, nor an HF id like "
-            f"'google/gemma-3-27b-it' (known Gemma 3 ids: {sorted(GEMMA3_LAYERS)})"
+            f"'google/gemma-3-27b-it' (known Gemma 3 ids: {sorted(GEMMA3_LAYERS)}; the paper's models by the "
+            f"released code's names: {[m.key for m in _paper_models()]})"
         )
     return name, None
 
@@ -347,7 +375,10 @@ def peek_n_layers(name_or_path: str | os.PathLike) -> int | None:
     except (ModelNotAvailableError, ValueError):
         return None
     if folder is None:
-        return GEMMA3_LAYERS.get(name)
+        from mechintro.core.paper_models import paper_model
+
+        record = paper_model(name)
+        return record.n_layers if record is not None else GEMMA3_LAYERS.get(name)
     config = json.loads((folder / "config.json").read_text())
     config = config.get("text_config", config)
     n = config.get("num_hidden_layers")
@@ -439,12 +470,13 @@ def _build_spec(model: Model, *, name: str, folder: Path) -> ModelSpec:
         raise ValueError(
             f"{name}: the tokenizer has no single-token Yes/No ({family.yes_words}, {family.no_words})"
         )
+    layer, strength, calibrated, provenance = _injection_point(name, n_layers, recorded)
     spec = ModelSpec(
         name=name,
         n_layers=n_layers,
         d_model=d_model,
-        injection_layer=int(recorded.get("injection_layer", paper_layer(n_layers))),
-        strength=float(recorded.get("strength", PAPER_STRENGTH)),
+        injection_layer=layer,
+        strength=strength,
         strength_sweep=tuple(float(s) for s in recorded.get("strength_sweep", (1.0, 2.0, 4.0, 8.0))),
         operating_points={k: float(v) for k, v in recorded.get("operating_points", {}).items()},
         transcoder_release=release,
@@ -460,9 +492,36 @@ def _build_spec(model: Model, *, name: str, folder: Path) -> ModelSpec:
         },
         family=family.name,
         mechanism_problem=mechanism_problem(family, model.original_model.config),
+        calibrated=calibrated,
+        provenance=provenance,
     )
     spec.check_layer(spec.injection_layer)
     return spec
+
+
+def _paper_models() -> tuple[Any, ...]:
+    from mechintro.core.paper_models import PAPER_MODELS
+
+    return PAPER_MODELS
+
+
+def _injection_point(name: str, n_layers: int, recorded: Mapping[str, Any]) -> tuple[int, float, bool, str]:
+    """(layer, strength, calibrated, provenance): what the model folder records, else what the paper's
+    released code uses for a model it names, else the paper's relative depth."""
+    from mechintro.core.paper_models import injection_point, paper_model
+
+    if "injection_layer" in recorded or "strength" in recorded:
+        calibrated = "calibration" in recorded
+        how = "calibrated on held-out concepts" if calibrated else "recorded"
+        point = paper_layer(n_layers), PAPER_STRENGTH
+        layer = int(recorded.get("injection_layer", point[0]))
+        return layer, float(recorded.get("strength", point[1])), calibrated, f"{how} ({SPEC_FILENAME})"
+    found = injection_point(name, n_layers)
+    if found is not None:
+        layer, strength, provenance = found
+        record = paper_model(name)
+        return layer, strength, bool(record and record.calibrated), provenance
+    return paper_layer(n_layers), PAPER_STRENGTH, False, RELATIVE_DEPTH
 
 
 def spec_for(model: Model) -> ModelSpec:
