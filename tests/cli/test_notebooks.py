@@ -1,8 +1,8 @@
 """The notebooks: committed without outputs, and executed end to end (nbclient, a real Jupyter kernel).
 
-``tour.ipynb`` runs as committed on the organism; ``gemma.ipynb`` runs through the same code path as on a real
-Gemma 3, with its parameters pointed at a tiny random Gemma 3 folder and random transcoders in Google's raw
-Gemma Scope 2 format. Parameters are overridden the way papermill does it: a cell inserted right after the
+``tour.ipynb`` runs as committed on the organism; ``real_model.ipynb`` runs through the same code path as on a
+real model, with its parameters pointed at tiny random checkpoints of two families (Gemma 3, sandwich norms;
+OLMo 3, norms on the sublayer outputs) and random transcoders in Google's raw Gemma Scope 2 format. Parameters are overridden the way papermill does it: a cell inserted right after the
 cell tagged ``parameters``.
 """
 
@@ -51,7 +51,7 @@ def mime_types(nb: nbformat.NotebookNode) -> set[str]:
     return {m for o in outputs(nb) for m in o.get("data", {})}
 
 
-@pytest.mark.parametrize("name", ["tour.ipynb", "gemma.ipynb"])
+@pytest.mark.parametrize("name", ["tour.ipynb", "real_model.ipynb"])
 def test_committed_without_outputs(name):
     nb = _load(name)
     code = [c for c in nb.cells if c.cell_type == "code"]
@@ -64,10 +64,10 @@ def test_committed_without_outputs(name):
 
 
 def test_with_parameters_injects_after_the_parameters_cell():
-    nb = with_parameters(_load("gemma.ipynb"), MODEL="/x", N_TRIALS=1)
+    nb = with_parameters(_load("real_model.ipynb"), MODEL="/x", N_TRIALS=1)
     i = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     assert nb.cells[i + 1].source == "MODEL = '/x'\nN_TRIALS = 1"
-    assert "injected-parameters" not in json.dumps(_load("gemma.ipynb"))  # the original is untouched
+    assert "injected-parameters" not in json.dumps(_load("real_model.ipynb"))  # the original is untouched
 
 
 def _check_rendered(nb: nbformat.NotebookNode, *, figures: int, cards: set[str]) -> None:
@@ -86,10 +86,11 @@ def test_tour_runs_on_the_organism(tmp_path):
     _check_rendered(nb, figures=6, cards={"FeatureGrid", "AttributionGraph"})
 
 
-def test_gemma_notebook_runs_on_a_tiny_random_gemma(tmp_path):
-    from mechintro.testing import save_random_transcoders, save_tiny_gemma3
+@pytest.mark.parametrize("family", ["gemma3", "olmo3"])
+def test_real_model_notebook_runs_on_tiny_random_models_of_two_families(tmp_path, family):
+    from mechintro.testing import save_random_transcoders, save_tiny
 
-    model = save_tiny_gemma3(tmp_path / "gemma")
+    model = save_tiny(family, tmp_path / family)
     tcs = save_random_transcoders(tmp_path / "transcoders", seed=3)
     params = {
         "MODEL": str(model),
@@ -101,7 +102,10 @@ def test_gemma_notebook_runs_on_a_tiny_random_gemma(tmp_path):
         "N_CONCEPTS": 3,
         "N_TRIALS": 1,
         "PATCH_LAYERS": 2,
-        "STORE": str(tmp_path / "gemma.sqlite"),
+        "STORE": str(tmp_path / "real_model.sqlite"),
     }
-    nb = execute(with_parameters(_load("gemma.ipynb"), **params), tmp_path)
+    nb = execute(with_parameters(_load("real_model.ipynb"), **params), tmp_path)
     _check_rendered(nb, figures=4, cards={"FeatureGrid", "AttributionGraph"})
+    first = next(o for o in outputs(nb) if "text/html" in o.get("data", {}))["data"]["text/html"]
+    title = {"gemma3": "Gemma 3", "olmo3": "OLMo 3"}[family]
+    assert title in first and "default: " in first and "not a calibrated point" in first
