@@ -503,6 +503,41 @@ def _match(a: str, b: str) -> str:""",
         "gates = mi.find_gates(model, grid)",
         ("tests/test_readme.py",),
     ),
+    Mutant(
+        "intervention-gemma3-site",
+        "a feature intervention reads the feature at the family's MLP input (OLMo: mlp.hook_in), as a "
+        "hand-written HF hook on layers[L].mlp does",
+        "mechintro/mechanism/interventions.py",
+        "read = self.names.transcoder_in(plan.layer)",
+        "read = HookNames.transcoder_in(plan.layer)",
+        ("tests/mechanism/test_families_mechanism.py",),
+    ),
+    Mutant(
+        "attribution-site-gemma3-names",
+        "attribution reads a transcoder's input at the family's MLP input: SG equals finite differences of "
+        "plain HF per family",
+        "mechintro/attribution/sites.py",
+        "            return names.transcoder_in(self.layer)",
+        "            return HookNames.transcoder_in(self.layer)",
+        ("tests/attribution/test_families_attribution.py",),
+    ),
+    Mutant(
+        "fastpath-ignores-olmo-mlp-hook",
+        "the fast path replays every family's transcoder sites (OLMo's mlp.hook_in) during run_trials",
+        "mechintro/core/fastpath.py",
+        "                handles.append(site.register(module, fn, model.hook_dict[name]))",
+        '                if not name.endswith(".mlp.hook_in"):\n'
+        "                    handles.append(site.register(module, fn, model.hook_dict[name]))",
+        ("tests/mechanism/test_families_mechanism.py",),
+    ),
+    Mutant(
+        "inject-cached-step-drops-offset",
+        "inject adds the vector at every KV-cached step of generation, as a hand-written HF hook does",
+        "mechintro/core/steering.py",
+        "offset = self.positions.offset if self.positions.seq == seq else 0",
+        "offset = 0",
+        ("tests/core/test_families.py",),
+    ),
 )
 
 

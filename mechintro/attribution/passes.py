@@ -36,10 +36,10 @@ model's default strength ``s*``), by the trapezoid or Simpson rule
 floats, never as rounded names.
 
 **Dictionary sites** (:class:`mechintro.attribution.sites.DictionarySite`): per-layer transcoders
-(``ln2.hook_out`` -> ``hook_mlp_out``, the sae-lens JumpReLU skip transcoders that
-:func:`mechintro.core.transcoders.load_transcoders` wires), and any sae-lens SAE with encode and decode at one
-hook: ``resid_post`` or ``attn_z`` (the concatenated heads entering the attention output projection,
-:meth:`mechintro.core.models.HookNames.attn_z`).
+(the MLP's input -> ``hook_mlp_out``, named by the model's family's :class:`mechintro.core.models.HookNames`;
+the sae-lens JumpReLU skip transcoders that :func:`mechintro.core.transcoders.load_transcoders` wires), and
+any sae-lens SAE with encode and decode at one hook: ``resid_post`` or ``attn_z`` (the concatenated heads
+entering the attention output projection, :meth:`mechintro.core.models.HookNames.attn_z`).
 
 Where this differs from the paper's released code: its capture hooks name module attributes that Gemma 3
 decoder layers do not have; what they intend -- the transcoder's input and output, i.e. the MLP's
@@ -80,7 +80,7 @@ from mechintro.attribution.strengths import quadrature_weights, strength_grid
 from mechintro.core import kvcache, validate
 from mechintro.core.concepts import check_concepts, concept_vectors
 from mechintro.core.hooks import capture, check_layer, hooks_context
-from mechintro.core.models import HookNames, Model, Transcoders, spec_for
+from mechintro.core.models import Model, Transcoders, hook_names, spec_for
 from mechintro.core.progress import progress_bar
 from mechintro.core.prompts import TrialPrompt, trial_prompt
 from mechintro.core.readout import yes_no_gap
@@ -148,6 +148,7 @@ def _tangent(t: Tensor) -> Tensor:
 def _metric_values(
     model: Model, metrics: list[Metric], logits: Tensor | None, acts: Any, split: int, dicts: Dictionaries
 ) -> Tensor:
+    names = hook_names(model)
     first = metrics[0]
     if first.kind != "feature" and all(m == first for m in metrics):
         at = logits[:, first.position - split]
@@ -162,7 +163,7 @@ def _metric_values(
         for r, m in enumerate(metrics):
             if m.kind == "feature" and m.site == site:
                 values[r] = pre_activation(
-                    d, dict_input(site, d, acts[site.in_hook][r, m.position - split]), m.index
+                    d, dict_input(site, d, acts[site.in_hook(names)][r, m.position - split]), m.index
                 )
         del d
     for r, m in enumerate(metrics):
@@ -175,8 +176,9 @@ def _metric_values(
 def _perturb_hooks(model: Model, rows: Rows, split: int, tau: Tensor) -> list[tuple[str, Any]]:
     """Forward hops: add ``τ_r · direction_r`` at row ``r``'s (site output, position)."""
     by_hook: dict[str, list[int]] = {}
+    names = hook_names(model)
     for r, (site, _, _) in enumerate(rows.perturb or []):
-        by_hook.setdefault(site.out_hook, []).append(r)
+        by_hook.setdefault(site.out_hook(names), []).append(r)
 
     def make(members: list[int]) -> Callable:
         def hook(y: Tensor, hook: Any = None) -> Tensor:
@@ -231,9 +233,12 @@ def run_pass(
             kw = kvcache.cache_kwargs(model, cache)
     tokens = prompt.tokens[None, split:].expand(n, -1).to(device)
     keep = read_from - split
-    resid_inj = HookNames.resid_post(layer)
-    zero_names = list(dict.fromkeys([resid_inj, *(s.out_hook for s in sites)])) if backward else []
-    read_names = list(dict.fromkeys([s.in_hook for s in read_sites] + [s.out_hook for s in sites]))
+    hooks = hook_names(model)
+    resid_inj = hooks.resid_post(layer)
+    zero_names = list(dict.fromkeys([resid_inj, *(s.out_hook(hooks) for s in sites)])) if backward else []
+    read_names = list(
+        dict.fromkeys([s.in_hook(hooks) for s in read_sites] + [s.out_hook(hooks) for s in sites])
+    )
     zeros: dict[str, Tensor] = {}
 
     def add_zero(name: str) -> Callable:
@@ -266,10 +271,10 @@ def run_pass(
         if tangent:
             got.slope = _tangent(value).detach()
         for site in sites:
-            got.x[site] = _primal(acts[site.in_hook][:, keep:]).detach()
+            got.x[site] = _primal(acts[site.in_hook(hooks)][:, keep:]).detach()
             if tangent:
-                got.x_dot[site] = _tangent(acts[site.in_hook][:, keep:]).detach()
-                got.y_dot[site] = _tangent(acts[site.out_hook][:, keep:]).detach()
+                got.x_dot[site] = _tangent(acts[site.in_hook(hooks)][:, keep:]).detach()
+                got.y_dot[site] = _tangent(acts[site.out_hook(hooks)][:, keep:]).detach()
     if backward:
         names = list(zeros)
         grads = torch.autograd.grad(objective, [zeros[k] for k in names], allow_unused=True)
@@ -277,7 +282,7 @@ def run_pass(
             k: torch.zeros_like(zeros[k]) if g is None else g for k, g in zip(names, grads, strict=True)
         }
         for site in sites:
-            got.grad[site] = by_name[site.out_hook][:, keep:].detach()
+            got.grad[site] = by_name[site.out_hook(hooks)][:, keep:].detach()
         g_inj = by_name[resid_inj][:, start - split :]  # the injection is applied from the start on
         got.reverse = (g_inj * vectors[:, None, :]).sum((1, 2)).detach()
     return got

@@ -1,11 +1,11 @@
 """The sites steering attribution reads, and the dictionaries at them.
 
-A :class:`DictionarySite` is where one dictionary sits: a per-layer transcoder (``ln2.hook_out`` ->
-``hook_mlp_out``, the sae-lens JumpReLU skip transcoders that
-:func:`mechintro.core.transcoders.load_transcoders` wires), or any sae-lens SAE with encode and decode at one
-hook: ``resid_post`` or ``attn_z`` (the concatenated heads entering the attention output projection,
-:meth:`mechintro.core.models.HookNames.attn_z`). :class:`Dictionaries` holds the dictionaries by site and
-reads them one site at a time, so a lazy mapping never holds more than one 262k-wide layer.
+A :class:`DictionarySite` is where one dictionary sits: a per-layer transcoder (the MLP's input ->
+``hook_mlp_out``: Gemma 3's ``ln2.hook_out``, OLMo's ``mlp.hook_in``; the sae-lens JumpReLU skip
+transcoders that :func:`mechintro.core.transcoders.load_transcoders` wires), or any sae-lens SAE with encode
+and decode at one hook: ``resid_post`` or ``attn_z`` (the concatenated heads entering the attention output
+projection, :meth:`mechintro.core.models.HookNames.attn_z`). :class:`Dictionaries` holds the dictionaries by
+site and reads them one site at a time, so a lazy mapping never holds more than one 262k-wide layer.
 
 Feature names (:func:`dictionary_feature_name`) are ``"L5 F12"`` for a transcoder feature and
 ``"resid L5 F12"`` / ``"attn L5 F12"`` for SAE features; :data:`SITE_PREFIX` is the one map from a dictionary
@@ -22,7 +22,7 @@ import numpy as np
 from torch import Tensor
 
 from mechintro.core.hooks import check_layer
-from mechintro.core.models import HookNames, Model
+from mechintro.core.models import HookNames, Model, hook_names
 
 __all__ = [
     "DICTIONARY_KINDS",
@@ -60,11 +60,13 @@ SITE_PREFIX: dict[str, str] = {"transcoder": "", "resid_post": "resid ", "attn_z
 
 @dataclass(frozen=True)
 class DictionarySite:
-    """Where one dictionary sits: its kind and layer (hook names come from :class:`HookNames`)."""
+    """Where one dictionary sits: its kind and layer. The hook names depend on the model's family, so they
+    are asked of the model's :class:`HookNames` (:func:`mechintro.core.models.hook_names`):
+    ``site.in_hook(names)`` / ``site.out_hook(names)``."""
 
     kind: DictionaryKind
-    """``"transcoder"`` (reads ``ln2.hook_out``, writes ``hook_mlp_out``), ``"resid_post"`` or ``"attn_z"``
-    (an SAE that encodes and decodes at one hook)."""
+    """``"transcoder"`` (reads the MLP's input: Gemma 3's ``ln2.hook_out``, OLMo's ``mlp.hook_in``; writes
+    ``hook_mlp_out``), ``"resid_post"`` or ``"attn_z"`` (an SAE that encodes and decodes at one hook)."""
     layer: int
     """The block."""
 
@@ -77,21 +79,19 @@ class DictionarySite:
         """Sort key in computation order (attn_z < transcoder < resid_post within a block)."""
         return (self.layer, STAGE[self.kind])
 
-    @property
-    def in_hook(self) -> str:
-        """The hook the dictionary encodes from."""
+    def in_hook(self, names: HookNames) -> str:
+        """The hook the dictionary encodes from, among ``names`` (the model's family's)."""
         if self.kind == "transcoder":
-            return HookNames.transcoder_in(self.layer)
-        return self.out_hook
+            return names.transcoder_in(self.layer)
+        return self.out_hook(names)
 
-    @property
-    def out_hook(self) -> str:
-        """The hook the dictionary's output (its decoder rows) is written to."""
+    def out_hook(self, names: HookNames) -> str:
+        """The hook the dictionary's output (its decoder rows) is written to, among ``names``."""
         if self.kind == "transcoder":
-            return HookNames.transcoder_out(self.layer)
+            return names.transcoder_out(self.layer)
         if self.kind == "resid_post":
-            return HookNames.resid_post(self.layer)
-        return HookNames.attn_z(self.layer)
+            return names.resid_post(self.layer)
+        return names.attn_z(self.layer)
 
     def before(self, other: DictionarySite) -> bool:
         """Whether this site's output can reach ``other``'s input (strictly earlier in the forward pass)."""
@@ -230,15 +230,16 @@ def _as_sae_site(model: Model, key: Any) -> DictionarySite:
         site = DictionarySite(key[0], check_layer(model, key[1]))
     elif isinstance(key, str):
         site = None
+        names = hook_names(model)
         for layer in range(int(model.cfg.n_layers)):
-            if key == HookNames.resid_post(layer):
+            if key == names.resid_post(layer):
                 site = DictionarySite("resid_post", layer)
-            elif key in (HookNames.attn_z(layer), f"blocks.{layer}.attn.hook_z"):
+            elif key in (names.attn_z(layer), f"blocks.{layer}.attn.hook_z"):
                 site = DictionarySite("attn_z", layer)
         if site is None:
             raise ValueError(
                 f"an SAE at {key!r} cannot be used: SAE sites are resid_post "
-                f"({HookNames.resid_post(0)!r}...) and attn_z ({HookNames.attn_z(0)!r} or "
+                f"({names.resid_post(0)!r}...) and attn_z ({names.attn_z(0)!r} or "
                 "'blocks.L.attn.hook_z', the heads before the output projection); pre-norm and "
                 "post-norm attention outputs are not"
             )

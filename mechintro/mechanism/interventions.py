@@ -5,7 +5,8 @@ One intervention serves ablation and patching. For each selected feature ``f`` o
     (a_target - a_current) * d_f
 
 to ``hook_mlp_out`` of ``L`` (the transcoder output site), where ``a_current`` is the feature's activation
-encoded from ``ln2.hook_out`` of ``L`` (the transcoder input site) *in the same forward pass*, so the edit
+encoded from the MLP's input of ``L`` (the transcoder input site of the model's family: ``ln2.hook_out`` for
+Gemma 3, Qwen3 and Llama, ``mlp.hook_in`` for OLMo 2 / 3) *in the same forward pass*, so the edit
 is correct in any context: under :func:`mechintro.core.steering.inject`, under other interventions on earlier
 layers, and during KV-cached generation, where each call sees one new position.
 
@@ -27,9 +28,10 @@ layers, and during KV-cached generation, where each call sees one new position.
   including each generated token; ``"all"`` every position; ints those absolute positions. Which absolute
   positions a call covers comes from the model's :class:`mechintro.core.hooks.PositionTracker` (the KV cache).
 * **Site** (``site``): ``"mlp_out"`` (default, as the paper's text states it) reads the feature at
-  ``ln2.hook_out`` and writes the edit at ``hook_mlp_out``. ``"mlp_input"`` is what the paper's released code
-  does (as issue #8 reports it): the edit, with the raw decoder row by default, is added to the MLP's input
-  (``ln2.hook_out``, after the pre-feedforward norm) and so passes through the MLP.
+  the MLP's input (Gemma 3: ``ln2.hook_out``) and writes the edit at ``hook_mlp_out``. ``"mlp_input"`` is what
+  the paper's released code does (as issue #8 reports it): the edit, with the raw decoder row by default, is
+  added to the MLP's input (Gemma 3: ``ln2.hook_out``, after the pre-feedforward norm) and so passes through
+  the MLP.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from mechintro.core.hooks import (
     position_mask,
     tracker,
 )
-from mechintro.core.models import HookNames, Model, Transcoders, hook_names
+from mechintro.core.models import HookNames, Model, Transcoders, hook_names, require_mechanism
 from mechintro.core.transcoders import encode_features, parse_features
 
 __all__ = [
@@ -133,6 +135,9 @@ class FeatureIntervention:
     site: EditSite
     plans: list[_LayerPlan]
     tracker: PositionTracker
+    names: HookNames
+    """The hook names of the model's family (:func:`mechintro.core.models.hook_names`): where the feature is
+    read (the MLP's input) and the edit written (the MLP sublayer's update of the residual)."""
     record: bool = False
     """Keep ``current`` (a_current per layer) and ``added`` (the edit per layer) of the latest call."""
     calls: int = 0
@@ -144,11 +149,12 @@ class FeatureIntervention:
     def hooks(self) -> list[tuple[str, Any]]:
         out = []
         for plan in self.plans:
+            read = self.names.transcoder_in(plan.layer)
             if self.site == "mlp_input":
-                out.append((HookNames.transcoder_in(plan.layer), self._input_hook(plan)))
+                out.append((read, self._input_hook(plan)))
             else:
-                out.append((HookNames.transcoder_in(plan.layer), self._encode_hook(plan)))
-                out.append((HookNames.transcoder_out(plan.layer), self._edit_hook(plan)))
+                out.append((read, self._encode_hook(plan)))
+                out.append((self.names.transcoder_out(plan.layer), self._edit_hook(plan)))
         return out
 
     def _begin_call(self, batch: int, seq: int, device: torch.device) -> None:
@@ -242,6 +248,7 @@ def make_intervention(
         site: ``"mlp_out"`` (the paper's text) or ``"mlp_input"`` (its released code).
         record: keep a_current and the edit of the latest call on the object (for tests and diagnostics).
     """
+    require_mechanism(model, "a feature intervention")
     positions = check_positions(positions, starts=start)
     if site not in SITES:
         raise ValueError(f"unknown site {site!r}; valid: {list(SITES)}")
@@ -280,6 +287,7 @@ def make_intervention(
         site=site,
         plans=plans,
         tracker=tracker(model),
+        names=hook_names(model),
         record=record,
     )
 

@@ -206,3 +206,129 @@ def test_run_trials_fast_path_equals_the_bridge(pair):
         bridge = run_trials(model, ["Bread", "Oceans"], **kw)
     cols = ["concept", "trial", "condition", "response", "n_new_tokens"]
     assert fast[cols].equals(bridge[cols]), name
+
+
+# ------------------------------------------------------------------------- against plain HF, step by step
+
+
+def _trial_prompts(model):
+    """Three trial prompts of two lengths (the forced prefill makes one longer), so the batch is padded."""
+    from mechintro.core.prompts import forced_prefill, trial_prompt
+
+    return [
+        trial_prompt(model, trial=1),
+        trial_prompt(model, trial=2, prefill=forced_prefill()),
+        trial_prompt(model, trial=10),
+    ]
+
+
+STEP_TOL = {"rtol": 0.0, "atol": 1e-4}
+"""Cached steps against plain HF generate (float32): another batch layout and kernel order, the same math;
+observed differences ~1e-6."""
+
+
+@pytest.mark.parametrize("path", ["hf", "bridge"])
+def test_inject_equals_a_manual_hf_hook_on_every_cached_step(pair, path):
+    """Greedy KV-cached generation of a left-padded batch under per-row ``inject``: every step's logits (and
+    so every token) equal plain HF ``generate`` of each row alone with a hand-written hook on
+    ``model.layers[L]`` that adds the vector from the row's start on, the generated tokens included."""
+    from hf_reference import greedy, injection
+
+    from mechintro.core.prompts import left_pad
+    from mechintro.core.sampling import sample, stop_ids
+
+    name, model, hf = pair
+    prompts = _trial_prompts(model)
+    b = left_pad(prompts, pad_id=model.tokenizer.pad_token_id)
+    assert len(set(b.pad.tolist())) > 1, "the batch must be padded"
+    g = torch.Generator().manual_seed(4)
+    vecs = torch.randn(3, int(model.cfg.d_model), generator=g)
+    strengths = torch.tensor([3.0, -2.0, 4.0])
+    n = 4
+    with inject(model, vecs, layer=LAYER, strength=strengths, start=b.starts):
+        out = sample(
+            model, b, max_new_tokens=n, seeds=[0, 1, 2], temperature=0.0, path=path, keep_logits=True
+        )
+    assert out.path == path
+    changed = 0
+    for row, p in enumerate(prompts):
+        hook = injection(LAYER, vecs[row], strengths[row], p.injection_start)
+        tokens, logits = greedy(hf, p.tokens, hooks=[hook], max_new_tokens=n, stop=stop_ids(model))
+        k = int(out.lengths[row])
+        assert k == len(tokens), (name, row)
+        assert torch.equal(out.tokens[row, :k], tokens), (name, row)
+        torch.testing.assert_close(out.logits[row, :k], logits, **STEP_TOL, msg=lambda m: f"{name}: {m}")
+        _, plain_logits = greedy(hf, p.tokens, max_new_tokens=1, stop=stop_ids(model))
+        changed += not torch.allclose(plain_logits[0], logits[0], atol=1e-3)
+    assert changed == len(prompts), "the injection must change every row's logits"
+
+
+def test_run_trials_equals_plain_hf_generate_with_a_hand_written_hook(pair):
+    """``run_trials`` (greedy, left-padded batches, the shared prompt prefix on, the fast path) gives, row by
+    row, the tokens of plain HF ``generate`` of the trial prompt alone with a hand-written injection hook
+    (none for controls)."""
+    from hf_reference import greedy, injection
+
+    from mechintro.behaviour.judges import RuleJudge
+    from mechintro.behaviour.trials import run_trials
+    from mechintro.core.fastpath import choose_path
+    from mechintro.core.prompts import trial_prompt
+    from mechintro.core.sampling import can_share_prefix, stop_ids
+
+    name, model, hf = pair
+    concepts = ["Bread", "Oceans"]
+    vectors = torch.randn(2, int(model.cfg.d_model), generator=torch.Generator().manual_seed(5)) * 4
+    n = 5
+    assert choose_path(model)[0] == "hf" and can_share_prefix(model)
+    df = run_trials(
+        model,
+        concepts,
+        layer=LAYER,
+        strength=3.0,
+        n_trials=2,
+        trials=[1, 10],
+        judge=RuleJudge(),
+        vectors=vectors,
+        max_new_tokens=n,
+        temperature=0.0,
+        batch_size=8,
+        progress=False,
+    )
+    assert len(df) == 8 and set(df["condition"]) == {"control", "injection"}
+    differs = 0
+    for row in df.itertuples():
+        p = trial_prompt(model, trial=int(row.trial))
+        c = concepts.index(row.concept)
+        hooks = [injection(LAYER, vectors[c], 3.0, p.injection_start)] if row.condition == "injection" else []
+        tokens, _ = greedy(hf, p.tokens, hooks=hooks, max_new_tokens=n, stop=stop_ids(model))
+        text = model.tokenizer.decode(tokens.tolist(), skip_special_tokens=True).strip()
+        assert (row.response, row.n_new_tokens) == (text, len(tokens)), (name, row.concept, row.condition)
+        if row.condition == "injection":
+            control = df[(df["concept"] == row.concept) & (df["trial"] == row.trial)]
+            differs += (control["response"] != row.response).any()
+    assert differs >= 1, "the injection must change some response"
+
+
+def test_concept_vectors_equal_plain_hf(pair):
+    """resid_post of the layer at the last token of "Tell me about {concept}" (the family's chat template,
+    rendered by the tokenizer itself), minus the mean over baseline words: from HF's ``model.layers[L]``."""
+    from mechintro.core.concepts import concept_vectors
+
+    name, model, hf = pair
+    fam = family_by_name(name)
+    words = ["Sand", "Clay", "Fog"]
+    ours = concept_vectors(model, ["Bread", "Oceans"], layer=LAYER, baseline=words, batch_size=2)
+
+    def last(word):
+        messages = [{"role": "user", "content": f"Tell me about {word}"}]
+        text = model.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **fam.chat_template_kwargs
+        )
+        tokens = torch.tensor(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+        _, got = _hf_sites(hf, tokens[None], {"h": (f"model.layers.{LAYER}", "output")})
+        return got["h"][0, -1]
+
+    mean = torch.stack([last(w) for w in words]).mean(0)
+    expected = torch.stack([last("Bread") - mean, last("Oceans") - mean])
+    torch.testing.assert_close(ours, expected, **_tol(name))
+    assert ours.abs().max() > 1e-2
