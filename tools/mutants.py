@@ -36,7 +36,7 @@ class Mutant:
 MUTANTS = (
     Mutant(
         "paper-fraction-rounded",
-        "the released code's layer is int(fraction x n_layers), truncated (Qwen3-235B: 57, not 57.34 rounded)",
+        "the released code's layer is int(fraction x n_layers), truncated, not rounded",
         "mechintro/core/paper_models.py",
         "max(0, min(int(n_layers * fraction), n_layers - 1))",
         "max(0, min(round(n_layers * fraction), n_layers - 1))",
