@@ -35,6 +35,14 @@ class Mutant:
 
 MUTANTS = (
     Mutant(
+        "gemma4-variant-transcoder-site-allowed",
+        "a Gemma 4 with per-layer embeddings or an MoE branch refuses transcoder sites by name",
+        "mechintro/core/models.py",
+        "    return HookNames.of_family(spec.family, problem=spec.mechanism_problem)",
+        "    return HookNames.of_family(spec.family)",
+        ("tests/core/test_gemma4_variants.py",),
+    ),
+    Mutant(
         "paper-fraction-rounded",
         "the released code's layer is int(fraction x n_layers), truncated, not rounded",
         "mechintro/core/paper_models.py",

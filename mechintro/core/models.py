@@ -81,22 +81,31 @@ class HookNames:
     input (``mlp.hook_in``): there the bridge's ``ln2`` is the post-feedforward norm.
     """
 
-    _cache: dict[str, HookNames] = {}
+    _cache: dict[tuple[str, str | None], HookNames] = {}
 
-    def __init__(self, family: Any) -> None:
+    def __init__(self, family: Any, *, problem: str | None = None) -> None:
         self.family = family
+        self.problem = problem
+        """Why the model these names are for has no mechanism support (a Gemma 4 variant with per-layer
+        embeddings, say), or None: the transcoder sites refuse with it."""
 
     @classmethod
-    def of_family(cls, name: str) -> HookNames:
-        """The names of the family called ``name`` (one instance per family)."""
-        if name not in cls._cache:
+    def of_family(cls, name: str, *, problem: str | None = None) -> HookNames:
+        """The names of the family called ``name`` (one instance per family and ``problem``)."""
+        key = (name, problem)
+        if key not in cls._cache:
             from mechintro.core.families import family_by_name
 
-            cls._cache[name] = cls(family_by_name(name))
-        return cls._cache[name]
+            cls._cache[key] = cls(family_by_name(name), problem=problem)
+        return cls._cache[key]
 
     def __repr__(self) -> str:
         return f"HookNames({self.family.title})"
+
+    def _require_mechanism(self, what: str) -> None:
+        self.family.require_mechanism(what)
+        if self.problem is not None:
+            raise UnsupportedArchitectureError(f"{what} is not available: {self.problem}")
 
     @_by_family
     def site(self, name: str, layer: int | None = None) -> str:
@@ -157,13 +166,13 @@ class HookNames:
     @_by_family
     def transcoder_in(self, layer: int) -> str:
         """The MLP's input (what a transcoder reads)."""
-        self.family.require_mechanism("a transcoder site")
+        self._require_mechanism("a transcoder site")
         return self.site("mlp_in", layer)
 
     @_by_family
     def transcoder_out(self, layer: int) -> str:
         """The MLP sublayer's update of the residual (what a transcoder predicts)."""
-        self.family.require_mechanism("a transcoder site")
+        self._require_mechanism("a transcoder site")
         return self.site("mlp_out", layer)
 
     @_by_family
@@ -533,8 +542,10 @@ def spec_for(model: Model) -> ModelSpec:
 
 
 def hook_names(model: Model) -> HookNames:
-    """The :class:`HookNames` of ``model``'s family."""
-    return HookNames.of_family(spec_for(model).family)
+    """The :class:`HookNames` of ``model``'s family (whose transcoder sites refuse when the model lacks
+    mechanism support)."""
+    spec = spec_for(model)
+    return HookNames.of_family(spec.family, problem=spec.mechanism_problem)
 
 
 def family(model: Model) -> Family:

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from mechintro.core.concepts import check_concepts, concept_vectors
 from mechintro.core.hooks import capture, check_layer, hooks_context, tracker
-from mechintro.core.models import HookNames, Model, spec_for
+from mechintro.core.models import HookNames, Model, require_mechanism, spec_for
 from mechintro.core.progress import progress_bar
 from mechintro.core.prompts import TrialPrompt, forced_prefill, trial_prompt
 from mechintro.core.readout import (
@@ -323,6 +323,7 @@ def component_patching(
     ``"p_concept"``, or ``"detection_log_odds"`` / ``"concept_log_odds"``), value. :func:`summarize_patching`
     averages it across concepts with 95% CIs.
     """
+    require_mechanism(model, "component patching")
     cfg = config or PatchingConfig()
     concepts = check_concepts(concepts)
     spec = spec_for(model)

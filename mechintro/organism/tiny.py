@@ -8,6 +8,7 @@ prefill), so every mechintro code path runs on it exactly as on a real Gemma 3, 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -203,9 +204,13 @@ def save_tiny(
     d_mlp: int = 128,
     sliding_window: int = 16,
     seed: int = 0,
+    config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Save a random tiny causal LM of ``family`` (one of :data:`TINY_FAMILIES`) + the word tokenizer with
     ``save_pretrained`` and return the folder.
+
+    ``config``: fields that override the family's tiny config, for a variant (e.g. a Gemma 4 with
+    per-layer embeddings: ``{"hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": ...}``).
 
     ``"gemma3"`` is :func:`save_tiny_gemma3`. The others use the same word-level tokenizer (one token per
     stimulus word, Gemma-style turn markers); their norms get random weights so every norm site is
@@ -223,11 +228,16 @@ def save_tiny(
         "d_mlp": d_mlp,
         "sliding_window": sliding_window,
     }
-    if family == "gemma3":
+    if family == "gemma3" and not config:
         return save_tiny_gemma3(folder, seed=seed, **sizes)
+    if family == "gemma3":
+        raise ValueError("config overrides are for the other families; save_tiny_gemma3 has its own options")
     folder = Path(folder)
     tok = _word_tokenizer()
     cfg = _family_config(family, tok, **sizes)
+    if config:
+        fields = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "transformers_version")}
+        cfg = type(cfg)(**(fields | dict(config)))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
