@@ -110,7 +110,10 @@ def _choose_site(
         if site in candidates or check == "none":
             return str(site) if site in candidates else default
         raise WrongSiteError(f"the dictionary's recorded {side} site {site!r} is none of {list(candidates)}")
-    name = meta.get("hook_name_out" if out else "hook_name")
+    # a Hugging Face module name, where the format records one (sae-lens's hf_hook_name), is literal
+    name = meta.get("hf_hook_name_out" if out else "hf_hook_name") or meta.get(
+        "hook_name_out" if out else "hook_name"
+    )
     if name is None:
         return default
     try:
