@@ -278,5 +278,6 @@ def recorded_fvu(meta: Mapping | object) -> float | None:
 
 
 def stack_positions(acts: list[Tensor]) -> Tensor:
-    """Per-prompt ``[1, pos, d]`` captures -> ``[n, d]``, dropping each prompt's first position."""
-    return torch.cat([a[0, 1:] for a in acts]).float()
+    """Per-prompt ``[1, pos, d]`` captures -> ``[n, d]`` on the CPU (every layer's candidates of a large
+    model are kept at once), dropping each prompt's first position (the attention sink's outliers)."""
+    return torch.cat([a[0, 1:].cpu() for a in acts])

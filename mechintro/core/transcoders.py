@@ -452,7 +452,7 @@ def _reconstruction_errors(
             x = acts.get(fam.site(site_in).hook_name(layer))
             pred = tc(x.to(tc.W_enc.device, tc.W_enc.dtype)).float().cpu()
             for site_out in fam.transcoder_out_candidates:
-                out[(site_in, site_out)] = fvu(pred, acts.get(fam.site(site_out).hook_name(layer)).cpu())
+                out[(site_in, site_out)] = fvu(pred, acts.get(fam.site(site_out).hook_name(layer)).float())
     return out
 
 
