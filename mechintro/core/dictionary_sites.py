@@ -216,8 +216,8 @@ def family_of_model_name(name: str | None) -> Family | None:
 class SiteCheck:
     """How the reconstruction check of a dictionary's site decides."""
 
-    n_prompts: int = 4
-    """Trial prompts whose tokens (all but the first) the errors are measured on."""
+    n_prompts: int = 3
+    """Trial prompts (of different variants) whose tokens, all but the first, the errors are measured on."""
     ratio: float = 2.0
     """"Far above": the error at the chosen sites may be at most ``ratio`` times the dictionary's recorded
     error, and at most ``ratio`` times that at another candidate pair."""

@@ -68,6 +68,7 @@ __all__ = [
     "parse_features",
     "replace_mlps",
     "save_transcoder",
+    "site_check_prompts",
     "transcoder_hooks",
     "transcoder_inputs",
 ]
@@ -410,6 +411,29 @@ def _layer_list(model: Model, layers: Sequence[int] | int | None) -> list[int]:
     return [check_layer(model, layer) for layer in layers]
 
 
+CHECK_VARIANTS = (
+    "original",
+    "unprompted",
+    "skeptical",
+    "alternative_path",
+    "structured_format",
+    "phenomenology",
+)
+"""Prompt variants the reconstruction check reads, in turn (different lengths and words)."""
+
+
+def site_check_prompts(model: Model, settings: SiteCheck | None = None) -> list[Int[Tensor, " seq"]]:
+    """The token ids the reconstruction check measures errors on: ``settings.n_prompts`` trial prompts of
+    :data:`CHECK_VARIANTS` in turn (trial ``i`` of the ``i``-th)."""
+    from mechintro.core.prompts import trial_prompt  # prompts needs models only; no circle
+
+    n = (settings or SiteCheck()).n_prompts
+    return [
+        trial_prompt(model, trial=i + 1, variant=CHECK_VARIANTS[i % len(CHECK_VARIANTS)]).tokens
+        for i in range(n)
+    ]
+
+
 class _SiteActivations:
     """Every candidate site's activations on a few trial prompts, captured once (on first use) for all
     ``layers``; what the reconstruction check measures errors on."""
@@ -425,14 +449,12 @@ class _SiteActivations:
 
     def get(self, hook: str) -> Tensor:
         if self._acts is None:
-            from mechintro.core.prompts import trial_prompt  # prompts needs models only; no circle
-
             names = [n for layer in self.layers for n in self._names(layer)]
             got: dict[str, list[Tensor]] = {n: [] for n in names}
             device = self.model.cfg.device
             with torch.no_grad():
-                for trial in range(1, self.settings.n_prompts + 1):
-                    tokens = trial_prompt(self.model, trial=trial).tokens[None].to(device)
+                for tokens in site_check_prompts(self.model, self.settings):
+                    tokens = tokens[None].to(device)
                     with capture(self.model, names, positions="all") as acts:
                         self.model(tokens, stop_at_layer=max(self.layers) + 1)
                     for n in names:
