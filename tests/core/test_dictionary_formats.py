@@ -306,8 +306,9 @@ def test_reconstruction_check_refuses_the_wrong_side_of_a_norm(tiny, tmp_path):
     wrong = save_sae_lens_transcoders(
         tmp_path / "wrong", tensors=state, hook_name="blocks.{layer}.hook_resid_mid"
     )
-    with pytest.raises(WrongSiteError, match=r"wrong side of a norm.*mlp_in_prenorm -> mlp_out give FVU .*"
-                                             r"but mlp_in -> mlp_out give (0\.00\d*|\d(\.\d+)?e-\d+) \("):  # fmt: skip
+    fvu = r"(0\.00\d*|\d(\.\d+)?e-\d+) "
+    message = rf"wrong side of a norm.*mlp_in_prenorm -> mlp_out give FVU.*but mlp_in -> mlp_out give {fvu}"
+    with pytest.raises(WrongSiteError, match=message):
         load_transcoders(tiny, [1], source=wrong)
     assert load_transcoders(tiny, [1], source=wrong, check="hook")[1].cfg.metadata.site == "mlp_in_prenorm"
     assert (
