@@ -128,12 +128,8 @@ def _parse(name: str) -> tuple[int | None, str, str]:
         return int(m.group(1)), m.group(2), "tl"
     if m := _HF.match(name):
         return int(m.group(1)), m.group(2), "hf"
-    first = name.split(".")[0]
-    return (
-        None,
-        name,
-        "tl" if first.startswith(("hook_", "ln", "mlp", "attn")) and "_layernorm" not in name else "hf",
-    )
+    hf = name == "mlp" or name.endswith((".input", ".output")) or "layernorm" in name
+    return None, name, "hf" if hf else "tl"
 
 
 def _hf_key(rest: str, side: Side) -> tuple[str, Side]:

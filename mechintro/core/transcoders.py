@@ -183,7 +183,8 @@ def transcoder_hooks(tc: Any) -> tuple[str, str]:
     """``(input hook, output hook)``: the bridge hook points a (mechintro-wired) transcoder reads and
     writes, from its ``metadata.hook_name`` / ``hook_name_out``."""
     meta = tc.cfg.metadata
-    if meta.get("site") is None or meta.get("hook_name_out") is None:
+    wired = meta.get("site") is not None or "source_hook_name" in meta  # the latter: an older mechintro's
+    if not wired or meta.get("hook_name") is None or meta.get("hook_name_out") is None:
         raise ValueError(
             "this transcoder was not wired by mechintro (no metadata.site); load it with load_transcoders"
         )

@@ -226,6 +226,8 @@ def test_recorded_names_per_format():
     assert site_from_recorded(qwen3, "hook_resid_mid", side="input") == "mlp_in_prenorm"
     assert site_from_recorded(qwen3, "mlp.hook_out", side="output") == "mlp_out"
     assert site_from_recorded(olmo3, "hook_resid_mid", side="input") == "mlp_in"
+    assert site_from_recorded(olmo3, "mlp", side="input") == "mlp_in"
+    assert site_from_recorded(olmo3, "post_feedforward_layernorm", side="output") == "mlp_out"
     with pytest.raises(
         WrongSiteError, match=r"none of Qwen3 \(dense\)'s input sites \['mlp_in_prenorm', 'mlp_in'\]"
     ):
