@@ -322,7 +322,7 @@ MEMORY_MODELS = (
     ("Llama-3.2-1B", 2048),
 )
 """(model, d_model) rows of the docs' memory table."""
-MEMORY_WIDTHS = (("16k", 16384), ("65k", 65536), ("131k", 131072), ("262k", 262144))
+MEMORY_WIDTHS = (("16k", 16384), ("65k", 65536), ("131k", 131072), ("160k", 163840), ("262k", 262144))
 """(name, d_sae) columns of the docs' memory table."""
 
 

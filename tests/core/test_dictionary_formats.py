@@ -238,6 +238,17 @@ def test_recorded_names_per_format():
         site_from_recorded(qwen3, "blocks.2.mlp.hook_in", side="input", layer=3)
 
 
+def test_a_recorded_hugging_face_name_is_read_literally(tiny, tmp_path):
+    """sae-lens records Gemma Scope 2's Hugging Face names (hf_hook_name) beside its TL ``hook_mlp_in``."""
+    hf = {
+        "hf_hook_name": "model.layers.0.pre_feedforward_layernorm.output",
+        "hf_hook_name_out": "model.layers.0.post_feedforward_layernorm.output",
+    }
+    save_sae_lens_transcoders(tmp_path, n_layers=1, hook_name="blocks.{layer}.hook_mlp_in", metadata=hf)
+    meta = load_transcoders(tiny, [0], source=tmp_path)[0].cfg.metadata
+    assert (meta.site, meta.site_out, meta.source_hook_name) == ("mlp_in", "mlp_out", "blocks.0.hook_mlp_in")
+
+
 def test_the_recorded_hook_drives_every_reader(tiny, hf_tiny, tmp_path):
     """A dictionary recording the pre-norm residual and the MLP module's output is read and written there by
     transcoder_inputs, encode_at and replace_mlps (the metadata is the one source of the sites)."""
