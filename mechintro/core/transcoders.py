@@ -1,11 +1,14 @@
-"""Transcoders: Gemma Scope 2 (sae-lens releases or Google's raw files), sae-lens folders, the organism's.
+"""Transcoders: Gemma Scope 2 (sae-lens releases or Google's raw files), sae-lens folders and releases,
+circuit-tracer's per-layer files, the organism's.
 
-Every transcoder returned here is a sae-lens object whose metadata is re-wired to mechintro's hook names of
-the model's family (:func:`mechintro.core.models.hook_names`): input the MLP's input (Gemma 3:
-``blocks.L.ln2.hook_out``, the pre-feedforward-norm output; OLMo 2 / 3: ``blocks.L.mlp.hook_in``) and output
-``blocks.L.hook_mlp_out`` (the MLP sublayer's update of the residual: for Gemma 3, the post-feedforward-norm
-output). sae-lens's Gemma Scope 2 configs name ``hook_mlp_in``, which in
-TransformerLens is the residual *before* that norm; the name it gave is kept as ``metadata.source_hook_name``.
+Every transcoder returned here is a sae-lens object whose metadata is re-wired to the site the dictionary
+itself names (:mod:`mechintro.core.dictionary_sites`), among its model family's candidates: for Gemma 3's
+Gemma Scope 2, input ``blocks.L.ln2.hook_out`` (the pre-feedforward-norm output) and output
+``blocks.L.hook_mlp_out`` (the post-feedforward-norm output). ``metadata.hook_name`` / ``hook_name_out`` are
+then the bridge hook points it reads and writes (the single source of truth every reader uses:
+:func:`transcoder_hooks`), ``metadata.site`` / ``site_out`` the family's site names, and
+``metadata.source_hook_name`` / ``source_hook_name_out`` the names the dictionary recorded (sae-lens's Gemma
+Scope 2 configs name ``hook_mlp_in``, which in TransformerLens is the residual *before* that norm).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -22,6 +25,18 @@ from jaxtyping import Float, Int
 from safetensors.torch import load_file
 from torch import Tensor
 
+from mechintro.core import dictionary_formats as formats
+from mechintro.core.dictionary_sites import (
+    SiteCheck,
+    WrongSiteError,
+    check_reconstruction,
+    family_of_model_name,
+    fvu,
+    recorded_fvu,
+    site_from_recorded,
+    stack_positions,
+)
+from mechintro.core.families import Family
 from mechintro.core.fingerprint import weights_fingerprint
 from mechintro.core.hooks import Positions, capture, check_layer, hooks_context
 from mechintro.core.models import (
@@ -29,14 +44,18 @@ from mechintro.core.models import (
     HookNames,
     Model,
     Transcoders,
+    family,
     hook_names,
     require_mechanism,
     spec_for,
 )
 
 __all__ = [
+    "CHECKS",
     "LazyTranscoders",
+    "SiteCheck",
     "TranscoderMismatchError",
+    "WrongSiteError",
     "check_transcoder",
     "encode_at",
     "encode_features",
@@ -49,12 +68,19 @@ __all__ = [
     "parse_features",
     "replace_mlps",
     "save_transcoder",
+    "site_check_prompts",
+    "transcoder_hooks",
     "transcoder_inputs",
 ]
 
 RAW_PARAMS = "params.safetensors"
 SAE_LENS_CFG = "cfg.json"
 LOCAL_LAYER_PATTERN = "layer_{layer}"
+Check = Literal["reconstruction", "hook", "none"]
+CHECKS: tuple[Check, ...] = ("reconstruction", "hook", "none")
+"""``check=`` of :func:`load_transcoders`: ``"reconstruction"`` (default: the site comes from the recorded
+hook and the reconstruction error confirms it), ``"hook"`` (from the recorded hook only), ``"none"`` (the
+recorded hook where it names a candidate, else the family's default; nothing refused on site grounds)."""
 
 
 class TranscoderMismatchError(ValueError):
@@ -69,18 +95,53 @@ def _recorded_layer(tc: Any) -> int | None:
     meta = tc.cfg.metadata
     if meta.get("layer") is not None:
         return int(meta.get("layer"))
-    match = re.match(r"^blocks\.(\d+)\.", str(meta.get("hook_name") or ""))
+    match = re.match(r"^(?:blocks|model\.layers|layers)\.(\d+)\.", str(meta.get("hook_name") or ""))
     return int(match.group(1)) if match else None
 
 
-def _wire(
-    tc: Any, *, layer: int, model_name: str | None = None, where: str = "", names: HookNames | None = None
-) -> Any:
-    """Point a transcoder's metadata at mechintro's hook names for ``layer`` (refusing another layer's).
+def _choose_site(
+    fam: Family, meta: Any, *, side: Literal["input", "output"], layer: int, fmt: str, check: Check
+) -> str:
+    """The family site a dictionary's metadata names on ``side``."""
+    default = "mlp_in" if side == "input" else "mlp_out"
+    out = side == "output"
+    site = meta.get("site_out" if out else "site")
+    if site is not None:  # wired by mechintro before: the site itself
+        candidates = fam.transcoder_out_candidates if out else fam.transcoder_in_candidates
+        if site in candidates or check == "none":
+            return str(site) if site in candidates else default
+        raise WrongSiteError(f"the dictionary's recorded {side} site {site!r} is none of {list(candidates)}")
+    # a Hugging Face module name, where the format records one (sae-lens's hf_hook_name), is literal
+    name = meta.get("hf_hook_name_out" if out else "hf_hook_name") or meta.get(
+        "hook_name_out" if out else "hook_name"
+    )
+    if name is None:
+        return default
+    try:
+        return site_from_recorded(fam, str(name), side=side, layer=layer, fmt=fmt)
+    except WrongSiteError:
+        if check == "none":
+            return default
+        raise
 
-    ``names``: the model family's (:func:`~mechintro.core.models.hook_names`); default Gemma 3's.
+
+def _wire(
+    tc: Any,
+    *,
+    layer: int,
+    model_name: str | None = None,
+    where: str = "",
+    names: HookNames | None = None,
+    fmt: str = "sae_lens",
+    check: Check = "hook",
+) -> Any:
+    """Point a transcoder's metadata at the bridge hook points of the sites it names for ``layer``
+    (refusing another layer's).
+
+    ``names``: the model family's (:func:`~mechintro.core.models.hook_names`); default Gemma 3's. ``fmt``:
+    the dictionary's format, which decides how its recorded hook is read.
     """
-    names = names or HookNames.of_family("gemma3")
+    fam = (names or HookNames.of_family("gemma3")).family
     meta = tc.cfg.metadata
     recorded = _recorded_layer(tc)
     if recorded is not None and recorded != layer:
@@ -88,11 +149,22 @@ def _wire(
             f"the transcoder{where} was made for layer {recorded}, not layer {layer} (are the layer folders "
             "swapped?)"
         )
+    if "source_hook_name" in meta and meta.get("site") is None:
+        fmt = "mechintro"  # wired by an earlier mechintro: hook_name is already a bridge hook point
+    try:
+        site_in = _choose_site(fam, meta, side="input", layer=layer, fmt=fmt, check=check)
+        site_out = _choose_site(fam, meta, side="output", layer=layer, fmt=fmt, check=check)
+    except WrongSiteError as err:
+        raise WrongSiteError(f"the layer-{layer} transcoder{where}: {err}") from None
     if "source_hook_name" not in meta:
-        meta.source_hook_name = meta.hook_name
-    meta.hook_name = names.transcoder_in(layer)
-    meta.hook_name_out = names.transcoder_out(layer)
+        meta.source_hook_name = meta.get("hook_name")
+        meta.source_hook_name_out = meta.get("hook_name_out")
+    meta.site, meta.site_out = site_in, site_out
+    meta.hook_name = fam.site(site_in).hook_name(layer)
+    meta.hook_name_out = fam.site(site_out).hook_name(layer)
     meta.layer = layer
+    if meta.get("dictionary_format") is None:
+        meta.dictionary_format = fmt
     if model_name is not None:
         meta.model_name = model_name
     tc.eval()
@@ -107,6 +179,18 @@ def transcoder_layer(tc: Any) -> int:
     return int(layer)
 
 
+def transcoder_hooks(tc: Any) -> tuple[str, str]:
+    """``(input hook, output hook)``: the bridge hook points a (mechintro-wired) transcoder reads and
+    writes, from its ``metadata.hook_name`` / ``hook_name_out``."""
+    meta = tc.cfg.metadata
+    wired = meta.get("site") is not None or "source_hook_name" in meta  # the latter: an older mechintro's
+    if not wired or meta.get("hook_name") is None or meta.get("hook_name_out") is None:
+        raise ValueError(
+            "this transcoder was not wired by mechintro (no metadata.site); load it with load_transcoders"
+        )
+    return str(meta.hook_name), str(meta.hook_name_out)
+
+
 def from_raw_params(
     params: dict[str, Tensor],
     *,
@@ -114,61 +198,101 @@ def from_raw_params(
     model_name: str | None = None,
     device: str = "cpu",
     names: HookNames | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> Any:
     """A sae-lens JumpReLU (skip) transcoder from Google's raw Gemma Scope 2 tensors.
 
     ``params`` has ``w_enc [d_in, d_sae]``, ``w_dec [d_sae, d_out]``, ``b_enc``, ``b_dec``, ``threshold`` and,
-    for the affine variant, ``affine_skip_connection [d_in, d_out]``.
+    for the affine variant, ``affine_skip_connection [d_in, d_out]``. It reads the pre-feedforward-norm output
+    and writes the post-feedforward-norm output (recorded as sae-lens records them: ``hook_mlp_in`` /
+    ``hook_mlp_out``). ``dtype``: of the weights (default float32).
     """
-    from sae_lens import SAE
+    meta = {
+        "hook_name": HookNames.sae_lens_mlp_in(layer),
+        "hook_name_out": f"blocks.{layer}.hook_mlp_out",
+        "model_name": model_name,
+        "dictionary_format": "gemma_scope_2",
+    }
+    tc = formats.from_gemma_scope_2(params, metadata=meta, dtype=dtype, device=device)
+    return _wire(tc, layer=layer, model_name=model_name, names=names, fmt="gemma_scope_2")
 
-    need = {"w_enc", "w_dec", "b_enc", "b_dec", "threshold"}
-    if missing := need - set(params):
-        raise ValueError(f"raw transcoder params lack {sorted(missing)}; found {sorted(params)}")
-    d_in, d_sae = params["w_enc"].shape
-    d_out = params["w_dec"].shape[1]
-    skip = "affine_skip_connection" in params
-    cfg = {
-        "architecture": "jumprelu_skip_transcoder" if skip else "jumprelu_transcoder",
-        "d_in": int(d_in),
-        "d_sae": int(d_sae),
-        "d_out": int(d_out),
-        "dtype": "float32",
-        "device": device,
-        "apply_b_dec_to_input": False,
-        "normalize_activations": "none",
-        "metadata": {"hook_name": HookNames.sae_lens_mlp_in(layer), "model_name": model_name},
-    }
-    state = {
-        "W_enc": params["w_enc"],
-        "W_dec": params["w_dec"],
-        "b_enc": params["b_enc"],
-        "b_dec": params["b_dec"],
-        "threshold": params["threshold"],
-    }
-    if skip:
-        state["W_skip"] = params["affine_skip_connection"].T.contiguous()
-    tc = SAE.from_dict(cfg)
-    tc.load_state_dict({k: v.float().to(device) for k, v in state.items()})
-    return _wire(tc, layer=layer, model_name=model_name, names=names)
+
+def _is_gemma_scope_2_cfg(meta: Any) -> bool:
+    """A sae-lens config of a Gemma Scope 2 dictionary (sae-lens records ``hook_mlp_in`` for them)."""
+    return str(meta.get("model_name") or "").startswith("google/gemma-3") and str(
+        meta.get("hook_name") or ""
+    ).endswith(".hook_mlp_in")
 
 
 def load_folder(
-    folder: str | Path, *, layer: int, device: str = "cpu", names: HookNames | None = None
+    folder: str | Path,
+    *,
+    layer: int,
+    device: str = "cpu",
+    names: HookNames | None = None,
+    dtype: str | torch.dtype | None = None,
+    check: Check = "hook",
 ) -> Any:
-    """One transcoder from a local folder: sae-lens format (cfg.json) or Google's raw params.safetensors.
+    """One transcoder from a local path: a sae-lens folder (cfg.json), a folder with Google's raw
+    params.safetensors, or a circuit-tracer per-layer file (``layer_L.safetensors``, its set's
+    ``config.yaml`` beside it).
 
-    ``names``: the hook names of the model family it is wired to (default Gemma 3's).
+    ``names``: the hook names of the model family it is wired to (default Gemma 3's). ``dtype``: of the
+    weights (default: the sae-lens config's, float32 for raw tensors).
     """
     from sae_lens import SAE
 
     folder = Path(folder)
     if (folder / SAE_LENS_CFG).exists():
+        formats.topk_classes()  # registers mechintro's TopK class, so sae-lens can read one back
         tc = SAE.load_from_disk(folder, device=device)
-        return _wire(tc, layer=layer, where=f" in {folder}", names=names)
+        if dtype is not None:
+            tc = tc.to(formats._dtype(dtype))
+        fmt = "gemma_scope_2" if _is_gemma_scope_2_cfg(tc.cfg.metadata) else "sae_lens"
+        return _wire(tc, layer=layer, where=f" in {folder}", names=names, fmt=fmt, check=check)
     if (folder / RAW_PARAMS).exists():
-        return from_raw_params(load_file(folder / RAW_PARAMS), layer=layer, device=device, names=names)
-    raise FileNotFoundError(f"{folder} holds neither a sae-lens transcoder ({SAE_LENS_CFG}) nor {RAW_PARAMS}")
+        return from_raw_params(
+            load_file(folder / RAW_PARAMS), layer=layer, device=device, names=names, dtype=dtype
+        )
+    file = folder if folder.suffix == ".safetensors" else folder.with_name(folder.name + ".safetensors")
+    if file.is_file():
+        return _from_circuit_tracer_file(
+            file, layer=layer, device=device, names=names, dtype=dtype, check=check
+        )
+    raise formats.UnknownFormatError(
+        f"{folder} holds no dictionary in a known format; formats: {list(formats.FORMATS)} (a sae-lens "
+        f"folder with {SAE_LENS_CFG}, a Gemma Scope 2 folder with {RAW_PARAMS}, or a circuit-tracer file "
+        f"{folder.name}.safetensors with its set's {formats.CIRCUIT_TRACER_CONFIG})"
+    )
+
+
+def _from_circuit_tracer_file(
+    file: Path,
+    *,
+    layer: int,
+    device: str,
+    names: HookNames | None,
+    dtype: str | torch.dtype | None,
+    check: Check,
+    set_config: Mapping[str, Any] | None = None,
+    model_name: str | None = None,
+) -> Any:
+    cfg = dict(set_config if set_config is not None else formats.circuit_tracer_config(file.parent) or {})
+
+    def hook(key: str) -> str | None:
+        value = cfg.get(key)
+        return None if value is None else f"blocks.{layer}.{value}"
+
+    meta = {
+        "hook_name": hook("feature_input_hook"),
+        "hook_name_out": hook("feature_output_hook"),
+        "model_name": model_name or cfg.get("model_name"),
+        "dictionary_format": "circuit_tracer",
+    }
+    tc = formats.from_circuit_tracer(
+        file, metadata=meta, activation=cfg.get("activation"), k=cfg.get("k"), dtype=dtype, device=device
+    )
+    return _wire(tc, layer=layer, where=f" in {file}", names=names, fmt="circuit_tracer", check=check)
 
 
 def save_transcoder(tc: Any, folder: str | Path) -> Path:
@@ -178,38 +302,65 @@ def save_transcoder(tc: Any, folder: str | Path) -> Path:
     return folder
 
 
-def _from_release(
-    release: str, sae_id: str, *, layer: int, device: str, names: HookNames | None = None
-) -> Any:
-    """Gemma Scope 2 through sae-lens's release directory; Hub files are read from the local cache first."""
+def _hub_file(repo_id: str, filename: str) -> str:
     from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo_id, filename)
+    except Exception as err:  # offline / no cache / no network
+        raise FileNotFoundError(
+            f"cannot get {repo_id}/{filename}: not in the local Hugging Face cache and the hub is "
+            f"unreachable ({type(err).__name__}). Download it first, or pass source= a local folder."
+        ) from err
+
+
+def _from_release(
+    release: str,
+    sae_id: str,
+    *,
+    layer: int,
+    device: str,
+    names: HookNames | None = None,
+    dtype: str | torch.dtype | None = None,
+    check: Check = "hook",
+) -> Any:
+    """A sae-lens release: Gemma Scope 2 (``gemma_3``) and mwhanna's Qwen3 transcoders (circuit-tracer's
+    per-layer files, ``mwhanna_transcoder``) are read here from the local Hub cache first; others through
+    sae-lens."""
     from sae_lens import SAE
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
     directory = get_pretrained_saes_directory()
     if release not in directory:
-        close = sorted(r for r in directory if "transcoder" in r and "gemma-scope-2" in r)
-        raise ValueError(f"unknown sae-lens release {release!r}; Gemma Scope 2 transcoder releases: {close}")
+        close = sorted(r for r in directory if "transcoder" in r and ("gemma-scope-2" in r or "qwen3" in r))
+        raise ValueError(f"unknown sae-lens release {release!r}; transcoder releases: {close}")
     lookup = directory[release]
     if sae_id not in lookup.saes_map:
-        same_layer = sorted(i for i in lookup.saes_map if i.startswith(f"layer_{layer}_"))
-        raise ValueError(f"{release} has no id {sae_id!r}; ids for layer {layer}: {same_layer}")
-    if lookup.conversion_func != "gemma_3":
-        return _wire(
-            SAE.from_pretrained(release, sae_id, device=device),
-            layer=layer,
-            model_name=lookup.model,
-            names=names,
+        same_layer = sorted(
+            i for i in lookup.saes_map if i == f"layer_{layer}" or i.startswith(f"layer_{layer}_")
         )
-    try:
-        path = hf_hub_download(lookup.repo_id, f"{lookup.saes_map[sae_id]}/{RAW_PARAMS}")
-    except Exception as err:  # offline / no cache / no network
-        raise FileNotFoundError(
-            f"cannot get {lookup.repo_id}/{lookup.saes_map[sae_id]}/{RAW_PARAMS}: not in the local Hugging "
-            f"Face cache and the hub is unreachable ({type(err).__name__}). Download it first, or pass "
-            "source= a local folder."
-        ) from err
-    return from_raw_params(load_file(path), layer=layer, model_name=lookup.model, device=device, names=names)
+        raise ValueError(f"{release} has no id {sae_id!r}; ids for layer {layer}: {same_layer}")
+    if lookup.conversion_func == "gemma_3":
+        path = _hub_file(lookup.repo_id, f"{lookup.saes_map[sae_id]}/{RAW_PARAMS}")
+        return from_raw_params(
+            load_file(path), layer=layer, model_name=lookup.model, device=device, names=names, dtype=dtype
+        )
+    if lookup.conversion_func == "mwhanna_transcoder":  # sae-lens records mlp.hook_in -> hook_mlp_out
+        path = _hub_file(lookup.repo_id, lookup.saes_map[sae_id])
+        hooks = {"feature_input_hook": "mlp.hook_in", "feature_output_hook": "hook_mlp_out"}
+        return _from_circuit_tracer_file(
+            Path(path),
+            layer=layer,
+            device=device,
+            names=names,
+            dtype=dtype,
+            check=check,
+            set_config=hooks,
+            model_name=lookup.model,
+        )
+    tc = SAE.from_pretrained(release, sae_id, device=device)
+    tc = tc.to(formats._dtype(dtype)) if dtype is not None else tc
+    return _wire(tc, layer=layer, model_name=lookup.model, names=names, check=check)
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -219,22 +370,29 @@ def check_transcoder(model: Model, tc: Any, *, layer: int) -> None:
     """Raise :class:`TranscoderMismatchError` unless ``tc`` fits layer ``layer`` of ``model``.
 
     Checked: ``d_in`` and ``d_out`` equal the model's ``d_model``; the layer the transcoder records is
-    ``layer``; the model it records (a Gemma 3 HF id, or the weight fingerprint of
-    :func:`~mechintro.core.fingerprint.weights_fingerprint`
-    that mechintro-trained transcoders carry) is this model.
+    ``layer``; the model it records is of the model's family (from its name: ``google/gemma-3-…``,
+    ``qwen3-4b``, ``meta-llama/Llama-3.2-1B``, …), is this Gemma 3 when both are Gemma 3 ids, and, for the
+    weight fingerprint of :func:`~mechintro.core.fingerprint.weights_fingerprint` that mechintro-trained
+    transcoders carry, is this model.
     """
     d_model = int(model.cfg.d_model)
     d_in, d_out = int(tc.cfg.d_in), int(getattr(tc.cfg, "d_out", tc.cfg.d_in))
+    meta, spec = tc.cfg.metadata, spec_for(model)
+    made_for = meta.get("model_name")
+    fam, made_fam = family(model), family_of_model_name(made_for)
+    if made_fam is not None and made_fam.name != fam.name:
+        raise TranscoderMismatchError(
+            f"the layer-{layer} transcoder is for {made_for} ({made_fam.title}), but the model is "
+            f"{spec.name} ({fam.title})"
+        )
     if d_in != d_model or d_out != d_model:
         raise TranscoderMismatchError(
             f"the layer-{layer} transcoder maps d_in={d_in} -> d_out={d_out}, but the model's d_model is "
-            f"{d_model}"
+            f"{d_model}" + (f" (the transcoder is for {made_for})" if made_for else "")
         )
     recorded = _recorded_layer(tc)
     if recorded is not None and recorded != layer:
         raise TranscoderMismatchError(f"the transcoder given for layer {layer} was made for layer {recorded}")
-    meta, spec = tc.cfg.metadata, spec_for(model)
-    made_for = meta.get("model_name")
     if made_for in GEMMA3_LAYERS and spec.name in GEMMA3_LAYERS and made_for != spec.name:
         raise TranscoderMismatchError(
             f"the layer-{layer} transcoder is for {made_for}, but the model is {spec.name}"
@@ -254,11 +412,88 @@ def _layer_list(model: Model, layers: Sequence[int] | int | None) -> list[int]:
     return [check_layer(model, layer) for layer in layers]
 
 
+CHECK_VARIANTS = (
+    "original",
+    "unprompted",
+    "skeptical",
+    "alternative_path",
+    "structured_format",
+    "phenomenology",
+)
+"""Prompt variants the reconstruction check reads, in turn (different lengths and words)."""
+
+
+def site_check_prompts(model: Model, settings: SiteCheck | None = None) -> list[Int[Tensor, " seq"]]:
+    """The token ids the reconstruction check measures errors on: ``settings.n_prompts`` trial prompts of
+    :data:`CHECK_VARIANTS` in turn (trial ``i`` of the ``i``-th)."""
+    from mechintro.core.prompts import trial_prompt  # prompts needs models only; no circle
+
+    n = (settings or SiteCheck()).n_prompts
+    return [
+        trial_prompt(model, trial=i + 1, variant=CHECK_VARIANTS[i % len(CHECK_VARIANTS)]).tokens
+        for i in range(n)
+    ]
+
+
+class _SiteActivations:
+    """Every candidate site's activations on a few trial prompts, captured once (on first use) for all
+    ``layers``; what the reconstruction check measures errors on."""
+
+    def __init__(self, model: Model, layers: Sequence[int], settings: SiteCheck) -> None:
+        self.model, self.layers, self.settings = model, list(layers), settings
+        self._acts: dict[str, Tensor] | None = None
+
+    def _names(self, layer: int) -> list[str]:
+        fam = family(self.model)
+        sites = (*fam.transcoder_in_candidates, *fam.transcoder_out_candidates)
+        return list(dict.fromkeys(fam.site(s).hook_name(layer) for s in sites))
+
+    def get(self, hook: str) -> Tensor:
+        if self._acts is None:
+            names = [n for layer in self.layers for n in self._names(layer)]
+            got: dict[str, list[Tensor]] = {n: [] for n in names}
+            device = self.model.cfg.device
+            with torch.no_grad():
+                for tokens in site_check_prompts(self.model, self.settings):
+                    tokens = tokens[None].to(device)
+                    with capture(self.model, names, positions="all") as acts:
+                        self.model(tokens, stop_at_layer=max(self.layers) + 1)
+                    for n in names:
+                        got[n].append(acts[n])
+            self._acts = {n: stack_positions(v) for n, v in got.items()}
+        return self._acts[hook]
+
+
+def _reconstruction_errors(
+    model: Model, tc: Any, layer: int, acts: _SiteActivations
+) -> dict[tuple[str, str], float]:
+    """FVU of ``tc`` at every (input candidate, output candidate) pair of ``layer``."""
+    fam = family(model)
+    out: dict[tuple[str, str], float] = {}
+    with torch.no_grad():
+        for site_in in fam.transcoder_in_candidates:
+            x = acts.get(fam.site(site_in).hook_name(layer))
+            pred = tc(x.to(tc.W_enc.device, tc.W_enc.dtype)).float().cpu()
+            for site_out in fam.transcoder_out_candidates:
+                out[(site_in, site_out)] = fvu(pred, acts.get(fam.site(site_out).hook_name(layer)).float())
+    return out
+
+
 def _layer_loader(
-    model: Model, *, source: str | Path | None, id_pattern: str | None, device: str | None
+    model: Model,
+    *,
+    source: str | Path | None,
+    id_pattern: str | None,
+    device: str | None,
+    dtype: str | torch.dtype | None = None,
+    check: Check = "reconstruction",
+    site_check: SiteCheck | None = None,
+    layers: Sequence[int] = (),
 ) -> Callable[[int], Any]:
     """A function loading (and checking) the transcoder of one layer."""
     require_mechanism(model, "loading transcoders")
+    if check not in CHECKS:
+        raise ValueError(f"unknown check {check!r}; valid: {list(CHECKS)}")
     spec = spec_for(model)
     names = hook_names(model)
     source = source if source is not None else spec.transcoder_release
@@ -268,19 +503,56 @@ def _layer_loader(
         )
     local = Path(source).expanduser()
     is_folder = local.is_dir()  # decided once: a lazy mapping keeps its meaning if the folder goes away
+    set_config = formats.circuit_tracer_config(local) if is_folder else None
     pattern = id_pattern or (LOCAL_LAYER_PATTERN if is_folder else spec.transcoder_id_pattern)
     if pattern is None or "{layer}" not in pattern:
         raise ValueError(f"id_pattern must contain '{{layer}}', got {pattern!r}")
     device = device or str(model.cfg.device)
+    settings = site_check or SiteCheck()
+    acts = _SiteActivations(model, layers, settings) if check == "reconstruction" else None
+
+    def load_one(layer: int) -> Any:
+        listed = (set_config or {}).get("transcoders")
+        if is_folder and listed and id_pattern is None:  # a circuit-tracer set listing its files
+            if layer >= len(listed):
+                raise ValueError(f"{local / formats.CIRCUIT_TRACER_CONFIG} lists no file for layer {layer}")
+            file = Path(str(listed[layer]))
+            file = file if file.is_absolute() else local / file
+            return _from_circuit_tracer_file(
+                file, layer=layer, device=device, names=names, dtype=dtype, check=check, set_config=set_config
+            )
+        if is_folder:
+            return load_folder(
+                local / pattern.format(layer=layer),
+                layer=layer,
+                device=device,
+                names=names,
+                dtype=dtype,
+                check=check,
+            )
+        return _from_release(
+            str(source),
+            pattern.format(layer=layer),
+            layer=layer,
+            device=device,
+            names=names,
+            dtype=dtype,
+            check=check,
+        )
 
     def load(layer: int) -> Any:
-        if is_folder:
-            tc = load_folder(local / pattern.format(layer=layer), layer=layer, device=device, names=names)
-        else:
-            tc = _from_release(
-                str(source), pattern.format(layer=layer), layer=layer, device=device, names=names
-            )
+        tc = load_one(layer)
         check_transcoder(model, tc, layer=layer)
+        if acts is not None:
+            meta = tc.cfg.metadata
+            errors = _reconstruction_errors(model, tc, layer, acts)
+            check_reconstruction(
+                errors,
+                (meta.site, meta.site_out),
+                layer=layer,
+                recorded=recorded_fvu(meta),
+                settings=settings,
+            )
         return tc
 
     return load
@@ -337,24 +609,48 @@ def load_transcoders(
     source: str | Path | None = None,
     id_pattern: str | None = None,
     device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    check: Check = "reconstruction",
+    site_check: SiteCheck | None = None,
     lazy: bool = False,
     keep: int = 1,
 ) -> Transcoders:
     """Load transcoders for ``layers`` (default: all) as ``{layer: sae-lens transcoder}``.
 
     Args:
-        source: a sae-lens release (e.g. ``"gemma-scope-2-27b-it-transcoders-all"``), or a local folder with
-            one sub-folder per layer named by ``id_pattern`` (each in sae-lens format or Google's raw
-            ``params.safetensors``). Default: the model's own (the organism's, or Gemma Scope 2 for Gemma 3).
+        source: a sae-lens release (e.g. ``"gemma-scope-2-27b-it-transcoders-all"``,
+            ``"mwhanna-qwen3-4b-transcoders"``), or a local folder with one entry per layer named by
+            ``id_pattern``: a sub-folder in sae-lens format or with Google's raw ``params.safetensors``, or a
+            circuit-tracer file ``layer_L.safetensors`` (its set's ``config.yaml``, when the folder has one,
+            names the hooks, the activation and may list the files). Default: the model's own (the
+            organism's, or Gemma Scope 2 for Gemma 3).
         id_pattern: id / sub-folder pattern with ``{layer}``, e.g.
             ``"layer_{layer}_width_16k_l0_small_affine"``.
+        device: where the weights go (default: the model's device).
+        dtype: the weights' dtype, e.g. ``torch.bfloat16`` for 262k-wide layers (default: float32 for raw
+            tensors, the config's for sae-lens folders); inputs are cast to it when encoding.
+        check: how the dictionary's site is decided (:data:`CHECKS`): ``"reconstruction"`` (default) takes it
+            from the recorded hook and refuses a dictionary whose reconstruction error there is far above the
+            one it records or that at another candidate site (the wrong side of a norm); ``"hook"`` takes it
+            from the recorded hook alone; ``"none"`` falls back to the family's default site when the
+            recorded hook names no candidate.
+        site_check: the reconstruction check's settings (:class:`SiteCheck`).
         lazy: return a :class:`LazyTranscoders` that loads each layer on first use, holding at most ``keep``.
 
     Every transcoder is checked against the model (:func:`check_transcoder`): width, recorded layer,
-    recorded model.
+    recorded model and family.
     """
     layers = _layer_list(model, layers)
-    load = _layer_loader(model, source=source, id_pattern=id_pattern, device=device)
+    load = _layer_loader(
+        model,
+        source=source,
+        id_pattern=id_pattern,
+        device=device,
+        dtype=dtype,
+        check=check,
+        site_check=site_check,
+        layers=layers,
+    )
     if lazy:
         return LazyTranscoders(layers, load, keep=keep)
     return {layer: load(layer) for layer in layers}
@@ -390,18 +686,26 @@ def transcoder_inputs(
     *,
     positions: Positions = "last",
     attention_mask: Tensor | None = None,
+    transcoders: Transcoders | None = None,
 ) -> dict[int, Float[Tensor, "batch pos d_model"]]:
-    """The transcoder inputs (the MLP's input: Gemma 3's ``ln2.hook_out``) of ``layers`` at ``positions``,
-    from one forward pass."""
+    """The transcoder inputs of ``layers`` at ``positions``, from one forward pass.
+
+    Each layer's is what its transcoder in ``transcoders`` reads (:func:`transcoder_hooks`); without
+    ``transcoders``, the family's default (the MLP's input: Gemma 3's ``ln2.hook_out``).
+    """
     tokens = _check_tokens(tokens)
     layers = [check_layer(model, layer) for layer in layers]
     hooks = hook_names(model)
-    names = {hooks.transcoder_in(layer): layer for layer in layers}
+    names: dict[str, list[int]] = {}
+    for layer in layers:
+        tc = None if transcoders is None else transcoders.get(layer)
+        name = hooks.transcoder_in(layer) if tc is None else transcoder_hooks(tc)[0]
+        names.setdefault(name, []).append(layer)
     device = model.cfg.device
     mask = None if attention_mask is None else attention_mask.to(device)
     with torch.no_grad(), capture(model, list(names), positions=positions) as acts:
         model(tokens.to(device), attention_mask=mask, stop_at_layer=max(layers) + 1)
-    return {layer: acts[name] for name, layer in names.items()}
+    return {layer: acts[name] for name, group in names.items() for layer in group}
 
 
 def encode_at(
@@ -425,7 +729,9 @@ def encode_at(
     Returns ``{layer: [batch, n_positions, d_sae]}``.
     """
     layers = _check_transcoders(transcoders)
-    inputs = transcoder_inputs(model, layers, tokens, positions=positions, attention_mask=attention_mask)
+    inputs = transcoder_inputs(
+        model, layers, tokens, positions=positions, attention_mask=attention_mask, transcoders=transcoders
+    )
     out: dict[int, Tensor] = {}
     with torch.no_grad():
         for layer in layers:
@@ -438,9 +744,9 @@ def encode_at(
 def mlp_replacement_hooks(model: Model, transcoders: Transcoders) -> list[tuple[str, Any]]:
     """Hooks that replace each layer's MLP output by its transcoder's prediction from the MLP input.
 
-    The transcoder reads the MLP's input (Gemma 3's ``ln2.hook_out``) and its output overwrites
-    ``hook_mlp_out`` of the same layer in the same call, so the replacement also holds position by position
-    during KV-cached generation.
+    Each transcoder reads its own input site (Gemma 3's Gemma Scope 2: ``ln2.hook_out``) and its output
+    overwrites its own output site (``hook_mlp_out``) of the same layer in the same call, so the replacement
+    also holds position by position during KV-cached generation.
     """
     layers = _check_transcoders(transcoders)
     for layer in layers:
@@ -462,9 +768,9 @@ def mlp_replacement_hooks(model: Model, transcoders: Transcoders) -> list[tuple[
 
         return hook
 
-    names = hook_names(model)
-    hooks = [(names.transcoder_in(layer), read(layer)) for layer in layers]
-    return hooks + [(names.transcoder_out(layer), write(layer)) for layer in layers]
+    sites = {layer: transcoder_hooks(transcoders[layer]) for layer in layers}
+    hooks = [(sites[layer][0], read(layer)) for layer in layers]
+    return hooks + [(sites[layer][1], write(layer)) for layer in layers]
 
 
 def replace_mlps(model: Model, transcoders: Transcoders) -> Any:
@@ -512,15 +818,20 @@ def parse_features(features: Any) -> list[tuple[int, int]]:
 def encode_features(
     tc: Any, x: Float[Tensor, "... d_in"], indices: Int[Tensor, " n"]
 ) -> Float[Tensor, "... n"]:
-    """``tc.encode(x)[..., indices]`` without the full ``d_sae``-wide product.
+    """``tc.encode(x)[..., indices]``, without the full ``d_sae``-wide product where the activation allows.
 
-    Supports sae-lens's ReLU and JumpReLU (skip) transcoders: ``relu(pre)``, times ``pre > threshold`` for
-    JumpReLU, with ``pre = process_sae_in(x) @ W_enc[:, indices] + b_enc[indices]``.
+    ReLU and JumpReLU (skip) transcoders: ``relu(pre)``, times ``pre > threshold`` for JumpReLU, with
+    ``pre = process_sae_in(x) @ W_enc[:, indices] + b_enc[indices]``. TopK: a feature's activation depends on
+    every other feature's pre-activation, so the full encoding is computed and indexed (exact, not cheaper).
     """
     arch = str(tc.cfg.architecture())
-    if "topk" in arch:
-        raise ValueError(f"per-feature encoding needs a ReLU or JumpReLU transcoder, not {arch!r}")
     idx = torch.as_tensor(indices, dtype=torch.long, device=tc.W_enc.device)
+    if arch == "topk_transcoder":
+        return tc.encode(x.to(tc.W_enc.device))[..., idx]
+    if arch not in _PER_FEATURE:
+        raise ValueError(
+            f"per-feature encoding supports {sorted(_PER_FEATURE)} and 'topk_transcoder', not {arch!r}"
+        )
     sae_in = tc.process_sae_in(x.to(tc.W_enc.device))
     pre = sae_in @ tc.W_enc[:, idx] + tc.b_enc[idx]
     acts = torch.relu(pre)
@@ -528,3 +839,6 @@ def encode_features(
     if threshold is not None:
         acts = acts * (pre > threshold[idx]).to(acts.dtype)
     return acts
+
+
+_PER_FEATURE = frozenset({"transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"})

@@ -283,3 +283,143 @@ def save_random_transcoders(
         (folder / f"layer_{layer}").mkdir(parents=True, exist_ok=True)
         save_file(params, str(folder / f"layer_{layer}" / "params.safetensors"))
     return folder
+
+
+def _random_dictionary(
+    g: torch.Generator, *, d_in: int, d_sae: int, d_out: int, threshold: bool
+) -> dict[str, torch.Tensor]:
+    """Random dictionary tensors, encoder ``[d_in, d_sae]`` / decoder ``[d_sae, d_out]``; scales that activate
+    a good share of the features on a tiny model."""
+    out = {
+        "enc": torch.randn(d_in, d_sae, generator=g) * 0.3,
+        "dec": torch.randn(d_sae, d_out, generator=g) * 0.3,
+        "b_enc": torch.randn(d_sae, generator=g) * 0.1,
+        "b_dec": torch.randn(d_out, generator=g) * 0.1,
+        "skip": torch.randn(d_out, d_in, generator=g) * 0.1,  # applied as x @ skip.T; not symmetric
+    }
+    if threshold:
+        out["threshold"] = torch.rand(d_sae, generator=g) * 0.5
+    return out
+
+
+def save_circuit_tracer_transcoders(
+    folder: str | Path,
+    *,
+    d_model: int = 64,
+    d_transcoder: int = 96,
+    n_layers: int = 4,
+    activation: Literal["relu", "jumprelu", "topk"] = "relu",
+    k: int | None = None,
+    k_in_file: bool = False,
+    skip: bool = True,
+    seed: int = 0,
+    feature_input_hook: str | None = "mlp.hook_in",
+    feature_output_hook: str | None = "mlp.hook_out",
+    model_name: str | None = None,
+) -> Path:
+    """Save random transcoders in circuit-tracer's per-layer format: ``layer_{L}.safetensors`` with ``W_enc
+    [d_transcoder, d_model]``, ``W_dec [d_transcoder, d_model]``, ``b_enc``, ``b_dec``, ``W_skip [d_model,
+    d_model]`` (applied as ``x @ W_skip.T``), ``activation_function.threshold`` (JumpReLU) or ``k`` (TopK,
+    with ``k_in_file``), and a ``config.yaml`` (``model_kind: transcoder_set``) naming the hooks, the
+    activation, ``k`` and the files. ``feature_input_hook=None`` writes no config at all."""
+    import yaml
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for layer in range(n_layers):
+        g = torch.Generator().manual_seed(seed * 1000 + layer)
+        r = _random_dictionary(g, d_in=d_model, d_sae=d_transcoder, d_out=d_model, threshold=True)
+        tensors = {
+            "W_enc": r["enc"].T.contiguous(),
+            "W_dec": r["dec"],
+            "b_enc": r["b_enc"],
+            "b_dec": r["b_dec"],
+        }
+        if skip:
+            tensors["W_skip"] = r["skip"]
+        if activation == "jumprelu":
+            tensors["activation_function.threshold"] = r["threshold"]
+        if activation == "topk" and k_in_file:
+            tensors["k"] = torch.tensor(int(k or 1))
+        name = f"layer_{layer}.safetensors"
+        save_file(tensors, str(folder / name))
+        files.append(name)
+    if feature_input_hook is not None:
+        config: dict[str, Any] = {
+            "model_kind": "transcoder_set",
+            "feature_input_hook": feature_input_hook,
+            "feature_output_hook": feature_output_hook,
+            "transcoders": files,
+        }
+        if model_name is not None:
+            config["model_name"] = model_name
+        if activation != "jumprelu":
+            config["activation"] = activation
+        if activation == "topk" and not k_in_file:
+            config["k"] = int(k or 1)
+        (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return folder
+
+
+def save_sae_lens_transcoders(
+    folder: str | Path,
+    *,
+    d_in: int = 64,
+    d_out: int = 64,
+    d_sae: int = 96,
+    n_layers: int = 4,
+    activation: Literal["relu", "jumprelu"] = "jumprelu",
+    skip: bool = True,
+    seed: int = 0,
+    hook_name: str = "blocks.{layer}.ln2.hook_out",
+    hook_name_out: str = "blocks.{layer}.hook_mlp_out",
+    model_name: str | None = None,
+    tensors: dict[int, dict[str, torch.Tensor]] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Save transcoders in sae-lens's folder format, written by hand (``layer_{L}/cfg.json`` +
+    ``sae_weights.safetensors``: ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_out]``, ``W_skip [d_out,
+    d_in]`` applied as ``x @ W_skip.T``, ``threshold``), random unless ``tensors`` (``{layer: state}``, in
+    that layout) are given. ``hook_name`` / ``hook_name_out`` may hold ``{layer}``; ``metadata`` adds keys
+    (e.g. ``fvu``)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    layers = sorted(tensors) if tensors is not None else list(range(n_layers))
+    for layer in layers:
+        if tensors is not None:
+            state = dict(tensors[layer])
+        else:
+            g = torch.Generator().manual_seed(seed * 1000 + layer)
+            r = _random_dictionary(g, d_in=d_in, d_sae=d_sae, d_out=d_out, threshold=activation == "jumprelu")
+            state = {"W_enc": r["enc"], "W_dec": r["dec"], "b_enc": r["b_enc"], "b_dec": r["b_dec"]}
+            state |= {"W_skip": r["skip"]} if skip else {}
+            state |= {"threshold": r["threshold"]} if activation == "jumprelu" else {}
+        has_skip = "W_skip" in state
+        arch = ("jumprelu_" if "threshold" in state else "") + ("skip_" if has_skip else "") + "transcoder"
+        cfg = {
+            "architecture": arch,
+            "d_in": int(state["W_enc"].shape[0]),
+            "d_sae": int(state["W_enc"].shape[1]),
+            "d_out": int(state["W_dec"].shape[1]),
+            "dtype": "float32",
+            "device": "cpu",
+            "apply_b_dec_to_input": False,
+            "normalize_activations": "none",
+            "metadata": {
+                "sae_lens_version": "6.0.0",  # the 6.x layout: hooks in metadata
+                "hook_name": hook_name.format(layer=layer),
+                "hook_name_out": hook_name_out.format(layer=layer),
+                "model_name": model_name,
+                **(metadata or {}),
+            },
+        }
+        sub = folder / f"layer_{layer}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / "cfg.json").write_text(json.dumps(cfg))
+        save_file({n: t.contiguous() for n, t in state.items()}, str(sub / "sae_weights.safetensors"))
+    return folder
