@@ -35,6 +35,25 @@ class Mutant:
 
 MUTANTS = (
     Mutant(
+        "transcoder-site-ignores-recorded",
+        "every reader takes a transcoder's hooks from the site it records (a Gemma 3 dictionary recorded "
+        "before the norm is read there)",
+        "mechintro/core/transcoders.py",
+        """        if meta.get("site") is not None or "source_hook_name" in meta:
+            return transcoder_hooks(transcoders[layer])""",
+        """        if False:
+            return transcoder_hooks(transcoders[layer])""",
+        ("tests/mechanism/test_dictionary_site_readers.py",),
+    ),
+    Mutant(
+        "lazy-hooks-forgotten",
+        "a lazy mapping remembers each layer's site after loading it, so the grid loads each layer once",
+        "mechintro/core/transcoders.py",
+        "        self._hooks[layer] = transcoder_hooks(tc)\n",
+        "",
+        ("tests/mechanism/test_dictionary_site_readers.py", "tests/attribution/test_attribution.py"),
+    ),
+    Mutant(
         "gemma4-variant-transcoder-site-allowed",
         "a Gemma 4 with per-layer embeddings or an MoE branch refuses transcoder sites by name",
         "mechintro/core/models.py",
@@ -572,8 +591,9 @@ def _match(a: str, b: str) -> str:""",
         "a feature intervention reads the feature at the family's MLP input (OLMo: mlp.hook_in), as a "
         "hand-written HF hook on layers[L].mlp does",
         "mechintro/mechanism/interventions.py",
-        "read = self.names.transcoder_in(plan.layer)",
-        "read = HookNames.transcoder_in(plan.layer)",
+        "sites={p.layer: transcoder_site(model, transcoders, p.layer) for p in plans},",
+        'sites={p.layer: (f"blocks.{p.layer}.ln2.hook_out", f"blocks.{p.layer}.hook_mlp_out")'
+        " for p in plans},",
         ("tests/mechanism/test_families_mechanism.py",),
     ),
     Mutant(
@@ -581,8 +601,8 @@ def _match(a: str, b: str) -> str:""",
         "attribution reads a transcoder's input at the family's MLP input: SG equals finite differences of "
         "plain HF per family",
         "mechintro/attribution/sites.py",
-        "            return names.transcoder_in(self.layer)",
-        "            return HookNames.transcoder_in(self.layer)",
+        "            return transcoder_site(self.model, self.transcoders, site.layer)[0]",
+        '            return f"blocks.{site.layer}.ln2.hook_out"',
         ("tests/attribution/test_families_attribution.py",),
     ),
     Mutant(

@@ -47,7 +47,7 @@ from mechintro.attribution.strengths import strength_grid  # noqa: E402
 from mechintro.cli import setup as runs  # noqa: E402
 from mechintro.core.concepts import concept_vectors, heldout_concepts  # noqa: E402
 from mechintro.core.hooks import capture, hooks_context  # noqa: E402
-from mechintro.core.models import hook_names, spec_for  # noqa: E402
+from mechintro.core.models import spec_for  # noqa: E402
 from mechintro.core.prompts import trial_prompt  # noqa: E402
 from mechintro.core.readout import yes_no_gap  # noqa: E402
 from mechintro.core.steering import inject  # noqa: E402
@@ -98,8 +98,7 @@ def paper_pair(model: Any, transcoders: Any, vector: torch.Tensor, strength: flo
     dicts = Dictionaries(model, transcoders)
     metric = resolve_metric(model).at(len(prompt.tokens), start)
     sites = attribution_sites(dicts, layer=layer, metric=metric)
-    family_names = hook_names(model)
-    names = [s.in_hook(family_names) for s in sites] + [s.out_hook(family_names) for s in sites]
+    names = [dicts.in_hook(s) for s in sites] + [dicts.out_hook(s) for s in sites]
     tokens = prompt.tokens[None].to(model.cfg.device)
     dtype = next(model.original_model.parameters()).dtype
     vector = vector.to(model.cfg.device, dtype)
@@ -122,7 +121,7 @@ def paper_pair(model: Any, transcoders: Any, vector: torch.Tensor, strength: flo
 
         return hook
 
-    outs = [s.out_hook(family_names) for s in sites]
+    outs = [dicts.out_hook(s) for s in sites]
     with hooks_context(model, [(n, add_zero(n)) for n in outs]):
         with inject(model, vector, layer=layer, strength=alpha, start=start):
             gap = yes_no_gap(model(tokens)[:, -1], spec)

@@ -148,7 +148,6 @@ def _tangent(t: Tensor) -> Tensor:
 def _metric_values(
     model: Model, metrics: list[Metric], logits: Tensor | None, acts: Any, split: int, dicts: Dictionaries
 ) -> Tensor:
-    names = hook_names(model)
     first = metrics[0]
     if first.kind != "feature" and all(m == first for m in metrics):
         at = logits[:, first.position - split]
@@ -163,7 +162,7 @@ def _metric_values(
         for r, m in enumerate(metrics):
             if m.kind == "feature" and m.site == site:
                 values[r] = pre_activation(
-                    d, dict_input(site, d, acts[site.in_hook(names)][r, m.position - split]), m.index
+                    d, dict_input(site, d, acts[dicts.in_hook(site)][r, m.position - split]), m.index
                 )
         del d
     for r, m in enumerate(metrics):
@@ -173,12 +172,11 @@ def _metric_values(
     return torch.stack(values)
 
 
-def _perturb_hooks(model: Model, rows: Rows, split: int, tau: Tensor) -> list[tuple[str, Any]]:
+def _perturb_hooks(rows: Rows, split: int, tau: Tensor, dicts: Dictionaries) -> list[tuple[str, Any]]:
     """Forward hops: add ``τ_r · direction_r`` at row ``r``'s (site output, position)."""
     by_hook: dict[str, list[int]] = {}
-    names = hook_names(model)
     for r, (site, _, _) in enumerate(rows.perturb or []):
-        by_hook.setdefault(site.out_hook(names), []).append(r)
+        by_hook.setdefault(dicts.out_hook(site), []).append(r)
 
     def make(members: list[int]) -> Callable:
         def hook(y: Tensor, hook: Any = None) -> Tensor:
@@ -235,9 +233,9 @@ def run_pass(
     keep = read_from - split
     hooks = hook_names(model)
     resid_inj = hooks.resid_post(layer)
-    zero_names = list(dict.fromkeys([resid_inj, *(s.out_hook(hooks) for s in sites)])) if backward else []
+    zero_names = list(dict.fromkeys([resid_inj, *(dicts.out_hook(s) for s in sites)])) if backward else []
     read_names = list(
-        dict.fromkeys([s.in_hook(hooks) for s in read_sites] + [s.out_hook(hooks) for s in sites])
+        dict.fromkeys([dicts.in_hook(s) for s in read_sites] + [dicts.out_hook(s) for s in sites])
     )
     zeros: dict[str, Tensor] = {}
 
@@ -256,7 +254,7 @@ def run_pass(
             strengths = fwAD.make_dual(strengths, torch.ones_like(strengths))
         elif tangent == "perturb":
             tau = fwAD.make_dual(torch.zeros_like(strengths), torch.ones_like(strengths))
-            perturb = _perturb_hooks(model, rows, split, tau)
+            perturb = _perturb_hooks(rows, split, tau, dicts)
         with (
             torch.enable_grad() if backward else torch.no_grad(),
             inject(model, vectors, layer=layer, strength=strengths, start=start),
@@ -271,10 +269,10 @@ def run_pass(
         if tangent:
             got.slope = _tangent(value).detach()
         for site in sites:
-            got.x[site] = _primal(acts[site.in_hook(hooks)][:, keep:]).detach()
+            got.x[site] = _primal(acts[dicts.in_hook(site)][:, keep:]).detach()
             if tangent:
-                got.x_dot[site] = _tangent(acts[site.in_hook(hooks)][:, keep:]).detach()
-                got.y_dot[site] = _tangent(acts[site.out_hook(hooks)][:, keep:]).detach()
+                got.x_dot[site] = _tangent(acts[dicts.in_hook(site)][:, keep:]).detach()
+                got.y_dot[site] = _tangent(acts[dicts.out_hook(site)][:, keep:]).detach()
     if backward:
         names = list(zeros)
         grads = torch.autograd.grad(objective, [zeros[k] for k in names], allow_unused=True)
@@ -282,7 +280,7 @@ def run_pass(
             k: torch.zeros_like(zeros[k]) if g is None else g for k, g in zip(names, grads, strict=True)
         }
         for site in sites:
-            got.grad[site] = by_name[site.out_hook(hooks)][:, keep:].detach()
+            got.grad[site] = by_name[dicts.out_hook(site)][:, keep:].detach()
         g_inj = by_name[resid_inj][:, start - split :]  # the injection is applied from the start on
         got.reverse = (g_inj * vectors[:, None, :]).sum((1, 2)).detach()
     return got

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from mechintro.core.hooks import check_layer
 from mechintro.core.models import HookNames, Model, hook_names
+from mechintro.core.transcoders import transcoder_site
 
 __all__ = [
     "DICTIONARY_KINDS",
@@ -182,6 +183,8 @@ class Dictionaries:
 
     def __init__(self, model: Model, transcoders: Mapping[int, Any] | None, saes: Any = None) -> None:
         self.model = model
+        self.transcoders = transcoders
+        self.names = hook_names(model)
         self._get: dict[DictionarySite, Callable[[], Any]] = {}
         for layer in transcoders or {}:
             layer = check_layer(model, layer)
@@ -198,6 +201,19 @@ class Dictionaries:
 
     def __contains__(self, site: DictionarySite) -> bool:
         return site in self._get
+
+    def in_hook(self, site: DictionarySite) -> str:
+        """The hook the dictionary at ``site`` encodes from: a transcoder's own recorded site
+        (:func:`mechintro.core.transcoders.transcoder_site`), an SAE's hook."""
+        if site.kind == "transcoder":
+            return transcoder_site(self.model, self.transcoders, site.layer)[0]
+        return site.in_hook(self.names)
+
+    def out_hook(self, site: DictionarySite) -> str:
+        """The hook the dictionary at ``site`` writes (its decoder rows' target)."""
+        if site.kind == "transcoder":
+            return transcoder_site(self.model, self.transcoders, site.layer)[1]
+        return site.out_hook(self.names)
 
     def __getitem__(self, site: DictionarySite) -> Any:
         if site not in self._get:

@@ -110,8 +110,9 @@ HF_OUTPUT: Mapping[Layout, Mapping[tuple[str, Side], str]] = {
 """Hugging Face (module, input/output) -> output site, per layout."""
 
 FORMAT_INPUT: Mapping[str, Mapping[str, str]] = {"gemma_scope_2": {"hook_mlp_in": "mlp_in"}}
-"""Per-format readings that override the literal one: Gemma Scope 2's recorded ``hook_mlp_in`` is the
-pre-feedforward-norm output."""
+"""Per-format readings that override the literal one: Gemma Scope 2's recorded ``hook_mlp_in`` is what the
+MLP reads (Gemma's pre-feedforward-norm output), in every family its raw files are used with (the tests
+use them on every family's tiny model)."""
 
 _TL = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _HF = re.compile(r"^(?:model\.(?:language_model\.)?)?layers\.(\d+)\.(.+)$")
@@ -169,7 +170,7 @@ def site_from_recorded(
     site: str | None
     if scheme == "tl":
         table = dict(TL_INPUT[layout] if side == "input" else TL_OUTPUT[layout])
-        if side == "input" and fmt in FORMAT_INPUT and layout == "sandwich":
+        if side == "input" and fmt in FORMAT_INPUT:
             table |= FORMAT_INPUT[fmt]
         site = table.get(rest)
     else:

@@ -61,6 +61,7 @@ __all__ = [
     "encode_features",
     "feature_name",
     "from_raw_params",
+    "input_candidates",
     "load_folder",
     "load_transcoders",
     "mlp_replacement_hooks",
@@ -71,6 +72,7 @@ __all__ = [
     "site_check_prompts",
     "transcoder_hooks",
     "transcoder_inputs",
+    "transcoder_site",
 ]
 
 RAW_PARAMS = "params.safetensors"
@@ -189,6 +191,38 @@ def transcoder_hooks(tc: Any) -> tuple[str, str]:
             "this transcoder was not wired by mechintro (no metadata.site); load it with load_transcoders"
         )
     return str(meta.hook_name), str(meta.hook_name_out)
+
+
+def transcoder_site(model: Model, transcoders: Mapping[int, Any] | None, layer: int) -> tuple[str, str]:
+    """``(input hook, output hook)`` of layer ``layer``'s transcoder in ``transcoders``: the site it records
+    (:func:`transcoder_hooks`, chosen from its recorded hook when it was loaded), or the family's default (the
+    MLP's input, and the MLP sublayer's update of the residual) for a layer without one or a dictionary
+    mechintro did not wire. The one place the readers, interventions and attribution get a transcoder's
+    hooks from. A :class:`LazyTranscoders` answers from the hooks it recorded when it last loaded the layer.
+    """
+    if transcoders is not None and layer in transcoders:
+        recorded = getattr(transcoders, "hooks_of", None)
+        if recorded is not None:
+            return recorded(layer)
+        meta = transcoders[layer].cfg.metadata
+        if meta.get("site") is not None or "source_hook_name" in meta:
+            return transcoder_hooks(transcoders[layer])
+    names = hook_names(model)
+    return names.transcoder_in(layer), names.transcoder_out(layer)
+
+
+def input_candidates(model: Model, transcoders: Mapping[int, Any] | None, layer: int) -> list[str]:
+    """The hooks where layer ``layer``'s transcoder may read, without loading it: its input hook when known
+    (a loaded mapping, or a :class:`LazyTranscoders` that has loaded the layer before), else every input
+    candidate of the family (:attr:`~mechintro.core.families.Family.transcoder_in_candidates`). Capture
+    them all, then encode from ``transcoder_site(model, transcoders, layer)[0]`` once the layer is loaded:
+    a lazy mapping then loads each layer once."""
+    known = getattr(transcoders, "known_hooks", None)
+    if known is None or known(layer) is not None:
+        return [transcoder_site(model, transcoders, layer)[0]]
+    names = hook_names(model)
+    names._require_mechanism("a transcoder site")
+    return list(dict.fromkeys(names.site(c, layer) for c in names.family.transcoder_in_candidates))
 
 
 def from_raw_params(
@@ -571,6 +605,7 @@ class LazyTranscoders(Mapping[int, Any]):
             raise ValueError(f"keep must be >= 1, got {keep}")
         self._layers, self._load, self.keep = list(layers), load, keep
         self._loaded: OrderedDict[int, Any] = OrderedDict()
+        self._hooks: dict[int, tuple[str, str]] = {}
 
     def __getitem__(self, layer: int) -> Any:
         if layer not in self._layers:
@@ -580,9 +615,22 @@ class LazyTranscoders(Mapping[int, Any]):
             return self._loaded[layer]
         tc = self._load(layer)
         self._loaded[layer] = tc
+        self._hooks[layer] = transcoder_hooks(tc)
         while len(self._loaded) > self.keep:
             self._loaded.popitem(last=False)
         return tc
+
+    def known_hooks(self, layer: int) -> tuple[str, str] | None:
+        """``(input hook, output hook)`` of ``layer``'s transcoder if it was loaded before, else None (never
+        loads)."""
+        return self._hooks.get(layer)
+
+    def hooks_of(self, layer: int) -> tuple[str, str]:
+        """``(input hook, output hook)`` of ``layer``'s transcoder: recorded when it was first loaded (kept
+        after it is evicted), loading it now if it never was."""
+        if layer not in self._hooks:
+            self[layer]
+        return self._hooks[layer]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._layers)
@@ -695,12 +743,9 @@ def transcoder_inputs(
     """
     tokens = _check_tokens(tokens)
     layers = [check_layer(model, layer) for layer in layers]
-    hooks = hook_names(model)
     names: dict[str, list[int]] = {}
     for layer in layers:
-        tc = None if transcoders is None else transcoders.get(layer)
-        name = hooks.transcoder_in(layer) if tc is None else transcoder_hooks(tc)[0]
-        names.setdefault(name, []).append(layer)
+        names.setdefault(transcoder_site(model, transcoders, layer)[0], []).append(layer)
     device = model.cfg.device
     mask = None if attention_mask is None else attention_mask.to(device)
     with torch.no_grad(), capture(model, list(names), positions=positions) as acts:
@@ -768,7 +813,7 @@ def mlp_replacement_hooks(model: Model, transcoders: Transcoders) -> list[tuple[
 
         return hook
 
-    sites = {layer: transcoder_hooks(transcoders[layer]) for layer in layers}
+    sites = {layer: transcoder_site(model, transcoders, layer) for layer in layers}
     hooks = [(sites[layer][0], read(layer)) for layer in layers]
     return hooks + [(sites[layer][1], write(layer)) for layer in layers]
 

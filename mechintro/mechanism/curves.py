@@ -37,7 +37,7 @@ from mechintro.behaviour.judges import Scorer, error_mask, judge_kind
 from mechintro.behaviour.metrics import wilson_interval
 from mechintro.core.concepts import concept_vectors
 from mechintro.core.hooks import capture, check_layer
-from mechintro.core.models import Model, Transcoders, hook_names, spec_for
+from mechintro.core.models import Model, Transcoders, spec_for
 from mechintro.core.progress import progress_bar
 from mechintro.core.prompts import TrialPrompt, forced_prefill, left_pad, trial_prompt
 from mechintro.core.readout import concept_logprob, concept_token_ids, yes_no_gap
@@ -45,7 +45,13 @@ from mechintro.core.sampling import sample, trial_seed
 from mechintro.core.settings import BATCHING, EXPERIMENTS, SAMPLING, TRIALS
 from mechintro.core.stats import mean_ci
 from mechintro.core.steering import inject
-from mechintro.core.transcoders import encode_features, feature_name, parse_feature, parse_features
+from mechintro.core.transcoders import (
+    encode_features,
+    feature_name,
+    parse_feature,
+    parse_features,
+    transcoder_site,
+)
 from mechintro.mechanism.features import default_strengths
 from mechintro.mechanism.interventions import intervene, read_features
 
@@ -555,7 +561,7 @@ def carrier_curves(
     control = read_features(model, transcoders, union, prompt.tokens) if union else None
     plan = [(c, name, s) for c in range(len(concepts)) for name in sets for s in strengths]
     acts: list[Tensor] = []
-    gate_site = hook_names(model).transcoder_in(gate[0])
+    gate_site = transcoder_site(model, transcoders, gate[0])[0]
     for i in range(0, len(plan), batch_size):
         chunk = plan[i : i + batch_size]
         c_idx = [c for c, _, _ in chunk]

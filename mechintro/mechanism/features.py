@@ -37,14 +37,20 @@ from mechintro.core import kvcache, validate
 from mechintro.core.concepts import check_concepts, concept_vectors
 from mechintro.core.hooks import Positions, capture, check_layer, check_positions
 from mechintro.core.html import card
-from mechintro.core.models import Model, Transcoders, hook_names, spec_for
+from mechintro.core.models import Model, Transcoders, spec_for
 from mechintro.core.progress import progress_bar
 from mechintro.core.prompts import VARIANTS, TrialPrompt, trial_prompt
 from mechintro.core.readout import yes_no_direction
 from mechintro.core.settings import BATCHING, TRIALS, check_choices
 from mechintro.core.stats import pearson_columns, spearman_columns
 from mechintro.core.steering import inject
-from mechintro.core.transcoders import encode_features, feature_name, parse_feature
+from mechintro.core.transcoders import (
+    encode_features,
+    feature_name,
+    input_candidates,
+    parse_feature,
+    transcoder_site,
+)
 
 __all__ = [
     "STRENGTH_MULTIPLES",
@@ -422,8 +428,10 @@ def _grid_chunk(
     injection_layer: int,
     layers: Sequence[int],
     prefix_cache: bool,
-) -> dict[int, Float[Tensor, "rows d_model"]]:
-    """Transcoder inputs at ``pos`` of every layer for rows with their own injection, in one batched pass.
+    transcoders: Transcoders | None = None,
+) -> dict[int, dict[str, Float[Tensor, "rows d_model"]]]:
+    """Transcoder inputs at ``pos`` of every layer (each where its transcoder in ``transcoders`` reads), for
+    rows with their own injection, in one batched pass.
 
     With ``prefix_cache`` the prompt before ``split = min(injection start, pos)`` -- identical in every row,
     since nothing is injected there -- runs once (one row) and its KV cache is repeated for every row; only
@@ -438,13 +446,13 @@ def _grid_chunk(
         cache.batch_repeat_interleave(n)
         kw = kvcache.cache_kwargs(model, cache)
     tokens = prompt.tokens[None, split:].expand(n, -1).to(device)
-    names = {hook_names(model).transcoder_in(layer): layer for layer in layers}
+    names = {layer: input_candidates(model, transcoders, layer) for layer in layers}
     with (
         inject(model, vectors, layer=injection_layer, strength=strengths, start=prompt.injection_start),
-        capture(model, list(names), positions=[pos]) as acts,
+        capture(model, list(dict.fromkeys(h for hs in names.values() for h in hs)), positions=[pos]) as acts,
     ):
         model(tokens, stop_at_layer=max(layers) + 1, **kw)
-    return {layer: acts[name][:, 0] for name, layer in names.items()}
+    return {layer: {h: acts[h][:, 0] for h in hooks} for layer, hooks in names.items()}
 
 
 @torch.no_grad()
@@ -495,7 +503,7 @@ def feature_grid(
     pos = _prompt_position(positions, len(prompt.tokens))
     pairs = torch.tensor([(c, s) for s in range(len(strengths)) for c in range(len(concepts))])
     all_strengths = torch.tensor(strengths, dtype=torch.float32)
-    inputs: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+    inputs: dict[int, list[dict[str, Tensor]]] = {layer: [] for layer in layers}
     with progress_bar(total=len(pairs), desc="feature grid", unit="row", enabled=progress) as bar:
         for rows in pairs.split(batch_size):
             got = _grid_chunk(
@@ -507,20 +515,20 @@ def feature_grid(
                 injection_layer=injection_layer,
                 layers=layers,
                 prefix_cache=cfg.prefix_cache,
+                transcoders=transcoders,
             )
             for layer in layers:
                 inputs[layer].append(got[layer])
             bar.update(len(rows))
-    acts_by_layer = {
-        layer: _encode_sparse(
-            transcoders[layer],
-            inputs.pop(layer),
-            pairs,
-            shape=(len(concepts), len(strengths)),
-            chunk=batch_size,
+    acts_by_layer = {}
+    for layer in layers:
+        tc = transcoders[layer]  # loaded now: its input hook is known
+        read = transcoder_site(model, transcoders, layer)[0]
+        chunks = [got[read] for got in inputs.pop(layer)]
+        acts_by_layer[layer] = _encode_sparse(
+            tc, chunks, pairs, shape=(len(concepts), len(strengths)), chunk=batch_size
         )
-        for layer in layers
-    }
+        del tc
     return FeatureGrid(
         concepts=tuple(concepts),
         strengths=strengths,

@@ -56,8 +56,8 @@ from mechintro.core.hooks import (
     position_mask,
     tracker,
 )
-from mechintro.core.models import HookNames, Model, Transcoders, hook_names, require_mechanism
-from mechintro.core.transcoders import encode_features, parse_features
+from mechintro.core.models import Model, Transcoders, require_mechanism
+from mechintro.core.transcoders import encode_features, input_candidates, parse_features, transcoder_site
 
 __all__ = [
     "SCALES",
@@ -135,9 +135,10 @@ class FeatureIntervention:
     site: EditSite
     plans: list[_LayerPlan]
     tracker: PositionTracker
-    names: HookNames
-    """The hook names of the model's family (:func:`mechintro.core.models.hook_names`): where the feature is
-    read (the MLP's input) and the edit written (the MLP sublayer's update of the residual)."""
+    sites: dict[int, tuple[str, str]]
+    """Per layer, ``(input hook, output hook)`` of its transcoder
+    (:func:`mechintro.core.transcoders.transcoder_site`: the site the dictionary records, else the family's
+    MLP input and MLP sublayer update): where the feature is read and the edit written."""
     record: bool = False
     """Keep ``current`` (a_current per layer) and ``added`` (the edit per layer) of the latest call."""
     calls: int = 0
@@ -149,12 +150,12 @@ class FeatureIntervention:
     def hooks(self) -> list[tuple[str, Any]]:
         out = []
         for plan in self.plans:
-            read = self.names.transcoder_in(plan.layer)
+            read = self.sites[plan.layer][0]
             if self.site == "mlp_input":
                 out.append((read, self._input_hook(plan)))
             else:
                 out.append((read, self._encode_hook(plan)))
-                out.append((self.names.transcoder_out(plan.layer), self._edit_hook(plan)))
+                out.append((self.sites[plan.layer][1], self._edit_hook(plan)))
         return out
 
     def _begin_call(self, batch: int, seq: int, device: torch.device) -> None:
@@ -287,7 +288,7 @@ def make_intervention(
         site=site,
         plans=plans,
         tracker=tracker(model),
-        names=hook_names(model),
+        sites={p.layer: transcoder_site(model, transcoders, p.layer) for p in plans},
         record=record,
     )
 
@@ -352,14 +353,17 @@ def read_features(
     tokens = torch.as_tensor(tokens)
     tokens = tokens[None] if tokens.ndim == 1 else tokens
     layers = sorted({la for la, _ in feats})
-    names = {hook_names(model).transcoder_in(layer): layer for layer in layers}
+    hooks = list(dict.fromkeys(h for layer in layers for h in input_candidates(model, transcoders, layer)))
     device = model.cfg.device
     mask = None if attention_mask is None else attention_mask.to(device)
-    with capture(model, list(names), positions=positions) as acts:
+    with capture(model, hooks, positions=positions) as acts:
         model(tokens.to(device), attention_mask=mask, stop_at_layer=max(layers) + 1)
     out = torch.empty(tokens.shape[0], len(feats))
-    for name, layer in names.items():
+    for layer in layers:
+        tc = transcoders[layer]  # loaded now: where it reads is known
         cols = [k for k, (la, _) in enumerate(feats) if la == layer]
         idx = torch.tensor([feats[k][1] for k in cols])
-        out[:, cols] = encode_features(transcoders[layer], acts[name][:, 0], idx).float().cpu()
+        x = acts[transcoder_site(model, transcoders, layer)[0]][:, 0]
+        out[:, cols] = encode_features(tc, x, idx).float().cpu()
+        del tc
     return out

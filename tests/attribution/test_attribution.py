@@ -367,7 +367,10 @@ def test_lazy_transcoders_are_used_one_layer_at_a_time(m64, tc64, vecs, att, one
     anyone) when the next one loads: peak memory holds one dictionary."""
     lazy, seen = one_layer_at_a_time(tc64)
     res = steering_attribution(m64, lazy, CONCEPTS, strengths=GRID, vectors=vecs, batch_size=4)
-    assert len(seen) == 2 * 2, "each of 2 chunks reads layers 2 and 3"
+    # each of 2 chunks reads layers 2 and 3, and the first pass loads each once more to learn the site it
+    # records (a lazy mapping remembers it after that)
+    assert len(seen) == 2 * 2 + 2
+    assert lazy.known_hooks(2) == (HookNames.transcoder_in(2), HookNames.transcoder_out(2))
     assert max(seen) <= 1
     pd.testing.assert_frame_equal(res.features, att.features)
 
