@@ -92,9 +92,10 @@ test-slow: $(STAMP)
 reproduce: browser
 	$(PY) -m mechintro.cli reproduce
 
-# The whole pipeline on the organism with tiny settings, into a temporary folder (or QUICK_OUT): CI runs it.
+# The whole pipeline on the organism with tiny settings, into a temporary folder (or QUICK_OUT): CI runs it,
+# on the Gemma 3 organism and (MODEL=organism-olmo) on the OLMo 3 one.
 reproduce-quick: browser
-	$(PY) -m mechintro.cli reproduce --quick $(if $(QUICK_OUT),--out $(QUICK_OUT))
+	$(PY) -m mechintro.cli reproduce --quick $(if $(MODEL),--model $(MODEL)) $(if $(QUICK_OUT),--out $(QUICK_OUT))
 
 figures: $(STAMP)
 	$(PY) -m mechintro.cli figures

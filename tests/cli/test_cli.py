@@ -223,7 +223,7 @@ def test_reproduce_evaluates_as_the_command_line_it_used_to_parse(tmp_path, monk
     monkeypatch.setattr(
         commands, "run_evaluation", lambda config, **target: seen.append((config, target)) or 0
     )
-    monkeypatch.setattr(resources, "organism_root", lambda: tmp_path)
+    monkeypatch.setattr(resources, "organism_root", lambda name="organism": tmp_path)
     out, store = tmp_path / "out", str(tmp_path / "r.sqlite")
     argv = ["reproduce", "--store", store, "--n-trials", "3", "--only", "none.py", "--out", str(out)]
     assert main([*argv, *(["--quick"] if quick else [])]) == 0
