@@ -10,6 +10,8 @@ TORCH   := requirements/torch.txt
 # Where the CPU build of torch named in requirements/torch.txt lies (on this workplace's machines: /opt/wheels).
 FIND_LINKS ?= /opt/wheels
 QUICK_OUT ?=
+# The organism reproduce-quick runs on (empty: organism, the Gemma 3 one; organism-olmo: the OLMo 3 one).
+MODEL ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
