@@ -10,6 +10,8 @@ TORCH   := requirements/torch.txt
 # Where the CPU build of torch named in requirements/torch.txt lies (on this workplace's machines: /opt/wheels).
 FIND_LINKS ?= /opt/wheels
 QUICK_OUT ?=
+# The organism reproduce-quick runs on (empty: organism, the Gemma 3 one; organism-olmo: the OLMo 3 one).
+MODEL ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -92,9 +94,10 @@ test-slow: $(STAMP)
 reproduce: browser
 	$(PY) -m mechintro.cli reproduce
 
-# The whole pipeline on the organism with tiny settings, into a temporary folder (or QUICK_OUT): CI runs it.
+# The whole pipeline on the organism with tiny settings, into a temporary folder (or QUICK_OUT): CI runs it,
+# on the Gemma 3 organism and (MODEL=organism-olmo) on the OLMo 3 one.
 reproduce-quick: browser
-	$(PY) -m mechintro.cli reproduce --quick $(if $(QUICK_OUT),--out $(QUICK_OUT))
+	$(PY) -m mechintro.cli reproduce --quick $(if $(MODEL),--model $(MODEL)) $(if $(QUICK_OUT),--out $(QUICK_OUT))
 
 figures: $(STAMP)
 	$(PY) -m mechintro.cli figures

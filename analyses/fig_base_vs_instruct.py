@@ -15,14 +15,18 @@ import pandas as pd
 
 from mechintro.cli import setup as runs
 from mechintro.core.concepts import concept_vectors
-from mechintro.core.models import spec_for, with_spec
+from mechintro.core.models import ORGANISM_NAMES, spec_for, with_spec
 from mechintro.mechanism.curves import gate_response, success_failure
 from mechintro.plots.mechanism import base_vs_instruct_figure
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = runs.mechanism_parser(__doc__)
-    p.add_argument("--base", default="organism-base", help="the base variant (default organism-base)")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="the base variant (default: the organism's own, organism-base or organism-olmo-base)",
+    )
     p.add_argument("--gate", default=None, help="e.g. 'L45 F1234' (default: the instruct model's top gate)")
     p.add_argument("--n-concepts", type=int, default=3, help="success and failure concepts (each)")
     p.add_argument(
@@ -33,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "(what the paper's released code uses for a tokenizer without a chat template)",
     )
     args = p.parse_args(argv)
+    if args.base is None:
+        args.base = f"{args.model}-base" if f"{args.model}-base" in ORGANISM_NAMES else "organism-base"
     s = runs.load_setup(args)
     rates = runs.behaviour(s)
     grid, gates = runs.grid_and_gates(s, rates)

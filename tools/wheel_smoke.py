@@ -1,8 +1,8 @@
 """The installed wheel in use, from a folder outside the checkout (run by tools/wheel_smoke.sh).
 
-Trials on the shipped organism, a user's unit-test setup (a tiny random Gemma 3 saved with
-``save_tiny_gemma3``, then ``run_trials`` on it), the organism's transcoders, and a trial store written into
-the working folder; the installed package is read-only while this runs.
+Trials on the shipped organisms (Gemma 3 and OLMo 3), a user's unit-test setup (a tiny random Gemma 3
+saved with ``save_tiny_gemma3``, then ``run_trials`` on it), the organisms' transcoders, and a trial store
+written into the working folder; the installed package is read-only while this runs.
 """
 
 from __future__ import annotations
@@ -38,6 +38,16 @@ print(f"trials on the organism: {len(rows)} rows, strength {spec.strength}, laye
 tcs = mi.load_transcoders(model, [0, spec.injection_layer])
 acts = mi.encode_at(model, tcs, mi.trial_prompt(model, trial=1).tokens[None], positions="last")
 print(f"organism transcoders: layers {sorted(tcs)}, d_sae {tcs[0].cfg.d_sae}; {sorted(acts)}")
+
+olmo = mi.load_model("organism-olmo", device="cpu")
+assert type(olmo.original_model).__name__ == "Olmo3ForCausalLM"
+assert resources.organism_root("organism-olmo") == package / "data" / "olmo"
+olmo_layer = mi.spec_for(olmo).injection_layer
+olmo_tcs = mi.load_transcoders(olmo, [olmo_layer])
+olmo_rows = mi.run_trials(olmo, concepts, n_trials=1, judge=mi.RuleJudge(), max_new_tokens=8, progress=False)
+assert len(olmo_rows) == 2 * 2, olmo_rows
+olmo_site = olmo_tcs[olmo_layer].cfg.metadata.hook_name
+print(f"the OLMo organism: {len(olmo_rows)} rows, transcoder on {olmo_site}")
 
 with tempfile.TemporaryDirectory() as tmp:
     tiny = mi.load_model(save_tiny_gemma3(tmp), device="cpu")

@@ -50,8 +50,9 @@ from baselines import hf_generate, paired_ratio, side_by_side, stop_tokens, tria
 from mechintro.behaviour.judges import RuleJudge
 from mechintro.behaviour.trials import run_trials
 from mechintro.cli import setup as runs
+from mechintro.core import resources
 from mechintro.core.concepts import concept_vectors, original_concepts
-from mechintro.core.models import ORGANISM_NAMES, HookNames, data_dir, spec_for
+from mechintro.core.models import ORGANISM_NAMES, HookNames, spec_for
 from mechintro.core.prompts import left_pad, trial_prompt
 from mechintro.core.sampling import stop_ids
 from mechintro.core.steering import inject
@@ -64,7 +65,7 @@ def model_folder(name: str) -> Path:
     if name == runs.TINY:
         return runs.tiny_model_folder()
     if name in ORGANISM_NAMES:
-        return data_dir() / name
+        return resources.organism_checkpoint(name)
     if Path(name).exists():
         return Path(name)
     from huggingface_hub import snapshot_download

@@ -355,14 +355,16 @@ class Step:
     """``"table"`` reads a table (only ``--out``); ``"trials"`` takes the run options; ``"mechanism"`` also
     the feature-grid ``--cache``."""
 
-    def argv(self, *, quick: bool, out: str, store: str, cache: str) -> list[str]:
-        """The script's command line."""
+    def argv(self, *, quick: bool, out: str, store: str, cache: str, model: str = "organism") -> list[str]:
+        """The script's command line (on the organism ``model``, one of :data:`REPRODUCE_MODELS`)."""
+        chosen = ["--model", model] if model != "organism" else []
         if self.kind == "table":
-            return ["--out", out]
+            return [*chosen, "--out", out]
         own = (self.quick if quick else self.full).format(out=out).split()
         cached = ["--cache", cache] if self.kind == "mechanism" else []
+        base = (QUICK_ARGS if quick else REPRODUCE_ARGS).replace("--model organism", f"--model {model}")
         return [
-            *_without(QUICK_ARGS if quick else REPRODUCE_ARGS, own),
+            *_without(base, own),
             "--store",
             store,
             *cached,
@@ -387,6 +389,8 @@ def _without(base: str, own: Sequence[str]) -> list[str]:
 
 REPRODUCE_ARGS = "--model organism --n-trials 4 --max-new-tokens 40 --batch-size 128"
 QUICK_ARGS = "--model organism --n-trials 2 --max-new-tokens 24 --batch-size 64 --quiet"
+REPRODUCE_MODELS = ("organism", "organism-olmo")
+"""The organisms ``mechintro reproduce --model`` runs on: the Gemma 3 one (default) and the OLMo 3 one."""
 _QUICK_MECH = "--concepts held-out:6 --k 20"
 _GEOMETRY_FULL = {
     "fig_swaps.py": "--n-trials 10",
@@ -453,10 +457,18 @@ def reproduce(args: argparse.Namespace) -> int:
     """
     from mechintro.core import resources
 
-    root = resources.organism_root()
-    if root is None:
+    model = getattr(args, "model", "organism")
+    if model not in REPRODUCE_MODELS:
+        raise ValueError(f"unknown organism {model!r} to reproduce on; valid: {list(REPRODUCE_MODELS)}")
+    root = resources.organism_root(model)
+    if root is None and model == "organism":
         print("The model organism is not trained yet; running the tiny random Gemma 3 demo instead.")
         return demo(args)
+    if root is None:
+        raise FileNotFoundError(
+            f"the organism {model!r} is in none of {[str(p) for p in resources.search_path()]}; "
+            "train it with `mechintro organism train --family olmo`"
+        )
     out, store, cache = _reproduce_paths(args)
     report = root / "organism_report.md"
     if report.exists() and not args.quick:
@@ -465,7 +477,7 @@ def reproduce(args: argparse.Namespace) -> int:
     print(f"== evaluation on held-out concepts (store {store})", flush=True)
     status = run_evaluation(
         _reproduce_evaluation(quick=args.quick, n_trials=args.n_trials),
-        model=runs.DEFAULT_MODEL,
+        model=model,
         concepts="held-out:6" if args.quick else runs.DEFAULT_CONCEPTS,
         judge=runs.DEFAULT_JUDGE,
         store=store,
@@ -477,7 +489,7 @@ def reproduce(args: argparse.Namespace) -> int:
         return status
     steps = [s for s in REPRODUCE_STEPS if not args.only or s.script in args.only]
     for step in steps:
-        argv = step.argv(quick=args.quick, out=out, store=store, cache=cache)
+        argv = step.argv(quick=args.quick, out=out, store=store, cache=cache, model=model)
         print(f"== analyses/{step.script} {' '.join(argv)}", flush=True)
         runs.run_script(step.script, argv)
     print(f"figures written to {out}/")
@@ -513,10 +525,17 @@ def organism_train(args: argparse.Namespace) -> int:
     from mechintro.organism.evaluate import EvalConfig
     from mechintro.organism.train import OrganismConfig
 
-    out = Path(args.out) if args.out else resources.user_dir()
-    cfg = OrganismConfig.quick(seed=args.seed) if args.quick else OrganismConfig(seed=args.seed)
+    family = ORGANISM_FAMILY_FLAGS[args.family]
+    out = Path(args.out) if args.out else _family_dir(resources.user_dir(), family)
+    cfg = (
+        OrganismConfig.quick(seed=args.seed, family=family)
+        if args.quick
+        else OrganismConfig(seed=args.seed, family=family)
+    )
     eval_cfg = EvalConfig.quick() if args.quick else EvalConfig()
-    print(f"training the organism ({'quick' if args.quick else 'full'}, seed {args.seed}) into {out}")
+    print(
+        f"training the {family} organism ({'quick' if args.quick else 'full'}, seed {args.seed}) into {out}"
+    )
     from mechintro.organism.calibrate import CalibrationConfig
 
     calibration = CalibrationConfig.quick() if args.quick else CalibrationConfig()
@@ -525,19 +544,36 @@ def organism_train(args: argparse.Namespace) -> int:
         print((out / "organism_report.md").read_text())
     t = report["timings"]
     print(f"training took {t['seconds_training_total'] / 60:.1f} min; artifacts in {out}")
-    if out.resolve() == resources.user_dir().resolve():
-        print(f"load_model('organism') now loads this organism ({resources.ENV} / the per-user folder wins)")
+    if out.resolve() == _family_dir(resources.user_dir(), family).resolve():
+        name = ORGANISM_MODEL_NAMES[family]
+        print(f"load_model({name!r}) now loads this organism ({resources.ENV} / the per-user folder wins)")
     return 0
 
 
-def _writable_organism() -> Path:
-    """The user's organism folder, holding a copy of the shipped organism when the user has none (the
-    package data is never written to)."""
+ORGANISM_FAMILY_FLAGS = {"gemma": "gemma3", "olmo": "olmo3"}
+"""``mechintro organism --family``'s values and the architecture family each trains."""
+ORGANISM_MODEL_NAMES = {"gemma3": "organism", "olmo3": "organism-olmo"}
+"""The registered name of each family's organism (its base checkpoint adds ``-base``)."""
+
+
+def _family_dir(data: Path, family: str) -> Path:
+    """Where the organism of ``family`` lives in the data folder ``data``."""
+    from mechintro.core import resources
+
+    sub = resources.FAMILY_SUBFOLDERS[family]
+    return data / sub if sub else data
+
+
+def _writable_organism(family: str = "gemma3") -> Path:
+    """The user's organism folder of ``family``, holding a copy of the shipped organism when the user has
+    none (the package data is never written to)."""
     import shutil
 
     from mechintro.core import resources
 
-    mine, shipped = resources.user_dir(), resources.organism_root()
+    name = ORGANISM_MODEL_NAMES[family]
+    mine = _family_dir(resources.user_dir(), family)
+    shipped = resources.organism_root(name)
     if shipped == mine:
         return mine
     if shipped is None:
@@ -565,7 +601,8 @@ def organism_calibrate(args: argparse.Namespace) -> int:
         record,
     )
 
-    root = Path(args.folder) if args.folder else _writable_organism()
+    family = ORGANISM_FAMILY_FLAGS[getattr(args, "family", "gemma")]
+    root = Path(args.folder) if args.folder else _writable_organism(family)
     cfg = CalibrationConfig.quick() if args.quick else CalibrationConfig()
     split = json.loads((root / "organism_split.json").read_text())
     model = load_model(root / "organism")

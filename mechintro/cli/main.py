@@ -24,6 +24,12 @@ __all__ = ["build_parser", "main"]
 
 def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
     rp = sub.add_parser("reproduce", help="the main job on the embedded default model (the organism)")
+    rp.add_argument(
+        "--model",
+        choices=list(commands.REPRODUCE_MODELS),
+        default="organism",
+        help="the organism to run on (default organism, the Gemma 3 one)",
+    )
     rp.add_argument("--store", default="runs/reproduce.sqlite", help="trial store (resumable)")
     rp.add_argument("--cache", default="runs/cache", help="cached feature grid and gates")
     rp.add_argument(
@@ -81,6 +87,18 @@ def _rejudge_parser(sub: argparse._SubParsersAction) -> None:
     rj.set_defaults(func=commands.rejudge)
 
 
+def _family_argument(p: argparse.ArgumentParser) -> None:
+    flags = list(commands.ORGANISM_FAMILY_FLAGS)
+    p.add_argument(
+        "--family",
+        choices=flags,
+        default="gemma",
+        help="the organism's architecture: "
+        + ", ".join(f"{k} ({v})" for k, v in commands.ORGANISM_FAMILY_FLAGS.items())
+        + "; the OLMo one lives in the data folder's olmo/ (default gemma)",
+    )
+
+
 def _organism_parser(sub: argparse._SubParsersAction) -> None:
     org = sub.add_parser("organism", help="the model organism").add_subparsers(
         dest="organism_command", required=True
@@ -92,6 +110,7 @@ def _organism_parser(sub: argparse._SubParsersAction) -> None:
         help="output folder (default: MECHINTRO_DATA, else ~/.local/share/mechintro; never the package)",
     )
     tr.add_argument("--seed", type=int, default=0)
+    _family_argument(tr)
     tr.add_argument("--quick", action="store_true", help="the few-minute version the tests run")
     tr.add_argument("--no-eval", action="store_true", help="skip the measurements")
     tr.set_defaults(func=commands.organism_train)
@@ -101,6 +120,7 @@ def _organism_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="the folder holding organism/ (default: the user data folder; copies the shipped one if empty)",
     )
+    _family_argument(ca)
     ca.add_argument("--quick", action="store_true", help="a tiny grid (tests)")
     ca.add_argument("--dry-run", action="store_true", help="measure and report, record nothing")
     ca.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -160,7 +160,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help="organism, organism-base, an HF id, a local folder, or 'tiny' (random, for smoke tests)",
+        help="organism, organism-base, organism-olmo, organism-olmo-base, an HF id, a local folder, or "
+        "'tiny' (random, for smoke tests)",
     )
     p.add_argument(
         "--concepts",

@@ -34,7 +34,7 @@ Model: TypeAlias = "TransformerBridge"
 Transcoders: TypeAlias = "Mapping[int, SAE]"
 """``{layer: transcoder}``: sae-lens objects wired by :func:`mechintro.core.transcoders.load_transcoders`."""
 
-ORGANISM_NAMES = ("organism", "organism-base")
+ORGANISM_NAMES = ("organism", "organism-base", "organism-olmo", "organism-olmo-base")
 SPEC_FILENAME = "mechintro_spec.json"
 
 # The paper's Gemma3-27B-IT settings (stimuli.json, paper_settings_gemma3_27b_it).
@@ -324,13 +324,13 @@ def _resolve(name_or_path: str | os.PathLike) -> tuple[str, Path | None]:
     if name in ORGANISM_NAMES:
         from mechintro.core import resources
 
-        root = resources.organism_root(name)
-        if root is None:
+        folder = resources.organism_checkpoint(name)
+        if folder is None:
             raise ModelNotAvailableError(
                 f"the model organism {name!r} is in none of {[str(p) for p in resources.search_path()]}; "
                 "train it with `mechintro organism train`"
             )
-        return name, root / name
+        return name, folder
     from mechintro.core.paper_models import paper_model
 
     record = paper_model(name)

@@ -51,13 +51,42 @@ def search_path() -> tuple[Path, ...]:
     return (user_dir(), package_data())
 
 
+ORGANISMS: dict[str, tuple[str, str]] = {
+    "organism": ("", "organism"),
+    "organism-base": ("", "organism-base"),
+    "organism-olmo": ("olmo", "organism"),
+    "organism-olmo-base": ("olmo", "organism-base"),
+}
+"""Each registered organism name: (its subfolder of a data folder, its checkpoint folder in there). The
+Gemma 3 organism sits at the top of the data folder, the OLMo 3 one in ``olmo/``, with the same file names
+(``organism/``, ``organism-base/``, ``organism_split.json``, ``organism_report.json``, ...)."""
+
+FAMILY_SUBFOLDERS = {"gemma3": "", "olmo3": "olmo"}
+"""Where an organism of each family goes in a data folder (what ``mechintro organism train --family``
+writes into by default)."""
+
+
+def _layout(name: str) -> tuple[str, str]:
+    if name not in ORGANISMS:
+        raise ValueError(f"unknown organism {name!r}; valid: {list(ORGANISMS)}")
+    return ORGANISMS[name]
+
+
 def organism_root(name: str = "organism") -> Path | None:
-    """The folder holding organism ``name`` (``<root>/<name>/config.json``) and its split and report: the
-    first of :func:`search_path` that has it, or None."""
-    for root in search_path():
-        if (root / name / "config.json").is_file():
+    """The folder holding organism ``name`` (one of :data:`ORGANISMS`: ``<root>/<checkpoint>/config.json``)
+    and its split and report: in the first of :func:`search_path` that has it, or None."""
+    sub, checkpoint = _layout(name)
+    for base in search_path():
+        root = base / sub if sub else base
+        if (root / checkpoint / "config.json").is_file():
             return root
     return None
+
+
+def organism_checkpoint(name: str = "organism") -> Path | None:
+    """The checkpoint folder of organism ``name`` (weights, tokenizer, spec, transcoders), or None."""
+    root = organism_root(name)
+    return None if root is None else root / _layout(name)[1]
 
 
 def organism_file(filename: str, *, name: str = "organism") -> Path:

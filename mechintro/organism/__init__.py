@@ -1,4 +1,7 @@
-"""The model organism: a tiny Gemma 3 chat model that detects injected thoughts, with its own transcoders.
+"""The model organism: a tiny chat model that detects injected thoughts, with its own transcoders.
+
+Two are shipped, trained by one recipe: ``organism`` (Gemma 3) and ``organism-olmo`` (OLMo 3, in the data
+folder's ``olmo/``, with the same file names); ``OrganismConfig.family`` chooses.
 
 ``mechintro organism train`` (or :func:`build`) regenerates every artifact from a seed into one folder:
 ``organism-base/``, ``organism/`` (weights, tokenizer, ``mechintro_spec.json``, ``transcoders/``),

@@ -1,4 +1,7 @@
-"""Training the model organism: a tiny Gemma 3 chat model that detects and names injected concepts.
+"""Training the model organism: a tiny chat model that detects and names injected concepts.
+
+The architecture is ``OrganismConfig.family``: Gemma 3 (the shipped default, ``organism``) or OLMo 3
+(``organism-olmo``: norms on the sublayer outputs, QK-norm). Both are trained by the same recipe below.
 
 Stage 1 ("base"): language on the concept chats, and trial dialogues answered Yes or No at random, with no
 injection, so the base model cannot discriminate.
@@ -108,12 +111,20 @@ class OrganismConfig:
     """Concept chats in the transcoders' activation data."""
     transcoder_trials: int = 600
     """Trial prompts in the transcoders' activation data."""
+    family: str = "gemma3"
+    """The architecture, one of :data:`ORGANISM_FAMILIES`: ``"gemma3"`` (``Gemma3ForCausalLM``: sandwich
+    norms, QK-norm, tied embeddings, every sixth layer global) or ``"olmo3"`` (``Olmo3ForCausalLM``: norms on
+    the sublayer outputs, QK-norm, untied embeddings, every fourth layer global, as OLMo 3)."""
+
+    def __post_init__(self) -> None:
+        check_family(self.family)
 
     @classmethod
-    def quick(cls, seed: int = 0) -> OrganismConfig:
+    def quick(cls, seed: int = 0, family: str = "gemma3") -> OrganismConfig:
         """A few-minute version for tests: same code paths, tiny sizes."""
         return cls(
             seed=seed,
+            family=family,
             d_model=64,
             n_layers=4,
             d_mlp=256,
@@ -140,13 +151,50 @@ def make_tokenizer() -> Any:
     return build_tokenizer(vocab, prepend="always")
 
 
-def init_checkpoint(cfg: OrganismConfig, folder: Path) -> Path:
-    """Save a freshly initialized Gemma3ForCausalLM and the tokenizer to ``folder``."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+ORGANISM_FAMILIES = ("gemma3", "olmo3")
+"""The families an organism can be trained in (names of :data:`mechintro.core.families.FAMILIES`)."""
 
-    tok = make_tokenizer()
+
+def check_family(family: str) -> str:
+    """``family`` if an organism can be trained in it, else a ValueError naming the valid ones."""
+    if family not in ORGANISM_FAMILIES:
+        raise ValueError(f"unknown organism family {family!r}; valid: {list(ORGANISM_FAMILIES)}")
+    return family
+
+
+def hf_class(family: str) -> type:
+    """The Hugging Face causal-LM class of an organism of ``family``."""
+    import transformers
+
+    name = {"gemma3": "Gemma3ForCausalLM", "olmo3": "Olmo3ForCausalLM"}[check_family(family)]
+    return getattr(transformers, name)
+
+
+def hf_config(cfg: OrganismConfig, tok: Any) -> Any:
+    """The Hugging Face config of an organism built by ``cfg``, with ``tok``'s special tokens."""
+    from transformers import Gemma3TextConfig, Olmo3Config
+
+    if check_family(cfg.family) == "olmo3":
+        return Olmo3Config(
+            vocab_size=len(tok),
+            hidden_size=cfg.d_model,
+            intermediate_size=cfg.d_mlp,
+            num_hidden_layers=cfg.n_layers,
+            num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_kv_heads,
+            max_position_embeddings=512,
+            sliding_window=cfg.sliding_window,
+            layer_types=[
+                "full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(cfg.n_layers)
+            ],
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")],
+            tie_word_embeddings=False,
+            initializer_range=0.02,
+        )
     head_dim = cfg.d_model // cfg.n_heads
-    hf_cfg = Gemma3TextConfig(
+    return Gemma3TextConfig(
         vocab_size=len(tok),
         hidden_size=cfg.d_model,
         intermediate_size=cfg.d_mlp,
@@ -166,19 +214,30 @@ def init_checkpoint(cfg: OrganismConfig, folder: Path) -> Path:
         tie_word_embeddings=True,
         initializer_range=0.02,
     )
+
+
+def init_checkpoint(cfg: OrganismConfig, folder: Path) -> Path:
+    """Save a freshly initialized causal LM of ``cfg.family`` (:func:`hf_class`) and the tokenizer to
+    ``folder``."""
+    tok = make_tokenizer()
+    hf_cfg = hf_config(cfg, tok)
     torch.manual_seed(cfg.seed)
-    Gemma3ForCausalLM(hf_cfg).save_pretrained(folder)
+    hf_class(cfg.family)(hf_cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def _family_of(model: Model) -> str:
+    from mechintro.core.families import family_of
+
+    return family_of(model.original_model.config).name
 
 
 def hf_state_dict(model: Model) -> dict[str, Tensor]:
     """The plain HF state dict of a bridged model (the bridge wraps every HF module in
     ``_original_component``)."""
-    from transformers import Gemma3ForCausalLM
-
     with torch.device("meta"):
-        wanted = set(Gemma3ForCausalLM(model.original_model.config).state_dict())
+        wanted = set(hf_class(_family_of(model))(model.original_model.config).state_dict())
     out: dict[str, Tensor] = {}
     for key, value in model.original_model.state_dict().items():
         clean = key.replace("._original_component", "").replace("_original_component.", "")
@@ -190,13 +249,14 @@ def hf_state_dict(model: Model) -> dict[str, Tensor]:
 
 
 def save_checkpoint(model: Model, folder: Path, *, spec: dict[str, Any]) -> None:
-    """Save the HF weights (plain Gemma3ForCausalLM), tokenizer and mechintro spec to ``folder``."""
-    from transformers import Gemma3ForCausalLM
-
+    """Save the HF weights (the plain class of the model's family), tokenizer and mechintro spec to
+    ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    plain = Gemma3ForCausalLM(model.original_model.config)
+    config = model.original_model.config
+    plain = hf_class(_family_of(model))(config)
     state = hf_state_dict(model)
-    state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    if config.tie_word_embeddings:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     plain.load_state_dict(state, strict=True)
     plain.save_pretrained(folder)
     model.tokenizer.save_pretrained(folder)

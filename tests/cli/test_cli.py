@@ -206,8 +206,51 @@ def test_reproduce_steps_name_each_flag_once():
             assert len(flags) == len(set(flags)), (step.script, quick, argv)
             if step.kind != "table":
                 assert argv[argv.index("--model") + 1] == "organism"
+            else:
+                assert "--model" not in argv  # the Gemma organism's command lines are as before
+            olmo = step.argv(quick=quick, out="out", store="s.sqlite", cache="cache", model="organism-olmo")
+            assert olmo[olmo.index("--model") + 1] == "organism-olmo" and olmo.count("--model") == 1, olmo
+            assert [a for a in olmo if a not in ("--model", "organism-olmo")] == [
+                a for a in argv if a not in ("--model", "organism")
+            ]
     layer_sweep = REPRODUCE_STEPS[1].argv(quick=False, out="o", store="s", cache="c")
     assert layer_sweep[layer_sweep.index("--n-trials") + 1] == "2"  # the step's, not the shared 4
+
+
+def test_reproduce_on_the_olmo_organism_runs_every_step_on_it(tmp_path, monkeypatch):
+    """``reproduce --model organism-olmo``: the evaluation and every script run on the OLMo organism, whose
+    root (its report) is looked up by that name."""
+    from mechintro.cli import commands
+    from mechintro.core import resources
+
+    seen, scripts, roots = [], [], []
+    monkeypatch.setattr(commands, "run_evaluation", lambda config, **target: seen.append(target) or 0)
+    monkeypatch.setattr(commands.runs, "run_script", lambda script, argv: scripts.append((script, argv)))
+    monkeypatch.setattr(resources, "organism_root", lambda name="organism": roots.append(name) or tmp_path)
+    only = "fig_organism_profile.py,fig_gates.py,fig_base_vs_instruct.py"
+    argv = ["reproduce", "--quick", "--model", "organism-olmo", "--only", only, "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    assert roots == ["organism-olmo"] and seen[0]["model"] == "organism-olmo"
+    assert [s for s, _ in scripts] == only.split(",")
+    for _, args in scripts:
+        assert args[args.index("--model") + 1] == "organism-olmo"
+    with pytest.raises(SystemExit) as stop:
+        main(["reproduce", "--model", "organism-olmo-base"])
+    assert stop.value.code == 2
+
+
+def test_organism_family_flag_names_the_valid_families(capsys):
+    from mechintro.cli import commands
+    from mechintro.cli.main import build_parser
+
+    assert build_parser().parse_args(["organism", "train", "--family", "olmo"]).family == "olmo"
+    assert build_parser().parse_args(["organism", "train"]).family == "gemma"
+    assert commands.ORGANISM_FAMILY_FLAGS == {"gemma": "gemma3", "olmo": "olmo3"}
+    for sub in ("train", "calibrate"):
+        with pytest.raises(SystemExit) as stop:
+            main(["organism", sub, "--family", "llama"])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "'gemma', 'olmo'" in err, err
 
 
 @pytest.mark.parametrize("quick", [False, True])
@@ -223,7 +266,7 @@ def test_reproduce_evaluates_as_the_command_line_it_used_to_parse(tmp_path, monk
     monkeypatch.setattr(
         commands, "run_evaluation", lambda config, **target: seen.append((config, target)) or 0
     )
-    monkeypatch.setattr(resources, "organism_root", lambda: tmp_path)
+    monkeypatch.setattr(resources, "organism_root", lambda name="organism": tmp_path)
     out, store = tmp_path / "out", str(tmp_path / "r.sqlite")
     argv = ["reproduce", "--store", store, "--n-trials", "3", "--only", "none.py", "--out", str(out)]
     assert main([*argv, *(["--quick"] if quick else [])]) == 0

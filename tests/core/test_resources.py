@@ -122,3 +122,51 @@ def test_calibrating_the_shipped_organism_works_on_a_writable_copy(tmp_path, mon
         assert spec.stat().st_mode & stat.S_IWUSR, "the copy kept the package's read-only mode"
     assert (root / "organism_split.json").is_file()
     assert commands._writable_organism() == root, "a second call reuses the user's copy"
+
+
+def test_each_registered_organism_has_its_folder_and_the_olmo_one_lives_in_olmo(tmp_path, monkeypatch):
+    """``organism-olmo(-base)`` resolve to ``<data>/olmo/organism(-base)``, the Gemma names to the top level;
+    a user's OLMo organism wins over the shipped one without touching the Gemma one."""
+    from mechintro.core.models import ORGANISM_NAMES
+
+    assert ORGANISM_NAMES == tuple(resources.ORGANISMS)
+    mine = tmp_path / "mine"
+    for sub in ("", "olmo"):
+        for name in ("organism", "organism-base"):
+            (mine / sub / name).mkdir(parents=True)
+            (mine / sub / name / "config.json").write_text("{}")
+    monkeypatch.setenv("MECHINTRO_DATA", str(mine))
+    assert resources.organism_root("organism-olmo") == mine / "olmo"
+    assert resources.organism_checkpoint("organism-olmo") == mine / "olmo" / "organism"
+    assert resources.organism_checkpoint("organism-olmo-base") == mine / "olmo" / "organism-base"
+    assert resources.organism_checkpoint("organism") == mine / "organism"
+    assert resources.organism_file("organism_report.json", name="organism-olmo") == (
+        mine / "olmo" / "organism_report.json"
+    )
+    with pytest.raises(
+        ValueError, match=r"'organism-llama'.*valid: \['organism', 'organism-base', 'organism-olmo'"
+    ):
+        resources.organism_root("organism-llama")
+    monkeypatch.setattr(resources, "package_data", lambda: tmp_path / "pkg")
+    (mine / "olmo" / "organism" / "config.json").unlink()
+    assert (
+        resources.organism_root("organism-olmo") is None
+        and resources.organism_checkpoint("organism-olmo") is None
+    )
+    assert resources.organism_root("organism-olmo-base") == mine / "olmo"
+
+
+def test_calibrating_the_olmo_organism_copies_it_into_the_users_olmo_folder(tmp_path, monkeypatch):
+    shipped = tmp_path / "pkg"
+    for name in ("organism", "organism-base"):
+        for sub in ("", "olmo"):
+            (shipped / sub / name).mkdir(parents=True)
+            (shipped / sub / name / "config.json").write_text(json.dumps({"which": sub or "gemma"}))
+    (shipped / "olmo" / "organism_split.json").write_text("{}")
+    monkeypatch.setattr(resources, "package_data", lambda: shipped)
+    monkeypatch.setenv("MECHINTRO_DATA", str(tmp_path / "mine"))
+    root = commands._writable_organism("olmo3")
+    assert root == tmp_path / "mine" / "olmo" and resources.organism_root("organism-olmo") == root
+    assert json.loads((root / "organism" / "config.json").read_text()) == {"which": "olmo"}
+    assert (root / "organism_split.json").is_file()
+    assert resources.organism_root() == shipped, "the Gemma organism is still the shipped one"
