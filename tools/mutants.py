@@ -35,6 +35,14 @@ class Mutant:
 
 MUTANTS = (
     Mutant(
+        "organism-transcoders-record-gemma-site",
+        "the organism's transcoders record their own family's site (OLMo: mlp.hook_in), which loading checks",
+        "mechintro/organism/transcoders.py",
+        "    tcs = to_sae_lens(stacked, scales, sorted(data), names=hook_names(model))",
+        "    tcs = to_sae_lens(stacked, scales, sorted(data))",
+        ("tests/organism/test_organism_olmo.py",),
+    ),
+    Mutant(
         "transcoder-site-ignores-recorded",
         "every reader takes a transcoder's hooks from the site it records (a Gemma 3 dictionary recorded "
         "before the norm is read there)",

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from mechintro.core.concepts import concept_vectors
 from mechintro.core.hooks import capture
-from mechintro.core.models import Model, hook_names
+from mechintro.core.models import HookNames, Model, hook_names
 from mechintro.core.progress import progress_steps
 from mechintro.core.prompts import left_pad, trial_prompt
 from mechintro.core.steering import inject
@@ -261,9 +261,15 @@ def _resample(model: StackedTranscoders, dead: Tensor, xb: Tensor, g: torch.Gene
 
 
 def to_sae_lens(
-    model: StackedTranscoders, scales: dict[str, Tensor], layers: Sequence[int]
+    model: StackedTranscoders,
+    scales: dict[str, Tensor],
+    layers: Sequence[int],
+    *,
+    names: HookNames | None = None,
 ) -> dict[int, Any]:
-    """Fold the standardization into the weights and build sae-lens JumpReLU skip transcoders."""
+    """Fold the standardization into the weights and build sae-lens JumpReLU skip transcoders, wired to the
+    hook names of the model family they were trained on (``names``; default Gemma 3's): their metadata
+    records where they read (OLMo: ``mlp.hook_in``), which loading checks."""
     out = {}
     for i, layer in enumerate(layers):
         sx, sy = float(scales["sx"][i]), float(scales["sy"][i])
@@ -275,7 +281,7 @@ def to_sae_lens(
             "b_dec": (model.b_dec[i, 0] * sy).detach().clone(),
             "affine_skip_connection": (model.W_skip[i] * sy / sx).detach().contiguous(),
         }
-        out[layer] = from_raw_params(params, layer=layer)
+        out[layer] = from_raw_params(params, layer=layer, names=names)
     return out
 
 
@@ -293,7 +299,7 @@ def train_organism_transcoders(
         model, cfg=cfg, injection_layers=injection_layers, concepts=concepts, strength=strength
     )
     stacked, scales = fit_transcoders(data, cfg=cfg)
-    tcs = to_sae_lens(stacked, scales, sorted(data))
+    tcs = to_sae_lens(stacked, scales, sorted(data), names=hook_names(model))
     for layer, tc in tcs.items():
         save_transcoder(tc, folder / f"layer_{layer}")
     record_model(folder, model)

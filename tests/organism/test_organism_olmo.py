@@ -58,6 +58,9 @@ def _check_olmo_artifacts(out, cfg, trained) -> None:
         assert sorted(tcs) == list(range(cfg.n_layers))
         for layer, tc in tcs.items():
             assert tc.cfg.metadata.hook_name == f"blocks.{layer}.mlp.hook_in"
+            # the file itself says so too (what a sae-lens user reading cfg.json sees)
+            saved = json.loads((out / name / "transcoders" / f"layer_{layer}" / "cfg.json").read_text())
+            assert saved["metadata"]["hook_name"] == f"blocks.{layer}.mlp.hook_in"
             assert tc.cfg.metadata.hook_name == hook_names(model).transcoder_in(layer)
             assert tc.cfg.d_sae == cfg.transcoder_width
     state = hf_state_dict(load_model(out / "organism"))
@@ -120,6 +123,9 @@ def test_the_shipped_olmo_organism_is_an_olmo3_with_transcoders_on_the_mlp_input
         assert (
             tcs[layer].cfg.metadata.hook_name == f"blocks.{layer}.mlp.hook_in" == hooks.transcoder_in(layer)
         )
+        for cfg_json in sorted(resources.organism_checkpoint(name).glob("transcoders/layer_*/cfg.json")):
+            recorded = json.loads(cfg_json.read_text())["metadata"]
+            assert recorded["hook_name"] == f"blocks.{recorded['layer']}.mlp.hook_in", cfg_json
         prompts = [chat_prompt_tokens(model, f"Tell me about {c}") for c in ("Bread", "Oceans", "Dust")]
         batch = left_pad(prompts, pad_id=model.tokenizer.pad_token_id)
         sites = [hooks.transcoder_in(layer), f"blocks.{layer}.ln2.hook_out", hooks.transcoder_out(layer)]
