@@ -1,4 +1,5 @@
-"""Models: loading Gemma 3 (or the organism) through TransformerBridge, the paper's settings, hook names.
+"""Models: loading a model of a supported family (or an organism) through TransformerBridge, its settings,
+hook names.
 
 Everything in mechintro addresses a model through :class:`HookNames` (the only place hook-name strings are
 built) and :class:`ModelSpec` (what the paper used for that model: injection layer, strength, transcoders,
@@ -417,11 +418,14 @@ def load_model(
     dtype: torch.dtype | None = None,
     hf_model: Any = None,
 ) -> Any:
-    """Load a Gemma 3 model (or the organism) as a TransformerBridge with raw HF weights.
+    """Load a model of a supported family (:mod:`mechintro.core.families`: Gemma 3 / 4, Qwen3, Llama 3,
+    OLMo 2 / 3) or an organism as a TransformerBridge with raw HF weights.
 
     Args:
-        name_or_path: ``"organism"`` / ``"organism-base"``, an HF id such as ``"google/gemma-3-27b-it"``, or a
-            local folder saved with ``save_pretrained`` (works with ``HF_HUB_OFFLINE=1``).
+        name_or_path: an organism (``"organism"``, ``"organism-base"``, ``"organism-olmo"``,
+            ``"organism-olmo-base"``), an HF id such as ``"google/gemma-3-27b-it"``, one of the paper's
+            short names (``"olmo_dpo"``: :data:`mechintro.core.paper_models.PAPER_MODELS`), or a local
+            folder saved with ``save_pretrained`` (works with ``HF_HUB_OFFLINE=1``).
         device: defaults to CUDA when available, else CPU.
         dtype: defaults to float32 (bfloat16 for the real 27B on GPU is the caller's choice).
         hf_model: a Hugging Face model already in memory to wrap instead of loading weights (e.g. random
