@@ -34,6 +34,7 @@ from torch import Tensor
 
 __all__ = [
     "CIRCUIT_TRACER_CONFIG",
+    "cast",
     "FORMATS",
     "UnknownFormatError",
     "build_transcoder",
@@ -195,6 +196,18 @@ def build_transcoder(
     keep = {"W_enc", "W_dec", "b_enc", "b_dec"} | ({"W_skip"} if skip else set())
     keep |= {"threshold"} if activation == "jumprelu" else set()
     tc.load_state_dict({n: state[n].to(device=device, dtype=dt) for n in keep})
+    return cast(tc, dt)
+
+
+def cast(tc: Any, dtype: str | torch.dtype | None) -> Any:
+    """``tc`` with every floating-point parameter and buffer in ``dtype``. ``tc.to(dtype)`` alone is not
+    enough on sae-lens 6.37 (the lowest version supported), which keeps a skip transcoder's ``W_skip`` in
+    float32."""
+    dt = _dtype(dtype)
+    tc = tc.to(dt)
+    for t in [*tc.parameters(), *tc.buffers()]:
+        if t.is_floating_point() and t.dtype != dt:
+            t.data = t.data.to(dt)
     return tc
 
 

@@ -281,7 +281,7 @@ def load_folder(
         formats.topk_classes()  # registers mechintro's TopK class, so sae-lens can read one back
         tc = SAE.load_from_disk(folder, device=device)
         if dtype is not None:
-            tc = tc.to(formats._dtype(dtype))
+            tc = formats.cast(tc, dtype)
         fmt = "gemma_scope_2" if _is_gemma_scope_2_cfg(tc.cfg.metadata) else "sae_lens"
         return _wire(tc, layer=layer, where=f" in {folder}", names=names, fmt=fmt, check=check)
     if (folder / RAW_PARAMS).exists():
@@ -393,7 +393,7 @@ def _from_release(
             model_name=lookup.model,
         )
     tc = SAE.from_pretrained(release, sae_id, device=device)
-    tc = tc.to(formats._dtype(dtype)) if dtype is not None else tc
+    tc = formats.cast(tc, dtype) if dtype is not None else tc
     return _wire(tc, layer=layer, model_name=lookup.model, names=names, check=check)
 
 
