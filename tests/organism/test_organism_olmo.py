@@ -166,3 +166,21 @@ def test_the_olmo_organism_shares_the_gemma_organisms_split():
     olmo = json.loads((OLMO / "organism_split.json").read_text())
     gemma = json.loads(resources.organism_file("organism_split.json").read_text())
     assert olmo == gemma
+
+
+@shipped
+@pytest.mark.parametrize(("family_name", "sub"), [("gemma3", ""), ("olmo3", "olmo")])
+def test_each_familys_config_is_the_shipped_organisms(family_name, sub):
+    """The recipe's Hugging Face config of each family is the shipped organism's ``config.json``, field for
+    field (the Gemma one unchanged by the family parameter); only what saving adds differs."""
+    from mechintro.organism.train import hf_class, hf_config, make_tokenizer
+
+    config = hf_config(OrganismConfig(family=family_name), make_tokenizer())
+    config.architectures = [hf_class(family_name).__name__]
+    mine = json.loads(config.to_json_string())
+    root = resources.package_data() / sub if sub else resources.package_data()
+    saved = json.loads((root / "organism" / "config.json").read_text())
+    added_on_save = {"dtype", "transformers_version", "output_attentions"}
+    assert {k: v for k, v in mine.items() if k not in added_on_save} == {
+        k: v for k, v in saved.items() if k not in added_on_save
+    }
