@@ -174,45 +174,29 @@ def hf_config(cfg: OrganismConfig, tok: Any) -> Any:
     """The Hugging Face config of an organism built by ``cfg``, with ``tok``'s special tokens."""
     from transformers import Gemma3TextConfig, Olmo3Config
 
-    if check_family(cfg.family) == "olmo3":
-        return Olmo3Config(
-            vocab_size=len(tok),
-            hidden_size=cfg.d_model,
-            intermediate_size=cfg.d_mlp,
-            num_hidden_layers=cfg.n_layers,
-            num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_kv_heads,
-            max_position_embeddings=512,
-            sliding_window=cfg.sliding_window,
-            layer_types=[
-                "full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(cfg.n_layers)
-            ],
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")],
-            tie_word_embeddings=False,
-            initializer_range=0.02,
-        )
+    every = {"olmo3": 4, "gemma3": 6}[check_family(cfg.family)]  # every n-th layer attends globally
+    common = {
+        "vocab_size": len(tok),
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_mlp,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "max_position_embeddings": 512,
+        "sliding_window": cfg.sliding_window,
+        "layer_types": [
+            "full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(cfg.n_layers)
+        ],
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")],
+        "initializer_range": 0.02,
+    }
+    if cfg.family == "olmo3":
+        return Olmo3Config(**common, tie_word_embeddings=False)
     head_dim = cfg.d_model // cfg.n_heads
     return Gemma3TextConfig(
-        vocab_size=len(tok),
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.d_mlp,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        head_dim=head_dim,
-        query_pre_attn_scalar=head_dim,
-        max_position_embeddings=512,
-        sliding_window=cfg.sliding_window,
-        layer_types=[
-            "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(cfg.n_layers)
-        ],
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")],
-        tie_word_embeddings=True,
-        initializer_range=0.02,
+        **common, head_dim=head_dim, query_pre_attn_scalar=head_dim, tie_word_embeddings=True
     )
 
 
