@@ -532,8 +532,7 @@ def _injection_point(name: str, n_layers: int, recorded: Mapping[str, Any]) -> t
     found = injection_point(name, n_layers)
     if found is not None:
         layer, strength, provenance = found
-        record = paper_model(name)
-        return layer, strength, bool(record and record.calibrated), provenance
+        return layer, strength, paper_model(name).calibrated, provenance
     return paper_layer(n_layers), PAPER_STRENGTH, False, RELATIVE_DEPTH
 
 

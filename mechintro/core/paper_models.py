@@ -111,6 +111,21 @@ def _olmo(key: str, hf_id: str, stage: Stage) -> PaperModel:
     )
 
 
+def _gemma27b(key: str, hf_id: str, stage: Stage) -> PaperModel:
+    """A Gemma3-27B checkpoint other than the instruct model, injected at the instruct model's point."""
+    return PaperModel(
+        key=key,
+        hf_id=hf_id,
+        family="gemma3",
+        n_layers=62,
+        strength=4.0,
+        layer=37,
+        stage=stage,
+        chat=stage != "Base",
+        source=f"id: {_MAP}; point: the instruct model's",
+    )
+
+
 PAPER_MODELS: tuple[PaperModel, ...] = (
     PaperModel(
         key="gemma3_27b",
@@ -123,27 +138,8 @@ PAPER_MODELS: tuple[PaperModel, ...] = (
         source=f"id: {_MAP}; point: data/stimuli.json paper_settings_gemma3_27b_it (layer 37 of 62, strength "
         "4; int(0.61 × 62) = 37 as well)",
     ),
-    PaperModel(
-        key="gemma3_27b_pt",
-        hf_id="google/gemma-3-27b-pt",
-        family="gemma3",
-        n_layers=62,
-        strength=4.0,
-        layer=37,
-        stage="Base",
-        chat=False,
-        source=f"id: {_MAP}; point: the instruct model's",
-    ),
-    PaperModel(
-        key="gemma3_27b_abliterated",
-        hf_id="uzaymacar/gemma-3-27b-abliterated",
-        family="gemma3",
-        n_layers=62,
-        strength=4.0,
-        layer=37,
-        stage="Abliterated",
-        source=f"id: {_MAP}; point: the instruct model's",
-    ),
+    _gemma27b("gemma3_27b_pt", "google/gemma-3-27b-pt", "Base"),
+    _gemma27b("gemma3_27b_abliterated", "uzaymacar/gemma-3-27b-abliterated", "Abliterated"),
     PaperModel(
         key="qwen3_235b",
         hf_id="Qwen/Qwen3-235B-A22B-Instruct-2507",
