@@ -35,6 +35,26 @@ class Mutant:
 
 MUTANTS = (
     Mutant(
+        "olmo-recipe-default-rope",
+        "the OLMo recipe states its rotary base (500,000) rather than taking the installed transformers' default",
+        "mechintro/organism/train.py",
+        "        return Olmo3Config(**common, rope_parameters=dict(OLMO_ROPE), tie_word_embeddings=False)",
+        "        return Olmo3Config(**common, tie_word_embeddings=False)",
+        ("tests/organism/test_organism_portability.py",),
+    ),
+    Mutant(
+        "olmo-config-nested-rope-only",
+        "the shipped OLMo config.json gives its rotary base flat too, which transformers 5.9 reads",
+        "mechintro/data/olmo/organism/config.json",
+        '''    },
+    "rope_theta": 500000.0,
+    "rope_type": "default",
+    "sliding_attention"''',
+        '''    },
+    "sliding_attention"''',
+        ("tests/organism/test_organism_portability.py",),
+    ),
+    Mutant(
         "organism-transcoders-record-gemma-site",
         "the organism's transcoders record their own family's site (OLMo: mlp.hook_in), which loading checks",
         "mechintro/organism/transcoders.py",

@@ -170,6 +170,13 @@ def hf_class(family: str) -> type:
     return getattr(transformers, name)
 
 
+OLMO_ROPE = {"rope_type": "default", "rope_theta": 500_000.0}
+"""The OLMo organism's rotary embedding, stated rather than left to ``Olmo3Config``'s default: that default
+moved from 10,000 (transformers 5.9) to 500,000 (5.24), and 5.24 writes it nested per layer type, a form
+5.9 does not read. Passed flat, it is saved in both forms (flat keys beside the nested ones), which every
+version in our range reads as 500,000 (``tests/organism/test_organism_portability.py``)."""
+
+
 def hf_config(cfg: OrganismConfig, tok: Any) -> Any:
     """The Hugging Face config of an organism built by ``cfg``, with ``tok``'s special tokens."""
     from transformers import Gemma3TextConfig, Olmo3Config
@@ -193,7 +200,7 @@ def hf_config(cfg: OrganismConfig, tok: Any) -> Any:
         "initializer_range": 0.02,
     }
     if cfg.family == "olmo3":
-        return Olmo3Config(**common, tie_word_embeddings=False)
+        return Olmo3Config(**common, rope_parameters=dict(OLMO_ROPE), tie_word_embeddings=False)
     head_dim = cfg.d_model // cfg.n_heads
     return Gemma3TextConfig(
         **common, head_dim=head_dim, query_pre_attn_scalar=head_dim, tie_word_embeddings=True

@@ -181,6 +181,17 @@ def test_each_familys_config_is_the_shipped_organisms(family_name, sub):
     root = resources.package_data() / sub if sub else resources.package_data()
     saved = json.loads((root / "organism" / "config.json").read_text())
     added_on_save = {"dtype", "transformers_version", "output_attentions"}
+    # versions write rope_parameters flat or nested per layer type; compare what each layer type reads
+    mine["rope_parameters"], saved["rope_parameters"] = (
+        rope_per_layer_type(c["rope_parameters"], c["layer_types"]) for c in (mine, saved)
+    )
     assert {k: v for k, v in mine.items() if k not in added_on_save} == {
         k: v for k, v in saved.items() if k not in added_on_save
     }
+
+
+def rope_per_layer_type(rope: dict, layer_types: list[str]) -> dict[str, dict]:
+    """``rope_parameters`` as each layer type reads it: its nested entry where there is one, else the flat
+    keys (how versions before per-layer-type rope read every layer)."""
+    flat = {k: v for k, v in rope.items() if k not in layer_types}
+    return {t: rope.get(t, flat) for t in sorted(set(layer_types))}
