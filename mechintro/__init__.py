@@ -54,6 +54,7 @@ from mechintro.mechanism.directions import (
 )
 from mechintro.mechanism.features import FeatureGridConfig, feature_grid, find_evidence_carriers, find_gates
 from mechintro.mechanism.interventions import intervene, read_features
+from mechintro.mechanism.orthogonalize import orthogonalize
 from mechintro.mechanism.patching import PatchingConfig, component_patching
 from mechintro.mechanism.sharded import sharded_feature_grid
 from mechintro.studies.bias import BiasVector, bias_vector, load_bias_vector, train_bias_vector
@@ -109,6 +110,7 @@ __all__ = [
     "merge_attributions",
     "new_concepts",
     "original_concepts",
+    "orthogonalize",
     "random_direction",
     "read_features",
     "release_ray_workers",

@@ -22,8 +22,14 @@ The runtime ablation at the paper's default site (``site="resid_post"``) is a di
 edits the stream after each block, so block 0 reads the embeddings with their ``r`` component and each MLP
 reads the attention write before it is ablated. No weight edit equals it.
 
-Fractional weights and per-layer directions are refused (see :func:`orthogonalize`): the checkpoint removes
-one direction completely.
+Fractional weights, per-layer weights and per-layer directions are refused: the checkpoint removes one
+direction completely, and those stay runtime ablations. (At ``site="writes"`` each would have a weight-space
+form, ``(I - w_L r_L r_L^T) W``; at ``site="resid_post"`` none does, as the edits compound through the
+stream.)
+
+Where mechintro differs from public abliterated checkpoints: they orthogonalize Gemma 3's projections
+although its post-norms make that inexact; here that takes ``post_norm="approximate"``, and the measured gap
+is in ``docs/studies/elicitation.md``.
 """
 
 from __future__ import annotations
