@@ -130,6 +130,8 @@ def test_saved_and_reloaded(models, folders, direction, tmp_path):
     # a folder is a source too: orthogonalizing again along r changes nothing
     again = orthogonalize(str(tmp_path / "ortho"), direction, layers=[0, 1])
     assert again.mechintro_orthogonalization.source == str(tmp_path / "ortho")
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[name].double(), value, rtol=0, atol=1e-6, msg=name)
 
 
 def test_source_unchanged(models, folders, direction):
