@@ -336,6 +336,7 @@ def orthogonalize(
     Returns the plain Hugging Face model (same dtype and device as the source), with the
     :class:`Orthogonalization` record as its ``mechintro_orthogonalization`` attribute. Weights are edited in
     float64 and cast back, so a bfloat16 model keeps a rounding-size remainder along ``direction``.
+``load_model(name, hf_model=returned)`` bridges it without saving (the bridge wraps its modules in place).
     """
     _check_weight(weight)
     hf, tok, name = _source(model)
