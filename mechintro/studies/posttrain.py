@@ -335,7 +335,8 @@ class PosttrainConfig:
     """``"chat"``: the tokenizer's chat template, one user turn; ``"gemma_turns"``: BOS + Gemma's turn
     markers written out; ``"raw"``: BOS + ``User: {prompt}\\n\\nAssistant:`` (the released code's base
     format). ``"auto"``: chat when the tokenizer has a template (and the model is not one of the paper's
-    base checkpoints), else gemma_turns when ``<start_of_turn>`` is one token, else raw (the script's rule)."""
+    base checkpoints), else gemma_turns when ``<start_of_turn>`` is one token, else raw (the script's
+    rule)."""
     max_prompt_chars: int | None = None
     """Cut each prompt to this many characters (the script: 500); None keeps it whole."""
     max_response_chars: int | None = None
@@ -391,6 +392,11 @@ PRESETS: dict[str, PosttrainConfig] = {"text": PosttrainConfig(), "released": Po
 # ----------------------------------------------------------------------------------------------- losses
 
 
+def _upcast(t: Tensor) -> Tensor:
+    """Half-precision logits in float32 (float32 and float64 stay as they are)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def sequence_logprobs(
     logits: Float[Tensor, "batch pos vocab"], labels: Int[Tensor, "batch pos"]
 ) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]:
@@ -401,9 +407,9 @@ def sequence_logprobs(
     """
     target = labels[:, 1:]
     mask = target != IGNORE
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    logp = F.log_softmax(_upcast(logits[:, :-1]), dim=-1)
     token = logp.gather(2, target.clamp(min=0).unsqueeze(2)).squeeze(2)
-    return (token * mask).sum(dim=1), mask.sum(dim=1).float()
+    return (token * mask).sum(dim=1), mask.sum(dim=1).to(token.dtype)
 
 
 def dpo_loss(
@@ -436,7 +442,7 @@ def sft_loss(logits: Float[Tensor, "batch pos vocab"], labels: Int[Tensor, "batc
     """Cross-entropy averaged over every labelled token of the batch."""
     vocab = logits.shape[-1]
     return F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=IGNORE
+        _upcast(logits[:, :-1]).reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=IGNORE
     )
 
 
@@ -447,9 +453,9 @@ def token_kl(
 ) -> Float[Tensor, ""]:
     """``Σ_v π (log π - log ref)`` at every position that predicts a labelled token, averaged over those
     positions of the whole batch."""
-    mask = (labels[:, 1:] != IGNORE).float()
-    logp = F.log_softmax(policy_logits[:, :-1].float(), dim=-1)
-    logq = F.log_softmax(ref_logits[:, :-1].float(), dim=-1)
+    logp = F.log_softmax(_upcast(policy_logits[:, :-1]), dim=-1)
+    logq = F.log_softmax(_upcast(ref_logits[:, :-1]), dim=-1)
+    mask = (labels[:, 1:] != IGNORE).to(logp.dtype)
     per_token = (logp.exp() * (logp - logq)).sum(dim=-1)
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
@@ -513,8 +519,11 @@ def _encode(
     eos = tokenizer.eos_token_id
     examples = []
     for pair in pairs:
-        prompt = ids(format_prompt(tokenizer, text(pair.prompt, config.max_prompt_chars), style=style,
-                                   chat_kwargs=chat_kwargs))
+        prompt = ids(
+            format_prompt(
+                tokenizer, text(pair.prompt, config.max_prompt_chars), style=style, chat_kwargs=chat_kwargs
+            )
+        )
         seqs = []
         for response in (pair.chosen, pair.rejected):
             response = text(response, config.max_response_chars)
@@ -567,6 +576,7 @@ def batch_loss(
     device: Any = "cpu",
 ) -> tuple[Tensor, dict[str, float]]:
     """The condition's loss on one batch of encoded pairs, and its parts (floats) for the log."""
+
     def on(which: str) -> tuple[Tensor, Tensor, Tensor]:
         return tuple(t.to(device) for t in _collate(examples, which, pad_id))  # type: ignore[return-value]
 
@@ -658,7 +668,9 @@ def _trained_pairs(
 
 
 def _all_pairs(pairs: Any) -> bool:
-    return isinstance(pairs, (tuple, list)) and bool(pairs) and all(isinstance(p, PreferencePair) for p in pairs)
+    return (
+        isinstance(pairs, (tuple, list)) and bool(pairs) and all(isinstance(p, PreferencePair) for p in pairs)
+    )
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -785,9 +797,9 @@ def posttrain(
         "base": base,
         "pairs": pair_record,
         "prompt_format": style,
-        "setup": "released" if config == PosttrainConfig.released(base_adapters=config.base_adapters) else (
-            "text" if config == PosttrainConfig() else "custom"
-        ),
+        "setup": "released"
+        if config == PosttrainConfig.released(base_adapters=config.base_adapters)
+        else ("text" if config == PosttrainConfig() else "custom"),
         "complete": False,
         "log": [],
     }
@@ -849,13 +861,16 @@ def posttrain(
             norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             step += 1
-            log.append({"step": step, "loss": total_loss, "lr": config.lr * factor,
-                        "grad_norm": float(norm), **sums})
+            log.append(
+                {"step": step, "loss": total_loss, "lr": config.lr * factor, "grad_norm": float(norm), **sums}
+            )
             bar.update(1)
             bar.set_postfix(loss=f"{total_loss:.4f}")
             if step % checkpoint_every == 0 or step == stop:
                 if step < total:
-                    _save_checkpoint(peft_model, optimizer, ckpt, {"identity": identity, "step": step, "log": log})
+                    _save_checkpoint(
+                        peft_model, optimizer, ckpt, {"identity": identity, "step": step, "log": log}
+                    )
     metadata["log"] = log
     metadata["steps"] = step
     metadata["total_steps"] = total
@@ -932,4 +947,3 @@ def beta_sweep(
         )
         for b in betas
     }
-

@@ -61,7 +61,9 @@ def _pair(item: Any, where: str) -> PreferencePair:
     if isinstance(item, PreferencePair):
         return item
     if not isinstance(item, Mapping):
-        raise TypeError(f"{where}: a preference pair is a dict or a PreferencePair, not {type(item).__name__}")
+        raise TypeError(
+            f"{where}: a preference pair is a dict or a PreferencePair, not {type(item).__name__}"
+        )
     missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(item.get(k), str)]
     if missing:
         raise ValueError(
