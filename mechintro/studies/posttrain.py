@@ -915,7 +915,8 @@ def _load_checkpoint(model: Any, optimizer: Any, folder: Path, *, device: Any) -
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"{folder}: the checkpoint's adapter does not fit this model ({unexpected[:3]}...)")
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
+    saved = torch.load(folder / "optimizer.pt", map_location=device, weights_only=True)
+    optimizer.load_state_dict(saved)
     rng = torch.load(folder / "rng.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
