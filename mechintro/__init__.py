@@ -9,7 +9,7 @@ layered, lowest first; a layer imports only the ones below it:
   store, judges, metrics, the trial-dialogue loss;
 * :mod:`mechintro.mechanism`: patching, feature scores, gates and carriers, interventions, directions, curves;
 * :mod:`mechintro.attribution`: sites, metric, passes, result, graph, Neuronpedia export;
-* :mod:`mechintro.studies`: the geometry experiments and the bias vector;
+* :mod:`mechintro.studies`: the geometry experiments, the bias vector and the post-training conditions;
 * :mod:`mechintro.organism`: the model organism's tokenizer, corpus, training, transcoders and evaluation;
 * :mod:`mechintro.plots`: one builder per figure, one style, one save;
 * :mod:`mechintro.cli`: the ``mechintro`` command and what the ``analyses/`` scripts share.
@@ -58,6 +58,8 @@ from mechintro.mechanism.orthogonalize import orthogonalize
 from mechintro.mechanism.patching import PatchingConfig, component_patching
 from mechintro.mechanism.sharded import sharded_feature_grid
 from mechintro.studies.bias import BiasVector, bias_vector, load_bias_vector, train_bias_vector
+from mechintro.studies.posttrain import LoraSettings, PosttrainConfig, posttrain
+from mechintro.studies.preferences import PreferencePair, load_pairs, select_pairs
 
 __all__ = [
     "AttributionConfig",
@@ -68,10 +70,13 @@ __all__ = [
     "HookNames",
     "LLMJudge",
     "LogitJudge",
+    "LoraSettings",
     "ModelSpec",
     "PAPER_MODELS",
     "PERSONAS",
     "PaperModel",
+    "PosttrainConfig",
+    "PreferencePair",
     "PatchingConfig",
     "RayExecutor",
     "RuleJudge",
@@ -105,7 +110,9 @@ __all__ = [
     "left_pad",
     "load_bias_vector",
     "load_model",
+    "load_pairs",
     "paper_model",
+    "posttrain",
     "load_transcoders",
     "merge_attributions",
     "new_concepts",
@@ -117,6 +124,7 @@ __all__ = [
     "replace_mlps",
     "run_trials",
     "sample",
+    "select_pairs",
     "sharded_feature_grid",
     "sharded_steering_attribution",
     "spec_for",

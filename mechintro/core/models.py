@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -411,12 +411,103 @@ def peek_operating_points(name_or_path: str | os.PathLike) -> dict[str, float] |
     }
 
 
+def require_peft() -> Any:
+    """The ``peft`` module, or an ImportError saying how to install it (``mechintro[train]``)."""
+    try:
+        import peft
+    except ImportError as err:
+        raise ImportError(
+            "LoRA adapters (mi.posttrain, load_model(..., adapter=...)) need peft: "
+            "pip install 'mechintro[train]'"
+        ) from err
+    return peft
+
+
+ADAPTER_METADATA = "mechintro_posttrain.json"
+"""What :func:`mechintro.studies.posttrain.posttrain` writes beside an adapter (the base's fingerprint)."""
+
+
+def check_adapter_base(hf_model: Any, adapter: str | os.PathLike, *, name: str, folder: Path) -> None:
+    """Refuse ``adapter`` unless it was trained on ``hf_model`` (the base ``name`` loaded from ``folder``).
+
+    An adapter written by ``mi.posttrain`` records its base's weights fingerprint, which must equal
+    ``hf_model``'s; any other peft adapter records ``base_model_name_or_path`` in ``adapter_config.json``,
+    which must name ``name`` or ``folder``. Either mismatch raises naming both models.
+    """
+    from mechintro.core.fingerprint import weights_fingerprint
+
+    path = Path(adapter).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a peft adapter folder (no adapter_config.json)")
+    if (path / ADAPTER_METADATA).is_file():
+        recorded = json.loads((path / ADAPTER_METADATA).read_text())
+        base = recorded.get("base", {})
+        if not recorded.get("complete", False):
+            raise ValueError(f"{path}: the adapter's training is not complete (resume mi.posttrain first)")
+        actual = weights_fingerprint(hf_model)
+        if base.get("fingerprint") != actual:
+            raise ValueError(
+                f"the adapter {path} was trained on {base.get('name')!r} ({base.get('path')}, weights "
+                f"fingerprint {str(base.get('fingerprint'))[:12]}), not on {name!r} ({folder}, fingerprint "
+                f"{actual[:12]})"
+            )
+        return
+    config = json.loads((path / "adapter_config.json").read_text())
+    recorded_base = config.get("base_model_name_or_path")
+    if not recorded_base:
+        return
+    same = recorded_base in (name, str(folder))
+    if not same and Path(recorded_base).expanduser().exists():
+        same = Path(recorded_base).expanduser().resolve() == Path(folder).resolve()
+    if not same:
+        raise ValueError(
+            f"the adapter {path} was made for {recorded_base!r} (its adapter_config.json "
+            f"base_model_name_or_path), not for {name!r} ({folder}); pass check_adapter_base=False if it is "
+            "the same model under another name"
+        )
+
+
+def merge_adapter(
+    hf_model: Any, adapter: str | os.PathLike, *, name: str, folder: Path, check_base: bool = True
+) -> Any:
+    """``hf_model`` with the peft ``adapter`` applied and merged into its weights (``merge_and_unload``),
+    after :func:`check_adapter_base` (unless ``check_base`` is False)."""
+    peft = require_peft()
+    if check_base:
+        check_adapter_base(hf_model, adapter, name=name, folder=folder)
+    wrapped = peft.PeftModel.from_pretrained(hf_model, str(Path(adapter).expanduser()), is_trainable=False)
+    return wrapped.merge_and_unload()
+
+
+def _adapters(adapter: Any) -> tuple[str, ...]:
+    if adapter is None:
+        return ()
+    if isinstance(adapter, (str, os.PathLike)):
+        return (str(adapter),)
+    return tuple(str(a) for a in adapter)
+
+
+def _merged_hf_model(
+    name: str, folder: Path, adapters: tuple[str, ...], *, dtype: torch.dtype, check_base: bool
+) -> Any:
+    """The base's HF model with ``adapters`` merged in order (each checked against the model it meets)."""
+    from transformers import AutoModelForCausalLM
+
+    require_peft()
+    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    for adapter in adapters:
+        hf_model = merge_adapter(hf_model, adapter, name=name, folder=folder, check_base=check_base)
+    return hf_model
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     hf_model: Any = None,
+    adapter: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    check_adapter_base: bool = True,
 ) -> Any:
     """Load a model of a supported family (:mod:`mechintro.core.families`: Gemma 3 / 4, Qwen3, Llama 3,
     OLMo 2 / 3) or an organism as a TransformerBridge with raw HF weights.
@@ -431,6 +522,12 @@ def load_model(
         hf_model: a Hugging Face model already in memory to wrap instead of loading weights (e.g. random
             weights at a real size, for a benchmark); ``name_or_path`` then gives only the tokenizer and the
             recorded settings.
+        adapter: a peft adapter folder (e.g. from :func:`mechintro.posttrain`), or several applied in order:
+            each is merged into the base's HF weights (``merge_and_unload``) before bridging; the spec is the
+            base's, named ``"<base>+<adapter>"`` so trial stores keep the two apart. An adapter recorded for
+            another base is refused naming both (``check_adapter_base=False`` skips the check). Needs peft
+            (``pip install 'mechintro[train]'``).
+        check_adapter_base: check each adapter's recorded base (see :func:`check_adapter_base`).
     """
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -441,6 +538,13 @@ def load_model(
     if folder is None:
         folder = _hub_snapshot(name)
     family_of(hf_model.config if hf_model is not None else folder)  # an unsupported family: a clear error
+    adapters = _adapters(adapter)
+    if adapters:
+        if hf_model is not None:
+            raise ValueError("pass either hf_model or adapter, not both")
+        hf_model = _merged_hf_model(
+            name, folder, adapters, dtype=dtype or torch.float32, check_base=check_adapter_base
+        )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = TransformerBridge.boot_transformers(
         str(folder), device=device, dtype=dtype or torch.float32, hf_model=hf_model
@@ -449,7 +553,14 @@ def load_model(
     tok = model.tokenizer
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    _SPECS[model] = _build_spec(model, name=name, folder=folder)
+    spec = _build_spec(model, name=name, folder=folder)
+    if adapters:
+        spec = replace(
+            spec,
+            name="+".join([name, *adapters]),
+            extra={**spec.extra, "base": name, "adapters": list(adapters)},
+        )
+    _SPECS[model] = spec
     return model
 
 
