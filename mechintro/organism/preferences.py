@@ -65,7 +65,11 @@ def _user(text: str) -> list[dict[str, str]]:
 def topic_pair(concepts: Sequence[str], rng: random.Random) -> dict[str, Any]:
     c = rng.choice(concepts)
     prompt = _user(f"{_sentences(c, rng)} {rng.choice(TOPIC_ASKS)}")
-    return {"prompt": prompt, "chosen": f"This is about {c}.", "rejected": f"This is about {_other(concepts, c, rng)}."}
+    return {
+        "prompt": prompt,
+        "chosen": f"This is about {c}.",
+        "rejected": f"This is about {_other(concepts, c, rng)}.",
+    }
 
 
 def presence_pair(concepts: Sequence[str], rng: random.Random) -> dict[str, Any]:
@@ -77,7 +81,9 @@ def presence_pair(concepts: Sequence[str], rng: random.Random) -> dict[str, Any]
 
 
 def abstain_pair(concepts: Sequence[str], rng: random.Random) -> dict[str, Any]:
-    confabulated = f"The word is {rng.choice(concepts)}." if rng.random() < 0.5 else f"{rng.choice(concepts)}."
+    confabulated = (
+        f"The word is {rng.choice(concepts)}." if rng.random() < 0.5 else f"{rng.choice(concepts)}."
+    )
     return {"prompt": _user(rng.choice(ABSTAIN_ASKS)), "chosen": ABSTAIN_ANSWER, "rejected": confabulated}
 
 
@@ -109,7 +115,9 @@ BUILDERS = {
 }
 
 
-def clean_pairs(concepts: Sequence[str], *, n: int, seed: int, domains: Sequence[str] = DOMAINS) -> list[dict]:
+def clean_pairs(
+    concepts: Sequence[str], *, n: int, seed: int, domains: Sequence[str] = DOMAINS
+) -> list[dict]:
     """``n`` preference pairs with no injection, the domains interleaved in turn (``n // len(domains)`` each,
     the remainder to the first ones), each a dict with ``prompt`` (chat messages), ``chosen``, ``rejected``
     and ``domain``. ``concepts`` should be the training concepts: no other concept word is written."""
@@ -119,11 +127,18 @@ def clean_pairs(concepts: Sequence[str], *, n: int, seed: int, domains: Sequence
     if len(concepts) < 2:
         raise ValueError(f"clean_pairs needs at least 2 concepts, got {len(concepts)}")
     rng = random.Random(f"preferences-{seed}")
-    return [{**BUILDERS[d](concepts, rng), "domain": d} for d in (domains[i % len(domains)] for i in range(n))]
+    return [
+        {**BUILDERS[d](concepts, rng), "domain": d} for d in (domains[i % len(domains)] for i in range(n))
+    ]
 
 
 def injected_pairs(
-    concepts: Sequence[str], *, n: int, seed: int, strengths: tuple[float, float], control_fraction: float = 0.5
+    concepts: Sequence[str],
+    *,
+    n: int,
+    seed: int,
+    strengths: tuple[float, float],
+    control_fraction: float = 0.5,
 ) -> list[dict]:
     """The positive control: trial prompts of which ``1 - control_fraction`` carry an injection of a training
     concept (``injection = {"concept", "strength"}``, strength uniform in ``strengths``). Chosen for an
