@@ -9,7 +9,7 @@ layered, lowest first; a layer imports only the ones below it:
   store, judges, metrics, the trial-dialogue loss;
 * :mod:`mechintro.mechanism`: patching, feature scores, gates and carriers, interventions, directions, curves;
 * :mod:`mechintro.attribution`: sites, metric, passes, result, graph, Neuronpedia export;
-* :mod:`mechintro.studies`: the geometry experiments and the bias vector;
+* :mod:`mechintro.studies`: the geometry experiments, the bias vector and checkpoint series;
 * :mod:`mechintro.organism`: the model organism's tokenizer, corpus, training, transcoders and evaluation;
 * :mod:`mechintro.plots`: one builder per figure, one style, one save;
 * :mod:`mechintro.cli`: the ``mechintro`` command and what the ``analyses/`` scripts share.
@@ -57,11 +57,13 @@ from mechintro.mechanism.interventions import intervene, read_features
 from mechintro.mechanism.patching import PatchingConfig, component_patching
 from mechintro.mechanism.sharded import sharded_feature_grid
 from mechintro.studies.bias import BiasVector, bias_vector, load_bias_vector, train_bias_vector
+from mechintro.studies.checkpoints import Checkpoint, compare_checkpoints, compare_gates, series
 
 __all__ = [
     "AttributionConfig",
     "AttributionGraph",
     "BiasVector",
+    "Checkpoint",
     "GraphConfig",
     "FeatureGridConfig",
     "HookNames",
@@ -87,6 +89,8 @@ __all__ = [
     "baseline_words",
     "bias_vector",
     "capture",
+    "compare_checkpoints",
+    "compare_gates",
     "component_patching",
     "concept_vectors",
     "detection_metrics",
@@ -115,6 +119,7 @@ __all__ = [
     "replace_mlps",
     "run_trials",
     "sample",
+    "series",
     "sharded_feature_grid",
     "sharded_steering_attribution",
     "spec_for",
