@@ -35,6 +35,64 @@ class Mutant:
 
 MUTANTS = (
     Mutant(
+        "checkpoints-vectors-first-only",
+        "every checkpoint of a series gets concept vectors computed on its own weights",
+        "mechintro/studies/checkpoints.py",
+        "    vectors = checkpoint_vectors(model, concepts, layers=layers, chat=loaded.chat, "
+        "baseline=baseline)",
+        '    vectors = checkpoint_vectors.__dict__.setdefault("first", checkpoint_vectors(model, concepts, '
+        "layers=layers, chat=loaded.chat, baseline=baseline))",
+        ("tests/studies/test_checkpoints.py",),
+    ),
+    Mutant(
+        "checkpoints-base-via-chat-template",
+        "a base checkpoint is prompted in the released raw format, not through a chat template",
+        "mechintro/studies/checkpoints.py",
+        "    return CHAT_PERSONA if chat else RAW_PERSONA",
+        "    return CHAT_PERSONA",
+        ("tests/studies/test_checkpoints.py",),
+    ),
+    Mutant(
+        "checkpoints-raw-concept-prompt-chat",
+        "a base checkpoint's concept vectors come from BOS + raw text, not the chat template",
+        "mechintro/core/concepts.py",
+        "    tokens = chat_prompt_tokens if chat else raw_prompt_tokens",
+        "    tokens = chat_prompt_tokens",
+        ("tests/studies/test_checkpoints.py",),
+    ),
+    Mutant(
+        "checkpoints-adapter-not-in-identity",
+        "a checkpoint's adapter is part of its trials' identity in the store",
+        "mechintro/studies/checkpoints.py",
+        "        if cp.adapter is not None and str(cp.adapter) not in identity:",
+        "        if False:",
+        ("tests/studies/test_checkpoints.py",),
+    ),
+    Mutant(
+        "checkpoints-duplicate-identity-unchecked",
+        "two checkpoints of one identity are refused before their trials would share rows",
+        "mechintro/studies/checkpoints.py",
+        "        if identity in seen:",
+        "        if False:",
+        ("tests/studies/test_checkpoints.py",),
+    ),
+    Mutant(
+        "gates-own-dictionary-per-checkpoint",
+        "the gate comparison reads one dictionary (the reference's) on every checkpoint",
+        "mechintro/studies/checkpoints.py",
+        '            if transcoders == "own" or (shared is None and i == ref):',
+        "            if True:",
+        ("tests/studies/test_checkpoints.py",),
+    ),
+    Mutant(
+        "checkpoints-fvu-against-input",
+        "the dictionary's FVU compares its prediction with the MLP output the checkpoint computes",
+        "mechintro/studies/checkpoints.py",
+        "    return fvu(pred, y.float())",
+        "    return fvu(pred, x.float())",
+        ("tests/studies/test_checkpoints.py",),
+    ),
+    Mutant(
         "olmo-recipe-default-rope",
         "the OLMo recipe states its rotary base (500,000) rather than taking the installed transformers' default",
         "mechintro/organism/train.py",
