@@ -9,7 +9,8 @@ layered, lowest first; a layer imports only the ones below it:
   store, judges, metrics, the trial-dialogue loss;
 * :mod:`mechintro.mechanism`: patching, feature scores, gates and carriers, interventions, directions, curves;
 * :mod:`mechintro.attribution`: sites, metric, passes, result, graph, Neuronpedia export;
-* :mod:`mechintro.studies`: the geometry experiments, the bias vector and the post-training conditions;
+* :mod:`mechintro.studies`: the geometry experiments, the bias vector, the post-training conditions and
+  checkpoint series;
 * :mod:`mechintro.organism`: the model organism's tokenizer, corpus, training, transcoders and evaluation;
 * :mod:`mechintro.plots`: one builder per figure, one style, one save;
 * :mod:`mechintro.cli`: the ``mechintro`` command and what the ``analyses/`` scripts share.
@@ -60,11 +61,13 @@ from mechintro.mechanism.sharded import sharded_feature_grid
 from mechintro.studies.bias import BiasVector, bias_vector, load_bias_vector, train_bias_vector
 from mechintro.studies.posttrain import LoraSettings, PosttrainConfig, posttrain
 from mechintro.studies.preferences import PreferencePair, load_pairs, select_pairs
+from mechintro.studies.checkpoints import Checkpoint, compare_checkpoints, compare_gates, series
 
 __all__ = [
     "AttributionConfig",
     "AttributionGraph",
     "BiasVector",
+    "Checkpoint",
     "GraphConfig",
     "FeatureGridConfig",
     "HookNames",
@@ -93,6 +96,8 @@ __all__ = [
     "baseline_words",
     "bias_vector",
     "capture",
+    "compare_checkpoints",
+    "compare_gates",
     "component_patching",
     "concept_vectors",
     "detection_metrics",
@@ -125,6 +130,7 @@ __all__ = [
     "run_trials",
     "sample",
     "select_pairs",
+    "series",
     "sharded_feature_grid",
     "sharded_steering_attribution",
     "spec_for",

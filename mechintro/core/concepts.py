@@ -2,7 +2,9 @@
 
 A concept vector is the resid_post activation of the injection layer at the last token of the chat-formatted
 prompt "Tell me about {concept}" (with the generation prompt), minus the mean of the same activation over the
-baseline words. No normalization (stimuli.json, ``concept_vector_prompt``).
+baseline words. No normalization (stimuli.json, ``concept_vector_prompt``). With ``chat=False`` the prompt is
+the raw text after BOS instead (no chat template), as ``experiments/03_behavioral_robustness.py``
+(``extract_concept_vector_base_model``) does for a base checkpoint.
 """
 
 from __future__ import annotations
@@ -96,21 +98,38 @@ def last_token_resid(
     return torch.cat(out)
 
 
-def concept_prompts(model: Model, words: Sequence[str]) -> list[Tensor]:
-    """The tokens of "Tell me about {word}" for each word; a word the tokenizer cannot spell is refused."""
+def raw_prompt_tokens(model: Model, text: str) -> Tensor:
+    """Tokens of BOS + ``text``, no chat template (how the released code prompts a base checkpoint)."""
+    check_spelling(model, text, what="prompt")
+    tok = model.tokenizer
+    ids = tok((tok.bos_token or "") + text, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def concept_prompts(model: Model, words: Sequence[str], *, chat: bool = True) -> list[Tensor]:
+    """The tokens of "Tell me about {word}" for each word, in the chat template (``chat=False``: the raw text
+    after BOS); a word the tokenizer cannot spell is refused."""
     if isinstance(words, str):
         raise TypeError(f"words must be a list of words, not one string ({words!r})")
     for word in words:
         check_spelling(model, word, what="concept")
-    return [chat_prompt_tokens(model, CONCEPT_PROMPT.format(concept=w)) for w in words]
+    tokens = chat_prompt_tokens if chat else raw_prompt_tokens
+    return [tokens(model, CONCEPT_PROMPT.format(concept=w)) for w in words]
 
 
 def baseline_mean(
-    model: Model, *, layer: int, words: Sequence[str] | None = None, batch_size: int = 32
+    model: Model,
+    *,
+    layer: int,
+    words: Sequence[str] | None = None,
+    batch_size: int = 32,
+    chat: bool = True,
 ) -> Float[Tensor, " d_model"]:
-    """Mean last-token activation over the baseline words (float32)."""
+    """Mean last-token activation over the baseline words (float32); ``chat`` as in
+    :func:`concept_prompts`."""
     words = baseline_words() if words is None else list(words)
-    return last_token_resid(model, concept_prompts(model, words), layer=layer, batch_size=batch_size).mean(0)
+    prompts = concept_prompts(model, words, chat=chat)
+    return last_token_resid(model, prompts, layer=layer, batch_size=batch_size).mean(0)
 
 
 def check_concepts(concepts: Sequence[str], *, unique: bool = True) -> list[str]:
@@ -134,6 +153,7 @@ def concept_vectors(
     layer: int,
     baseline: Sequence[str] | Tensor | None = None,
     batch_size: int = 32,
+    chat: bool = True,
 ) -> Float[Tensor, "concept d_model"]:
     """Concept vectors at resid_post of ``layer``: activation(concept) minus the baseline mean.
 
@@ -142,6 +162,8 @@ def concept_vectors(
         layer: the injection layer.
         baseline: the baseline words (default: the paper's 99), or a precomputed ``[d_model]`` mean.
         batch_size: prompts per forward pass (left-padded; the result does not depend on it).
+        chat: False renders the prompts as raw text after BOS, no chat template (concepts and baseline
+            words alike), as the released ``experiments/03`` does for a base checkpoint.
 
     Returns a float32 ``[len(concepts), d_model]`` tensor on the CPU.
     """
@@ -150,6 +172,7 @@ def concept_vectors(
         validate.d_model_of(model, baseline.shape[-1], what="the baseline mean")
         mean = baseline.float().cpu()
     else:
-        mean = baseline_mean(model, layer=layer, words=baseline, batch_size=batch_size)
-    acts = last_token_resid(model, concept_prompts(model, concepts), layer=layer, batch_size=batch_size)
+        mean = baseline_mean(model, layer=layer, words=baseline, batch_size=batch_size, chat=chat)
+    prompts = concept_prompts(model, concepts, chat=chat)
+    acts = last_token_resid(model, prompts, layer=layer, batch_size=batch_size)
     return acts - mean
