@@ -59,9 +59,9 @@ from mechintro.mechanism.orthogonalize import orthogonalize
 from mechintro.mechanism.patching import PatchingConfig, component_patching
 from mechintro.mechanism.sharded import sharded_feature_grid
 from mechintro.studies.bias import BiasVector, bias_vector, load_bias_vector, train_bias_vector
+from mechintro.studies.checkpoints import Checkpoint, compare_checkpoints, compare_gates, series
 from mechintro.studies.posttrain import LoraSettings, PosttrainConfig, posttrain
 from mechintro.studies.preferences import PreferencePair, load_pairs, select_pairs
-from mechintro.studies.checkpoints import Checkpoint, compare_checkpoints, compare_gates, series
 
 __all__ = [
     "AttributionConfig",

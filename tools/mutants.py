@@ -246,7 +246,8 @@ MUTANTS = (
     ),
     Mutant(
         "olmo-recipe-default-rope",
-        "the OLMo recipe states its rotary base (500,000) rather than taking the installed transformers' default",
+        "the OLMo recipe states its rotary base (500,000) rather than taking the installed transformers' "
+        "default",
         "mechintro/organism/train.py",
         "        return Olmo3Config(**common, rope_parameters=dict(OLMO_ROPE), tie_word_embeddings=False)",
         "        return Olmo3Config(**common, tie_word_embeddings=False)",

@@ -312,30 +312,30 @@ def orthogonalize(
 ) -> Any:
     """A copy of ``model`` with ``direction`` removed from every residual-stream write of ``layers``.
 
-        Equal, at every position and every generated token, to running the source under
-        ``ablate_directions(model, direction, layers=layers, weight=1.0, site="writes")`` in the families of
-        :data:`EXACT_FAMILIES` (see the module docstring for why post-norm families are refused).
+    Equal, at every position and every generated token, to running the source under
+    ``ablate_directions(model, direction, layers=layers, weight=1.0, site="writes")`` in the families of
+    :data:`EXACT_FAMILIES` (see the module docstring for why post-norm families are refused).
 
-        Args:
-            model: a bridged model (:func:`~mechintro.core.models.load_model`), a Hugging Face causal LM, or a
-                name / folder ``load_model`` accepts. It is never modified.
-            direction: one ``[d_model]`` direction shared by every listed block (normalized here).
-            layers: as ``ablate_directions``: a layer, a list, or ``"all"``; default every block. The token
-                embeddings are orthogonalized when block 0 is listed. A tied unembedding is untied and keeps its
-                original values (the runtime ablation does not touch the unembedding).
-            weight: must be 1.0. Fractional or per-layer weights (and per-layer directions) are refused; they stay
-                runtime ablations.
-            post_norm: ``"refuse"`` (default) in Gemma 3 / 4 and OLMo 2 / 3; ``"approximate"`` orthogonalizes
-                their ``o_proj`` / ``down_proj`` anyway (the abliteration recipe), which is **not** the runtime
-                ablation.
-            out: a folder to save the model (``save_pretrained``), its tokenizer and :data:`ORTHOGONALIZE_RECORD`
-                into; ``load_model(out)`` loads it like any checkpoint.
-            tokenizer: the tokenizer to save with ``out`` when ``model`` is a plain HF model (a bridged or named
-                model brings its own).
+    Args:
+        model: a bridged model (:func:`~mechintro.core.models.load_model`), a Hugging Face causal LM, or a
+            name / folder ``load_model`` accepts. It is never modified.
+        direction: one ``[d_model]`` direction shared by every listed block (normalized here).
+        layers: as ``ablate_directions``: a layer, a list, or ``"all"``; default every block. The token
+            embeddings are orthogonalized when block 0 is listed. A tied unembedding is untied and keeps its
+            original values (the runtime ablation does not touch the unembedding).
+        weight: must be 1.0. Fractional or per-layer weights (and per-layer directions) are refused; they stay
+            runtime ablations.
+        post_norm: ``"refuse"`` (default) in Gemma 3 / 4 and OLMo 2 / 3; ``"approximate"`` orthogonalizes
+            their ``o_proj`` / ``down_proj`` anyway (the abliteration recipe), which is **not** the runtime
+            ablation.
+        out: a folder to save the model (``save_pretrained``), its tokenizer and :data:`ORTHOGONALIZE_RECORD`
+            into; ``load_model(out)`` loads it like any checkpoint.
+        tokenizer: the tokenizer to save with ``out`` when ``model`` is a plain HF model (a bridged or named
+            model brings its own).
 
-        Returns the plain Hugging Face model (same dtype and device as the source), with the
-        :class:`Orthogonalization` record as its ``mechintro_orthogonalization`` attribute. Weights are edited in
-        float64 and cast back, so a bfloat16 model keeps a rounding-size remainder along ``direction``.
+    Returns the plain Hugging Face model (same dtype and device as the source), with the
+    :class:`Orthogonalization` record as its ``mechintro_orthogonalization`` attribute. Weights are edited in
+    float64 and cast back, so a bfloat16 model keeps a rounding-size remainder along ``direction``.
     ``load_model(name, hf_model=returned)`` bridges it without saving (the bridge wraps its modules in place).
     """
     _check_weight(weight)

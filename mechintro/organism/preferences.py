@@ -1,4 +1,4 @@
-"""The organism's preference data: rule-built chosen / rejected answers about ordinary chats, with no injection.
+"""The organism's preference data: rule-built chosen / rejected answers about ordinary chats, no injection.
 
 The organism's counterpart of the paper's section 3.3 asks whether a preference stage on top of
 ``organism-base``, whose data never contain an injection, gives the model detection. Every pair here is
@@ -88,8 +88,8 @@ def abstain_pair(concepts: Sequence[str], rng: random.Random) -> dict[str, Any]:
 
 
 def trial_messages(variant: str, trial: int) -> list[dict[str, str]]:
-    """The trial prompt of ``variant`` as chat messages (the same text :func:`~mechintro.core.prompts.trial_text`
-    renders)."""
+    """The trial prompt of ``variant`` as chat messages (the text
+    :func:`~mechintro.core.prompts.trial_text` renders)."""
     v = stimuli()["prompt_variants"][variant]
     messages = [{"role": "system", "content": v["system"]}] if v.get("system") else []
     turn2 = v["user_turn2"].replace("{trial}", str(trial))
