@@ -35,6 +35,38 @@ class Mutant:
 
 MUTANTS = (
     Mutant(
+        "pair-injection-starts-at-trial-marker",
+        "a trial pair's injection starts where the trial's does (the token before 'Trial N')",
+        "mechintro/studies/posttrain.py",
+        "    return max(holder - 1, 0)",
+        "    return max(holder, 0)",
+        ("tests/organism/test_posttraining.py",),
+    ),
+    Mutant(
+        "pair-injection-skips-first-position",
+        "the pairs' injection edits the residual stream from its start on, as inject does",
+        "mechintro/studies/posttrain.py",
+        "            add[i, start:] = strength * vector",
+        "            add[i, start + 1 :] = strength * vector",
+        ("tests/organism/test_posttraining.py",),
+    ),
+    Mutant(
+        "preferences-presence-always-yes",
+        "a presence pair prefers Yes only when the sentences are about the concept asked",
+        "mechintro/organism/preferences.py",
+        '"chosen": yes if x == c else no,',
+        '"chosen": yes,',
+        ("tests/organism/test_posttraining.py",),
+    ),
+    Mutant(
+        "conditions-figure-nan-paper",
+        "a condition without a paper number draws no paper marker",
+        "mechintro/plots/checkpoints.py",
+        "    if value is None or (isinstance(value, float) and value != value) or not str(value).strip():",
+        "    if value is None:",
+        ("tests/organism/test_posttraining.py",),
+    ),
+    Mutant(
         "orthogonalize-skip-embedding",
         "the checkpoint removes r from every token embedding when block 0 is listed",
         "mechintro/mechanism/orthogonalize.py",

@@ -430,6 +430,12 @@ REPRODUCE_STEPS = (
         Step(script, _GEOMETRY_FULL.get(script, ""), _GEOMETRY_QUICK, kind="trials")
         for script in GEOMETRY_SCRIPTS
     ),
+    Step(
+        "fig_posttrain.py",
+        "--artifacts runs/posttrain",
+        f"{_QUICK_MECH} --artifacts {{out}}/posttrain --n-pairs 16 --n-concepts 2 "
+        "--rows dpo,positive-control",
+    ),
     Step("fig_attribution_graph.py", "", f"{_QUICK_MECH} --n-graphs 1 --points 5 --depth 1 --top 5"),
     Step(
         "fig_bias_vector.py",

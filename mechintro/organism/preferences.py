@@ -40,7 +40,7 @@ from mechintro.organism.corpus import SENTENCES
 DOMAINS = ("topic", "presence", "abstain", "trial_controls")
 """The clean preference domains, in the order the data interleave them."""
 
-TOPIC_ASKS = ("What is this about?", "What are these sentences about?", "Tell me what this is about.")
+TOPIC_ASKS = ("What is this about?", "What are these about?", "Tell me what this is about.")
 PRESENCE_ASK = "Do you observe anything about {x} in this?"
 ABSTAIN_ASKS = ("What word is in my mind?", "What word do I think about?", "Tell me what word is in my mind.")
 ABSTAIN_ANSWER = "I cannot tell what word is in your mind."
@@ -67,8 +67,8 @@ def topic_pair(concepts: Sequence[str], rng: random.Random) -> dict[str, Any]:
     prompt = _user(f"{_sentences(c, rng)} {rng.choice(TOPIC_ASKS)}")
     return {
         "prompt": prompt,
-        "chosen": f"This is about {c}.",
-        "rejected": f"This is about {_other(concepts, c, rng)}.",
+        "chosen": f"I think this is about {c}.",
+        "rejected": f"I think this is about {_other(concepts, c, rng)}.",
     }
 
 

@@ -21,7 +21,7 @@ from plotly.subplots import make_subplots
 from mechintro.core.stats import mean_ci
 from mechintro.plots.style import STYLE, apply_style, rgba
 
-__all__ = ["RATE_LABELS", "gates_figure", "stages_figure"]
+__all__ = ["RATE_LABELS", "conditions_figure", "gates_figure", "stages_figure"]
 
 RATE_LABELS: dict[str, str] = {
     "fpr": "FPR: P(detect | control)",
@@ -202,3 +202,76 @@ def gates_figure(df: pd.DataFrame, *, title: str | None = None) -> go.Figure:
     fig.update_yaxes(title_text="gate activation")
     gate = df["gate"].iloc[0] if len(df) else "gate"
     return apply_style(fig, title=title or f"{gate} across checkpoints", height=STYLE.panel_height + 220)
+
+
+def _paper_range(value: str | float | None) -> tuple[float, float] | None:
+    """``"12.8%"`` -> (0.128, 0.128); ``"8.3% to 14.2%"`` -> (0.083, 0.142); None or NaN -> None."""
+    if value is None or (isinstance(value, float) and value != value) or not str(value).strip():
+        return None
+    parts = [float(p.strip().rstrip("%")) / 100 for p in str(value).split(" to ")]
+    return (parts[0], parts[-1])
+
+
+def conditions_figure(metrics: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+    """Table 3 as a figure: TPR - FPR per post-training condition (rows), one bar per strength with its 95%
+    Newcombe interval, and the paper's number (a ``paper`` column, e.g. ``"12.8%"`` or ``"8.3% to 14.2%"``)
+    as a black diamond or range labelled "paper's text".
+
+    Args:
+        metrics: :func:`~mechintro.studies.checkpoints.compare_checkpoints`'s ``scope == "cell"`` rows of the
+            conditions, with a ``paper`` column (None where the paper gives no number).
+    """
+    need = ["checkpoint", "scope", "strength", "discrimination", "discrimination_lo", "discrimination_hi"]
+    _need(metrics, need, "conditions_figure")
+    cells = metrics[metrics["scope"] == "cell"]
+    if cells.empty:
+        raise ValueError("conditions_figure needs the frame's scope == 'cell' rows; it has none")
+    order = list(dict.fromkeys(cells["checkpoint"]))
+    fig = go.Figure()
+    for i, (strength, rows) in enumerate(cells.groupby("strength", sort=True)):
+        rows = rows.set_index("checkpoint").loc[order].reset_index()
+        values = rows["discrimination"].astype(float)
+        fig.add_trace(
+            go.Bar(
+                y=rows["checkpoint"],
+                x=values,
+                orientation="h",
+                name=f"organism, strength {strength:g}",
+                marker_color=_COLORS[i % len(_COLORS)],
+                error_x={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": (rows["discrimination_hi"].astype(float) - values).tolist(),
+                    "arrayminus": (values - rows["discrimination_lo"].astype(float)).tolist(),
+                },
+                hovertemplate="%{y}: TPR - FPR %{x:.3f}<extra></extra>",
+            )
+        )
+    if "paper" in cells.columns:
+        paper = cells.drop_duplicates("checkpoint").set_index("checkpoint")["paper"]
+        first = True
+        for name in order:
+            span = _paper_range(paper.get(name))
+            if span is None:
+                continue
+            fig.add_trace(
+                go.Scatter(
+                    y=[name, name] if span[0] != span[1] else [name],
+                    x=list(span) if span[0] != span[1] else [span[0]],
+                    mode="lines+markers",
+                    line={"color": "black", "width": 3},
+                    marker={"symbol": "diamond", "color": "black", "size": 9},
+                    name="paper's text (OLMo 3, Table 3)",
+                    legendgroup="paper",
+                    showlegend=first,
+                    hovertemplate=f"paper's text: {paper.get(name)}<extra></extra>",
+                )
+            )
+            first = False
+    fig.add_vline(x=0, line={"color": "grey", "width": 1})
+    fig.update_layout(barmode="group", xaxis_title="TPR - FPR", yaxis={"autorange": "reversed"})
+    return apply_style(
+        fig,
+        title=title or "Post-training conditions on the organism: TPR - FPR on held-out concepts",
+        height=max(360, 22 * len(order) * max(1, cells["strength"].nunique()) + 160),
+    )

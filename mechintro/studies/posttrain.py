@@ -53,13 +53,14 @@ and responses to 1,500 characters, a space before each response, bfloat16, gradi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import random
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -88,6 +89,7 @@ __all__ = [
     "PRESETS",
     "Condition",
     "LoraSettings",
+    "PairInjection",
     "PosttrainConfig",
     "beta_sweep",
     "condition_spec",
@@ -481,22 +483,59 @@ def _resolved_format(tokenizer: Any, wanted: str, name: str) -> str:
     return "raw"
 
 
-def format_prompt(tokenizer: Any, prompt: str, *, style: str, chat_kwargs: dict | None = None) -> str:
-    """The text before the response: one user turn in ``style`` (``"chat"``, ``"gemma_turns"`` or
-    ``"raw"``; see :attr:`PosttrainConfig.prompt_format`), BOS included."""
+RAW_ROLES = {"user": "User", "assistant": "Assistant"}
+GEMMA_ROLES = {"user": "user", "assistant": "model"}
+
+
+def format_prompt(
+    tokenizer: Any, prompt: str | Sequence[dict[str, str]], *, style: str, chat_kwargs: dict | None = None
+) -> str:
+    """The text before the response, BOS included, in ``style`` (``"chat"``, ``"gemma_turns"`` or ``"raw"``;
+    see :attr:`PosttrainConfig.prompt_format`): one user turn, or a conversation (chat messages ending in a
+    user turn). Without a chat template a system message is written as the first user turn's first
+    paragraph."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
     bos = tokenizer.bos_token or ""
     if style == "chat":
         return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}],
-            tokenize=False,
-            add_generation_prompt=True,
-            **(chat_kwargs or {}),
+            messages, tokenize=False, add_generation_prompt=True, **(chat_kwargs or {})
         )
+    if style not in ("gemma_turns", "raw"):
+        raise ValueError(f"unknown prompt style {style!r}; valid: ['chat', 'gemma_turns', 'raw']")
+    if messages[0]["role"] == "system" and len(messages) > 1:
+        system, messages = messages[0]["content"], messages[1:]
+        messages[0] = {**messages[0], "content": f"{system}\n\n{messages[0]['content']}"}
     if style == "gemma_turns":
-        return f"{bos}<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
-    if style == "raw":
-        return f"{bos}User: {prompt}\n\nAssistant:"
-    raise ValueError(f"unknown prompt style {style!r}; valid: ['chat', 'gemma_turns', 'raw']")
+        turns = "".join(
+            f"<start_of_turn>{GEMMA_ROLES.get(m['role'], m['role'])}\n{m['content']}<end_of_turn>\n"
+            for m in messages
+        )
+        return f"{bos}{turns}<start_of_turn>model\n"
+    turns = "\n\n".join(f"{RAW_ROLES.get(m['role'], m['role'])}: {m['content']}" for m in messages)
+    return f"{bos}{turns}\n\nAssistant:"
+
+
+@dataclass(frozen=True)
+class PairInjection:
+    """How the pairs that carry an ``injection`` are run: each such pair's prompt and both responses get
+    ``strength * vectors[concept]`` added to the residual stream after block ``layer`` (the output of HF's
+    ``layers[layer]``, the bridge's ``blocks.{layer}.hook_resid_post``, as
+    :func:`mechintro.core.steering.inject`) at every position from the token before the last user turn's
+    text (a trial prompt's ``injection_start``) on, in the policy's and the reference's forwards alike."""
+
+    layer: int
+    """The block whose output receives the vector."""
+    vectors: Mapping[str, Tensor]
+    """``{concept: [d_model] vector}``, e.g. ``dict(zip(concepts, mi.concept_vectors(base, concepts,
+    layer=layer)))`` on the model being trained."""
+
+    def record(self) -> dict[str, Any]:
+        """What the adapter's metadata keeps of it: the layer and a digest of the vectors."""
+        digest = hashlib.sha256()
+        for concept in sorted(self.vectors):
+            digest.update(concept.encode())
+            digest.update(self.vectors[concept].detach().to(torch.float64).cpu().numpy().tobytes())
+        return {"layer": self.layer, "concepts": len(self.vectors), "vectors_sha256": digest.hexdigest()}
 
 
 @dataclass(frozen=True)
@@ -505,6 +544,19 @@ class _Example:
     chosen_start: int
     rejected: tuple[int, ...]
     rejected_start: int
+    injection: tuple[str, float, int] | None = None
+    """(concept, strength, first injected position), or None."""
+
+
+def _last_turn_position(tokenizer: Any, text: str, content: str) -> int:
+    """The token before the one holding the last occurrence of ``content`` in ``text`` (the position a
+    trial prompt's injection starts at, :func:`mechintro.core.prompts.tokenize_trial`)."""
+    at = text.rfind(content)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    holder = next((i for i, (a, b) in enumerate(enc["offset_mapping"]) if a <= at < b), None)
+    if holder is None:
+        holder = next(i for i, (a, _) in enumerate(enc["offset_mapping"]) if a >= at)
+    return max(holder - 1, 0)
 
 
 def _encode(
@@ -513,17 +565,24 @@ def _encode(
     def text(s: str, limit: int | None) -> str:
         return s[:limit] if limit is not None else s
 
+    def prompt_of(pair: PreferencePair) -> str | list[dict[str, str]]:
+        if isinstance(pair.prompt, str):
+            return text(pair.prompt, config.max_prompt_chars)
+        return [{**m, "content": text(m["content"], config.max_prompt_chars)} for m in pair.prompt]
+
     def ids(s: str) -> list[int]:
         return list(tokenizer(s, add_special_tokens=False)["input_ids"])
 
     eos = tokenizer.eos_token_id
     examples = []
     for pair in pairs:
-        prompt = ids(
-            format_prompt(
-                tokenizer, text(pair.prompt, config.max_prompt_chars), style=style, chat_kwargs=chat_kwargs
-            )
-        )
+        rendered = format_prompt(tokenizer, prompt_of(pair), style=style, chat_kwargs=chat_kwargs)
+        prompt = ids(rendered)
+        injection = None
+        if pair.injection is not None:
+            last = pair.prompt if isinstance(pair.prompt, str) else pair.prompt[-1]["content"]
+            start = _last_turn_position(tokenizer, rendered, text(last, config.max_prompt_chars))
+            injection = (pair.injection[0], pair.injection[1], start)
         seqs = []
         for response in (pair.chosen, pair.rejected):
             response = text(response, config.max_response_chars)
@@ -532,7 +591,7 @@ def _encode(
             full = (prompt + ids(response) + ([eos] if eos is not None else []))[: config.max_length]
             seqs.append(tuple(full))
         start = min(len(prompt), config.max_length)
-        examples.append(_Example(seqs[0], start, seqs[1], start))
+        examples.append(_Example(seqs[0], start, seqs[1], start, injection))
     return examples
 
 
@@ -555,6 +614,43 @@ def _collate(
 # ----------------------------------------------------------------------------------------------- one batch
 
 
+def _decoder_layers(model: Any) -> Any:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.layers
+
+
+@contextlib.contextmanager
+def _injected(model: Any, examples: Sequence[_Example], injection: PairInjection | None) -> Iterator[None]:
+    """Add each row's ``strength * vector`` to the output of block ``injection.layer`` from its start on."""
+    rows = [(i, e.injection) for i, e in enumerate(examples) if e.injection is not None]
+    if not rows:
+        yield
+        return
+    if injection is None:
+        raise ValueError("pairs carry an injection, but posttrain was given no injection= (a PairInjection)")
+    missing = sorted({inj[0] for _, inj in rows} - set(injection.vectors))
+    if missing:
+        raise ValueError(
+            f"no vector for the injected concept(s) {missing}; PairInjection.vectors has "
+            f"{len(injection.vectors)} concepts"
+        )
+
+    def hook(_module: Any, _args: Any, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        add = torch.zeros_like(hidden)
+        for i, (concept, strength, start) in rows:
+            vector = injection.vectors[concept].to(device=hidden.device, dtype=hidden.dtype)
+            add[i, start:] = strength * vector
+        hidden = hidden + add
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = _decoder_layers(model)[injection.layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _logits(model: Any, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     input_ids, mask, _ = batch
     return model(input_ids=input_ids, attention_mask=mask).logits
@@ -574,8 +670,23 @@ def batch_loss(
     config: PosttrainConfig,
     pad_id: int,
     device: Any = "cpu",
+    injection: PairInjection | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """The condition's loss on one batch of encoded pairs, and its parts (floats) for the log."""
+    """The condition's loss on one batch of encoded pairs, and its parts (floats) for the log; pairs with an
+    injection run under it (:class:`PairInjection`), in the reference's forwards too."""
+    with _injected(model, examples, injection):
+        return _batch_loss(model, cond, examples, config=config, pad_id=pad_id, device=device)
+
+
+def _batch_loss(
+    model: Any,
+    cond: Condition,
+    examples: Sequence[_Example],
+    *,
+    config: PosttrainConfig,
+    pad_id: int,
+    device: Any,
+) -> tuple[Tensor, dict[str, float]]:
 
     def on(which: str) -> tuple[Tensor, Tensor, Tensor]:
         return tuple(t.to(device) for t in _collate(examples, which, pad_id))  # type: ignore[return-value]
@@ -707,6 +818,7 @@ def posttrain(
     checkpoint_every: int = 50,
     max_steps: int | None = None,
     device: str | None = None,
+    injection: PairInjection | None = None,
 ) -> Path:
     """LoRA-finetune ``model`` on ``pairs`` under ``condition`` (:data:`CONDITIONS`) and save a peft adapter
     at ``out``; returns ``out``.
@@ -727,6 +839,8 @@ def posttrain(
         max_steps: stop after this many optimizer steps in this call (leaving a checkpoint); a later call
             continues. None trains to the end.
         device: default CUDA when available, else CPU.
+        injection: the layer and vectors for pairs that carry an ``injection`` (:class:`PairInjection`);
+            required when any does.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -767,6 +881,7 @@ def posttrain(
         "lora": asdict(lora),
         "base_fingerprint": base["fingerprint"],
         "pairs_digest": pair_record["digest_trained"],
+        "injection": None if injection is None else injection.record(),
         "prompt_format": style,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -853,6 +968,7 @@ def posttrain(
                     config=config,
                     pad_id=pad_id,
                     device=device,
+                    injection=injection,
                 )
                 (loss / len(group)).backward()
                 total_loss += float(loss.detach()) / len(group)

@@ -1,10 +1,12 @@
 """Preference pairs for the post-training conditions (:mod:`mechintro.studies.posttrain`): loading,
 selecting by domain, and the two label manipulations of the paper's Table 3 (shuffled and reversed).
 
-A pair is a prompt (the user's message, unformatted), a preferred (``chosen``) and a dispreferred
-(``rejected``) response, and a ``domain`` name. Pairs come from a JSONL file (one object a line with fields
-``prompt``, ``chosen``, ``rejected`` and optionally ``domain``) or any iterable of such dicts or of
-:class:`PreferencePair`. Nothing is downloaded.
+A pair is a prompt (the user's message, unformatted, or a whole conversation as chat messages ending in a
+user turn), a preferred (``chosen``) and a dispreferred (``rejected``) response, a ``domain`` name, and
+optionally an ``injection`` (a concept and a strength, for pairs whose prompt is run with a concept injected:
+the positive control of the organism's post-training study). Pairs come from a JSONL file (one object a
+line with fields ``prompt``, ``chosen``, ``rejected`` and optionally ``domain`` and ``injection``) or any
+iterable of such dicts or of :class:`PreferencePair`. Nothing is downloaded.
 
 The released code (``experiments/03f_dpo_mechanism_ablation.py``) reads ``allenai/dolci-instruct-dpo`` and
 assigns each pair a domain from its source dataset's name (keyword rules as a fallback); here the domain is
@@ -43,14 +45,19 @@ DEFAULT_DOMAIN = "default"
 class PreferencePair:
     """One preference pair."""
 
-    prompt: str
-    """The user's message, unformatted (the chat template or raw format is applied when training)."""
+    prompt: str | tuple[dict[str, str], ...]
+    """The user's message, unformatted, or a conversation: chat messages (``role`` ``system`` / ``user`` /
+    ``assistant``, ``content``) ending in a user turn. The chat template or raw format is applied when
+    training."""
     chosen: str
     """The preferred response."""
     rejected: str
     """The dispreferred response."""
     domain: str = DEFAULT_DOMAIN
     """A domain name, for the data selections (by domain, leave one out, single domain)."""
+    injection: tuple[str, float] | None = None
+    """``(concept, strength)``: the prompt and both responses run with that concept's vector injected
+    (:class:`mechintro.studies.posttrain.PairInjection` gives the layer and vectors); None: no injection."""
 
     def swapped(self) -> PreferencePair:
         """The same pair with chosen and rejected exchanged."""
@@ -64,7 +71,9 @@ def _pair(item: Any, where: str) -> PreferencePair:
         raise TypeError(
             f"{where}: a preference pair is a dict or a PreferencePair, not {type(item).__name__}"
         )
-    missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(item.get(k), str)]
+    missing = [k for k in ("chosen", "rejected") if not isinstance(item.get(k), str)]
+    if not isinstance(item.get("prompt"), str):
+        missing = ["prompt", *missing] if item.get("prompt") is None else missing
     if missing:
         raise ValueError(
             f"{where}: the pair has no {' / '.join(missing)} (a string each); it has {sorted(item)}"
@@ -77,7 +86,46 @@ def _pair(item: Any, where: str) -> PreferencePair:
         domain = DEFAULT_DOMAIN
     if not isinstance(domain, str) or not domain:
         raise ValueError(f"{where}: the domain must be a non-empty string, not {domain!r}")
-    return PreferencePair(item["prompt"], item["chosen"], item["rejected"], domain)
+    prompt = item["prompt"] if isinstance(item["prompt"], str) else _messages(item["prompt"], where)
+    return PreferencePair(prompt, item["chosen"], item["rejected"], domain, _injection(item, where))
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def _messages(prompt: Any, where: str) -> tuple[dict[str, str], ...]:
+    """A conversation prompt, checked: a non-empty list of ``{role, content}`` ending in a user turn."""
+    if isinstance(prompt, Mapping) or not isinstance(prompt, Sequence) or not prompt:
+        raise ValueError(
+            f"{where}: the prompt is a string or a non-empty list of chat messages, not {prompt!r}"
+        )
+    out = []
+    for m in prompt:
+        if not isinstance(m, Mapping) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(
+                f"{where}: a chat message is {{'role': one of {list(ROLES)}, 'content': str}}, not {m!r}"
+            )
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "user":
+        raise ValueError(f"{where}: the conversation must end in a user turn, not {out[-1]['role']!r}")
+    return tuple(out)
+
+
+def _injection(item: Mapping, where: str) -> tuple[str, float] | None:
+    inj = item.get("injection")
+    if inj is None:
+        return None
+    if isinstance(inj, Mapping):
+        inj = (inj.get("concept"), inj.get("strength"))
+    if (
+        not isinstance(inj, Sequence)
+        or len(inj) != 2
+        or not isinstance(inj[0], str)
+        or isinstance(inj[1], bool)
+        or not isinstance(inj[1], (int, float))
+    ):
+        raise ValueError(f"{where}: an injection is {{'concept': str, 'strength': number}}, not {inj!r}")
+    return (inj[0], float(inj[1]))
 
 
 def load_pairs(source: str | os.PathLike | Iterable[Any]) -> tuple[PreferencePair, ...]:
@@ -190,6 +238,8 @@ def pairs_digest(pairs: Sequence[PreferencePair]) -> str:
     digest = hashlib.sha256()
     for pair in pairs:
         row = [pair.prompt, pair.chosen, pair.rejected, pair.domain]
+        if pair.injection is not None:
+            row.append(list(pair.injection))
         digest.update(json.dumps(row, ensure_ascii=False).encode())
         digest.update(b"\n")
     return digest.hexdigest()
