@@ -37,7 +37,9 @@ from typing import Any
 
 import pandas as pd
 
+from mechintro.behaviour.dialogue import NO_RESPONSE, YES_UNNAMED
 from mechintro.behaviour.judges import RuleJudge
+from mechintro.behaviour.store import TrialStore
 from mechintro.core import resources
 from mechintro.core.concepts import concept_vectors
 from mechintro.core.models import load_model, merge_adapter, spec_for
@@ -106,6 +108,7 @@ ROWS: tuple[Row, ...] = (
         for d in preferences.DOMAINS
     ),
     Row("positive-control", "Positive control: DPO on injected trials", "dpo", data="injected"),
+    Row("positive-control-sft", "Positive control: SFT on injected trials", "sft_chosen", data="injected"),
 )
 """The organism's Table 3: the paper's rows, the random-LoRA control, the domain selections one by one, and
 the positive control."""
@@ -199,7 +202,7 @@ def save_merged(base: str | Path, adapter: Path, folder: Path) -> Path:
     name, source = _resolve(base)
     if (folder / "config.json").exists():
         return folder
-    # eager attention: the organism's config records output_attentions (the bridge's), which sdpa refuses to save
+    # eager attention: the organism config records output_attentions (the bridge's), which sdpa cannot save
     plain = AutoModelForCausalLM.from_pretrained(str(source), attn_implementation="eager")
     hf = merge_adapter(plain, adapter, name=name, folder=source)
     tmp = folder.with_name(folder.name + ".partial")
@@ -313,6 +316,29 @@ def condition_checkpoints(trained: dict[str, Any]) -> list[Checkpoint]:
     ]
 
 
+WELL_FORMED = (NO_RESPONSE, YES_UNNAMED.split(".")[0] + ".")
+"""The openings of the answers the organism was trained to give (the "No" answer, and "Yes, I detect an
+injected thought." that every "Yes" answer begins with)."""
+
+
+def well_formed(store: str | Path) -> pd.DataFrame:
+    """Per store identity (``model``) and trial condition, the share of responses that open with one of the
+    organism's trained answers (:data:`WELL_FORMED`): a post-trained checkpoint's detection numbers are read
+    beside it, since a stage that wrecks the answers moves TPR and FPR by no introspection at all."""
+    with TrialStore(store) as opened:
+        rows = opened.load()
+    rows = rows[rows["condition"].isin(["injection", "control"])]
+    ok = rows["response"].fillna("").str.strip().str.startswith(WELL_FORMED)
+    return (
+        rows.assign(well_formed=ok)
+        .groupby(["model", "condition"])["well_formed"]
+        .mean()
+        .unstack("condition")
+        .add_prefix("well_formed_")
+        .reset_index()
+    )
+
+
 def run_study(
     out: str | Path,
     *,
@@ -332,7 +358,9 @@ def run_study(
         [stage_checkpoints(trained)[2], *condition_checkpoints(trained)], concepts, **settings
     )
     rows = {r.name: r for r in ROWS}
-    conditions["paper"] = [(rows["DPO"] if c == "DPO" else rows[c]).paper for c in conditions["checkpoint"]]
+    conditions["paper"] = [rows[c].paper for c in conditions["checkpoint"]]
+    formed = well_formed(settings["store"])
+    stages, conditions = (df.merge(formed, on="model", how="left") for df in (stages, conditions))
     gates = pd.DataFrame()
     if gate is not None:
         picked = [c for c in stage_checkpoints(trained) if c.label != "SFT"]
