@@ -38,8 +38,8 @@ MUTANTS = (
         "pair-injection-starts-at-trial-marker",
         "a trial pair's injection starts where the trial's does (the token before 'Trial N')",
         "mechintro/studies/posttrain.py",
-        "    return max(holder - 1, 0)",
-        "    return max(holder, 0)",
+        '    return max(token_at(enc["offset_mapping"], text.rfind(content)) - 1, 0)',
+        '    return max(token_at(enc["offset_mapping"], text.rfind(content)), 0)',
         ("tests/organism/test_posttraining.py",),
     ),
     Mutant(

@@ -56,7 +56,16 @@ from mechintro.behaviour.rows import (
     sql_value,
 )
 
-__all__ = ["COLUMNS", "KEY_COLUMNS", "VERDICT_COLUMNS", "Claim", "StoreError", "TrialStore", "check_seconds"]
+__all__ = [
+    "COLUMNS",
+    "KEY_COLUMNS",
+    "VERDICT_COLUMNS",
+    "Claim",
+    "StoreError",
+    "TrialStore",
+    "check_seconds",
+    "opened_store",
+]
 
 
 @dataclass(frozen=True)
@@ -581,6 +590,19 @@ class TrialStore:
     def __repr__(self) -> str:
         """Show the path (and read-only)."""
         return f"TrialStore({str(self.path)!r}{', readonly=True' if self.readonly else ''})"
+
+
+@contextmanager
+def opened_store(store: TrialStore | str | Path | None) -> Iterator[TrialStore]:
+    """The given store; a store opened (and closed) here for a path; an in-memory one for None."""
+    if isinstance(store, TrialStore):
+        yield store
+        return
+    opened = TrialStore(":memory:" if store is None else store)
+    try:
+        yield opened
+    finally:
+        opened.close()
 
 
 @contextmanager

@@ -23,8 +23,7 @@ trial number is run and the rows record ``temperature=0`` and ``max_new_tokens=0
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ from mechintro.behaviour.plan import (
     make_config,
     trial_grid,
 )
-from mechintro.behaviour.store import KEY_COLUMNS, TrialStore
+from mechintro.behaviour.store import KEY_COLUMNS, TrialStore, opened_store
 from mechintro.core.models import Model, spec_for
 from mechintro.core.prompts import TrialPrompt
 from mechintro.core.settings import BATCHING, TRIALS
@@ -54,19 +53,6 @@ __all__ = ["check_judge", "logit_scores", "run_trials", "sweep"]
 
 
 # ----------------------------------------------------------------------------------------------- running
-
-
-@contextmanager
-def _open_store(store: TrialStore | str | Path | None) -> Iterator[TrialStore]:
-    """The given store; a store opened (and closed) here for a path; an in-memory one for None."""
-    if isinstance(store, TrialStore):
-        yield store
-        return
-    opened = TrialStore(":memory:" if store is None else store)
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def _execute(
@@ -131,7 +117,7 @@ def _run_grid(
             check_vectors(model, vectors[layer], grid.concepts)
     planned = grid.plan()
     prompts = build_prompts(model, planned)  # an invalid variant/persona combination raises before any work
-    with _open_store(store) as opened:
+    with opened_store(store) as opened:
         _execute(model, grid, planned, prompts, judge=judge, store=opened, vectors=vectors, executor=executor)
         return _collect(opened, grid, planned)
 

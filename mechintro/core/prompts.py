@@ -204,6 +204,15 @@ def trial_prompt(
     return tokenize_trial(model, text, trial=trial)
 
 
+def token_at(offsets: Sequence[tuple[int, int]], at: int) -> int:
+    """The token holding character ``at`` of a text (by the tokenizer's offsets), or the first token after
+    it when ``at`` falls between tokens (a space a token does not include)."""
+    holder = next((i for i, (s, e) in enumerate(offsets) if s <= at < e), None)
+    if holder is None:
+        holder = next(i for i, (s, _) in enumerate(offsets) if s >= at)
+    return holder
+
+
 def tokenize_trial(model: Model, text: str, *, trial: int) -> TrialPrompt:
     """Tokenize ``text`` and locate its injection start; raises if "Trial {trial}" is missing."""
     marker = f"Trial {trial}"
@@ -215,9 +224,7 @@ def tokenize_trial(model: Model, text: str, *, trial: int) -> TrialPrompt:
     check_spelling(model, text, what=f"trial prompt (trial {trial})")
     enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    holder = next((i for i, (s, e) in enumerate(offsets) if s <= at < e), None)
-    if holder is None:
-        holder = next(i for i, (s, _) in enumerate(offsets) if s >= at)
+    holder = token_at(offsets, at)
     if holder == 0:
         raise ValueError(f"{marker!r} is the first token, so no token precedes it")
     return TrialPrompt(

@@ -283,8 +283,7 @@ def train_study(
     return {"base": base, "sft": sft, "instruct": model, "adapters": adapters}
 
 
-def _eval_settings(cfg: PosttrainStudyConfig, model: str) -> dict[str, Any]:
-    spec = spec_for(load_model(model))
+def _eval_settings(cfg: PosttrainStudyConfig, spec: Any) -> dict[str, Any]:
     saturated = spec.operating_points.get("saturated", 4.0)
     return {
         "layer_fractions": (spec.injection_layer / spec.n_layers,),
@@ -352,19 +351,18 @@ def run_study(
     out = Path(out).expanduser()
     trained = train_study(out, cfg=cfg, model=model, progress=progress)
     concepts = split_of(model)["heldout"][: cfg.n_concepts]
-    settings = {**_eval_settings(cfg, model), "store": out / "trials.sqlite", "progress": progress}
-    stages = compare_checkpoints(stage_checkpoints(trained), concepts, **settings)
-    conditions = compare_checkpoints(
-        [stage_checkpoints(trained)[2], *condition_checkpoints(trained)], concepts, **settings
-    )
+    spec = spec_for(load_model(model))
+    settings = {**_eval_settings(cfg, spec), "store": out / "trials.sqlite", "progress": progress}
+    series = stage_checkpoints(trained)
+    stages = compare_checkpoints(series, concepts, **settings)
+    conditions = compare_checkpoints([series[2], *condition_checkpoints(trained)], concepts, **settings)
     rows = {r.name: r for r in ROWS}
     conditions["paper"] = [rows[c].paper for c in conditions["checkpoint"]]
     formed = well_formed(settings["store"])
     stages, conditions = (df.merge(formed, on="model", how="left") for df in (stages, conditions))
     gates = pd.DataFrame()
     if gate is not None:
-        picked = [c for c in stage_checkpoints(trained) if c.label != "SFT"]
-        spec = spec_for(load_model(model))
+        picked = [c for c in series if c.label != "SFT"]
         gates = compare_gates(
             picked,
             gate,

@@ -62,7 +62,7 @@ from torch import Tensor
 from mechintro.behaviour.judges import check_judge
 from mechintro.behaviour.metrics import detection_metrics
 from mechintro.behaviour.plan import SweepConfig, make_config
-from mechintro.behaviour.store import TrialStore
+from mechintro.behaviour.store import TrialStore, opened_store
 from mechintro.behaviour.trials import sweep
 from mechintro.core import validate
 from mechintro.core.concepts import check_concepts, concept_vectors
@@ -324,18 +324,6 @@ def _loaded(cp: Checkpoint, *, device: Any, dtype: Any, seen: set[str]) -> Itera
                 torch.cuda.empty_cache()
 
 
-@contextmanager
-def _open_store(store: TrialStore | str | Path | None) -> Iterator[TrialStore]:
-    if isinstance(store, TrialStore):
-        yield store
-        return
-    opened = TrialStore(":memory:" if store is None else store)
-    try:
-        yield opened
-    finally:
-        opened.close()
-
-
 # ----------------------------------------------------------------------------------------------- Figure 5
 
 
@@ -475,7 +463,7 @@ def compare_checkpoints(
     fractions = _check_fractions(layer_fractions)
     config = make_config(SweepConfig, None, {"n_trials": n_trials, "strengths": tuple(strengths), **settings})
     frames, seen = [], set()
-    with _open_store(store) as opened:
+    with opened_store(store) as opened:
         for cp in checkpoints:
             with _loaded(cp, device=device, dtype=dtype, seen=seen) as loaded:
                 frames.append(

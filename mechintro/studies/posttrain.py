@@ -72,6 +72,7 @@ from torch import Tensor
 
 from mechintro.core.fingerprint import weights_fingerprint
 from mechintro.core.progress import progress_bar
+from mechintro.core.prompts import token_at
 from mechintro.studies.preferences import (
     PreferencePair,
     domain_counts,
@@ -551,12 +552,8 @@ class _Example:
 def _last_turn_position(tokenizer: Any, text: str, content: str) -> int:
     """The token before the one holding the last occurrence of ``content`` in ``text`` (the position a
     trial prompt's injection starts at, :func:`mechintro.core.prompts.tokenize_trial`)."""
-    at = text.rfind(content)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    holder = next((i for i, (a, b) in enumerate(enc["offset_mapping"]) if a <= at < b), None)
-    if holder is None:
-        holder = next(i for i, (a, _) in enumerate(enc["offset_mapping"]) if a >= at)
-    return max(holder - 1, 0)
+    return max(token_at(enc["offset_mapping"], text.rfind(content)) - 1, 0)
 
 
 def _encode(
