@@ -57,7 +57,7 @@ format: $(STAMP)
 	.venv/bin/ruff format mechintro tests analyses tools
 	.venv/bin/ruff check --fix mechintro tests analyses tools
 
-test: lint
+test: lint browser
 	$(PY) -m pytest -q
 
 # Refresh the lock: today's newest versions the ranges allow, torch held at its CPU build.

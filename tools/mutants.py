@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -965,6 +966,17 @@ def run(mutant: Mutant, workdir: Path) -> tuple[bool, float]:
     finally:
         path.write_text(source)
     return result.returncode != 0, time.time() - start
+
+
+def _planted_elsewhere() -> tuple[Mutant, ...]:
+    """The mutants of ``tools/planted/*.py``: each file defines ``MUTANTS``, a tuple of ``Mutant``."""
+    found: list[Mutant] = []
+    for path in sorted((ROOT / "tools" / "planted").glob("*.py")):
+        found.extend(runpy.run_path(str(path), init_globals={"Mutant": Mutant})["MUTANTS"])
+    return tuple(found)
+
+
+MUTANTS = MUTANTS + _planted_elsewhere()
 
 
 def main(argv: list[str] | None = None) -> int:
