@@ -14,16 +14,26 @@ import pandas as pd
 MAX_ROWS = 12
 """Rows shown per table in a card (the full frames stay on the object)."""
 
+DIGITS = 4
+"""Significant digits of the numbers a card shows (for reading; the objects keep full precision)."""
+
+
+def _number(value: Any) -> str:
+    """``value`` for reading: floats to :data:`DIGITS` significant digits, anything else as ``str``."""
+    if isinstance(value, float):
+        return f"{value:.{DIGITS}g}"
+    return str(value)
+
 
 def _fact(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{_number(k)}: {_number(v)}" for k, v in value.items())
     if isinstance(value, list | tuple) and len(value) > 8:
-        head = ", ".join(str(v) for v in value[:8])
+        head = ", ".join(_number(v) for v in value[:8])
         return f"{len(value)}: {head}, …"
     if isinstance(value, list | tuple):
-        return ", ".join(str(v) for v in value)
-    return str(value)
+        return ", ".join(_number(v) for v in value)
+    return _number(value)
 
 
 def card(
@@ -45,6 +55,6 @@ def card(
         shown = frame.head(max_rows)
         more = f" (first {max_rows} of {len(frame)} rows)" if len(frame) > max_rows else ""
         parts.append(f"<p><i>{html.escape(caption)}{more}</i></p>")
-        parts.append(shown.to_html(index=False, float_format=lambda x: f"{x:.4g}", border=0))
+        parts.append(shown.to_html(index=False, float_format=lambda x: f"{x:.{DIGITS}g}", border=0))
     parts.append("</div>")
     return "\n".join(parts)

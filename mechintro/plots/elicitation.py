@@ -43,7 +43,7 @@ def _style(fig: go.Figure, *, title: str, height: int) -> go.Figure:
         template=STYLE.template,
         title={"text": title, "x": 0.01},
         height=height,
-        width=STYLE.width,
+        autosize=True,
         font={"family": STYLE.font, "size": STYLE.font_size},
         margin={"l": 70, "r": 30, "t": 100, "b": 60},
     )

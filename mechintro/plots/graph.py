@@ -28,7 +28,7 @@ def graph_figure(
     graph: AttributionGraph,
     *,
     title: str | None = None,
-    width: int = 1100,
+    width: int | None = None,
     height: int = 720,
     labels: int = 8,
 ) -> go.Figure:
@@ -36,6 +36,9 @@ def graph_figure(
     metric on top; node size ∝ |ISA|; edges coloured by sign (blue +, red -) and as wide as |weight|, hop
     edges relative to the largest hop edge, steer and metric edges relative to the largest ISA (drawn
     lighter); the ``labels`` largest features are named.
+
+    ``width=None`` (the default) lets the figure fill its container; static exports are
+    :attr:`~mechintro.plots.style.Style.width` wide.
 
     Hover text: the node, its ISA, its activation at the top and the lowest strength, and its top logit-lens
     tokens. A plain plotly figure: it renders in Jupyter; save the HTML with plotly.js embedded to view it
@@ -82,33 +85,38 @@ def graph_figure(
         )
     isa_max = float(n["isa"].abs().max()) if n["isa"].notna().any() else 1.0
     named = set(graph.feature_nodes().sort_values("isa", key=abs, ascending=False)["node"].head(labels))
-    n["label_at"] = "top center"
-    for _, row in (
-        n[n["node"].isin(named)].sort_values("x").groupby("y")
-    ):  # alternate so neighbours don't clash
-        n.loc[row.index[1::2], "label_at"] = "bottom center"
     for kind, part in n.groupby("kind", sort=False):
         size = np.where(part["isa"].notna(), 8 + 32 * part["isa"].abs() / (isa_max or 1.0), 22)
         fig.add_trace(
             go.Scatter(
                 x=part["x"],
                 y=part["y"],
-                mode="markers+text",
+                mode="markers+text" if kind in ("steer", "metric") else "markers",
                 name=kind,
                 marker={
                     "size": size,
                     "color": _KIND_COLORS.get(kind, "#444"),
                     "line": {"width": 1, "color": "white"},
                 },
-                text=[
-                    r.name if r.node in named or r.kind in ("steer", "metric") else ""
-                    for r in part.itertuples()
-                ],
-                textposition=part["label_at"].tolist(),
+                text=part["name"].tolist() if kind in ("steer", "metric") else None,
+                textposition="top center",
                 textfont={"size": 10},
                 hoverinfo="text",
                 hovertext=[_hover(r) for r in part.itertuples(index=False)],
             )
+        )
+    for r in n[n["node"].isin(named)].itertuples():  # slanted, so that neighbours in a row never overlap
+        fig.add_annotation(
+            x=r.x,
+            y=r.y,
+            text=r.name,
+            textangle=-35,
+            showarrow=False,
+            xanchor="left",
+            yanchor="bottom",
+            xshift=2,
+            yshift=4,
+            font={"size": 9},
         )
     tokens = s["prompt_token_strings"]
     fig.update_layout(
@@ -120,6 +128,7 @@ def graph_figure(
         ),
         template="plotly_white",
         width=width,
+        autosize=width is None,
         height=height,
         xaxis={
             "title": "prompt position",

@@ -46,6 +46,12 @@ _EXPERIMENT_TITLES = {
     "patching": "Patching into unsteered runs (Yes-No gap)",
     "forced_ablation": "Forced identification under ablation (P(concept))",
 }
+_SHORT_TITLES = {
+    "ablation": "Ablation (steered runs)",
+    "patching": "Patching (unsteered runs)",
+    "forced_ablation": "Forced id. under ablation",
+}
+"""Titles of panels side by side: short enough not to overlap at 900 px."""
 
 
 def _style(fig: go.Figure, *, title: str, height: int) -> go.Figure:
@@ -236,7 +242,7 @@ def gates_figure(
         col=2,
         show=True,
     )
-    fig.update_xaxes(title_text="DLA score (unit decoder . (Yes - No) x activation)", row=1, col=1)
+    fig.update_xaxes(title_text="DLA score<br>(unit decoder . (Yes - No) x activation)", row=1, col=1)
     fig.update_xaxes(title_text="injection strength", row=1, col=2)
     fig.update_yaxes(title_text="activation at the last prompt token", row=1, col=2)
     return _style(fig, title=title, height=max(420, 22 * len(shown) + 160))
@@ -256,7 +262,7 @@ def gate_curves_figure(
     fig = make_subplots(
         rows=1,
         cols=len(experiments),
-        subplot_titles=[_EXPERIMENT_TITLES[e].split(" (")[0] for e in experiments],
+        subplot_titles=[_SHORT_TITLES[e] for e in experiments],
     )
     for c, experiment in enumerate(experiments, start=1):
         rows = summary[summary["experiment"] == experiment]

@@ -9,6 +9,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 from mechintro.plots.browser import browser_path, warn_once
+from mechintro.plots.style import STYLE
 
 __all__ = ["save_figure"]
 
@@ -27,6 +28,10 @@ def save_figure(
     ``offline=True`` writes plotly.js once into ``out_dir`` (``plotly.min.js``, about 4 MB, shared by every
     offline figure there) and points the HTML at it, so that it opens without network access as long as the
     two files stay together; otherwise the HTML loads plotly.js from its CDN.
+
+    On screen the figures fill their container (no fixed width); static files are written at the figure's
+    own ``width`` when it has one, else at :attr:`~mechintro.plots.style.Style.width` px (1,100), so their
+    pixels do not depend on any screen.
 
     Static formats (png, svg, pdf) need a Chrome/Chromium (:mod:`mechintro.plots.browser`). Without one -- or
     with
@@ -60,7 +65,12 @@ def _write_static(fig: go.Figure, path: Path, *, browser: str) -> None:
     saved = os.environ.get("BROWSER_PATH")
     os.environ["BROWSER_PATH"] = browser
     try:
-        fig.write_image(path, scale=2 if path.suffix == ".png" else 1)
+        fig.write_image(
+            path,
+            width=fig.layout.width or STYLE.width,
+            height=fig.layout.height,
+            scale=2 if path.suffix == ".png" else 1,
+        )
     except Exception as err:  # kaleido and its browser raise many kinds
         raise RuntimeError(f"could not write {path} with the browser {browser}: {err}") from err
     finally:

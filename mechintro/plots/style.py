@@ -38,7 +38,9 @@ class Style:
     panel_height: int = 230
     """Height in px of one row of panels."""
     width: int = 1100
-    """Figure width in px."""
+    """Width in px of static exports (PNG, SVG, PDF: :func:`mechintro.plots.save.save_figure`). On screen a
+    figure has no fixed width: it fills its container (plotly's ``autosize``, responsive), so it fits a
+    notebook's output area or a browser window of any size."""
 
 
 STYLE = Style()
@@ -50,7 +52,7 @@ def apply_style(fig: go.Figure, *, title: str, height: int, top: int = 90, style
         template=style.template,
         title={"text": title, "x": 0.01},
         height=height,
-        width=style.width,
+        autosize=True,
         font={"family": style.font, "size": style.font_size},
         legend={"tracegroupgap": 2},
         margin={"l": 70, "r": 30, "t": top, "b": 60},

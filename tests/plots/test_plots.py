@@ -145,10 +145,11 @@ def test_static_export_uses_the_browser_found(tmp_path, monkeypatch):
         detection_metrics(synthetic_trials(layers=(1,), variants=PAPER_VARIANTS), by=("variant",))
     )
 
-    def fake_write_image(self, path, scale=1):
+    def fake_write_image(self, path, width=None, height=None, scale=1):
         import os
 
         seen["browser"], seen["scale"] = os.environ.get("BROWSER_PATH"), scale
+        seen["size"] = (width, height)
         path.write_bytes(b"\x89PNG")
 
     monkeypatch.delenv("BROWSER_PATH", raising=False)
@@ -156,10 +157,37 @@ def test_static_export_uses_the_browser_found(tmp_path, monkeypatch):
     monkeypatch.setattr(type(fig), "write_image", fake_write_image)
     paths = save.save_figure(fig, "variants", tmp_path)
     assert paths == [tmp_path / "variants.html", tmp_path / "variants.png"]
-    assert seen == {"browser": "/opt/chrome/chrome", "scale": 2}
+    assert seen == {"browser": "/opt/chrome/chrome", "scale": 2, "size": (1100, fig.layout.height)}
     import os
 
     assert "BROWSER_PATH" not in os.environ
+
+
+def test_figures_fill_their_container_and_pngs_keep_a_fixed_size(tmp_path):
+    """On screen no fixed width (autosize); the PNG is Style.width x the figure's height, at scale 2, through
+    the real browser (make test installs it); a figure's own width wins."""
+    import struct
+
+    import plotly.io as pio
+
+    from mechintro.plots.style import STYLE
+
+    renderer, template = pio.renderers.default, pio.templates.default
+    fig = plots.variants_figure(
+        detection_metrics(synthetic_trials(layers=(1,), variants=PAPER_VARIANTS), by=("variant",))
+    )
+    assert fig.layout.width is None and fig.layout.autosize is True
+    assert (pio.renderers.default, pio.templates.default) == (renderer, template), "globals untouched"
+    assert save.browser_path(), "no browser for PNG figures: run `make browser`"
+
+    def png_size(path):
+        return struct.unpack(">II", path.read_bytes()[16:24])
+
+    (png,) = save.save_figure(fig, "auto", tmp_path, formats=("png",))
+    assert png_size(png) == (2 * STYLE.width, 2 * fig.layout.height)
+    fig.update_layout(width=640)
+    (png,) = save.save_figure(fig, "fixed", tmp_path, formats=("png",))
+    assert png_size(png) == (2 * 640, 2 * fig.layout.height)
 
 
 def test_plotted_values_are_the_metrics(tmp_path):

@@ -11,7 +11,7 @@ from tests.attribution.test_graphs import graph, m64, tc64, vec  # noqa: F401 (i
 
 def test_figure(graph):  # noqa: F811 (the imported fixture)
     fig = graph_figure(graph)
-    markers = [t for t in fig.data if t.mode == "markers+text"]
+    markers = [t for t in fig.data if t.mode in ("markers", "markers+text")]
     features = next(t for t in markers if t.name == "feature")
     feats = graph.feature_nodes()
     assert len(features.x) == len(feats)
@@ -31,5 +31,7 @@ def test_figure(graph):  # noqa: F811 (the imported fixture)
     assert fig.layout.yaxis.range[1] > graph.settings["n_layers"], "the metric on top"
     metric = next(t for t in markers if t.name == "metric")
     assert metric.y[0] > max(features.y) and list(metric.text) == ["Yes − No"]
-    named = [t for t in features.text if t]
+    named = [a.text for a in fig.layout.annotations if a.textangle == -35]
     assert 1 <= len(named) <= 8 and feats.sort_values("isa", key=abs).iloc[-1]["name"] in named
+    assert fig.layout.width is None and fig.layout.autosize, "the figure fills its container"
+    assert graph_figure(graph, width=700).layout.width == 700
